@@ -14,13 +14,14 @@ nothing is silently coerced except an int given where a float is expected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -34,13 +35,39 @@ class ConfigError(InputError):
     """A config file or override that does not fit the recipe's dataclass."""
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a help string. ``default`` may be a dataclass type, a list or a dict."""
+def option(default: Any, help: str, check: Callable[[Any], bool] | None = None, expected: str = "") -> Any:
+    """A dataclass field with a help string and, optionally, its check.
+
+    ``default`` may be a dataclass type, a dataclass instance (a section with recipe-specific defaults), a
+    list or a dict. ``check(value) -> bool`` is applied by :func:`validate`; a failure raises ConfigError
+    naming the key, ``expected`` and the value.
+    """
+    metadata = {"help": help, "check": check, "expected": expected}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Apply every field's declared check, then each section's ``check()`` method (for rules that join two
+    keys), depth first; raise ConfigError naming the first key whose value cannot work."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            raise ConfigError(f"config key '{prefix}{f.name}': expected {f.metadata['expected']}, got {value!r}")
+    joint = getattr(cfg, "check", None)
+    if callable(joint):
+        try:
+            joint()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config key '", f"config key '{prefix}", 1)) from None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -202,7 +229,9 @@ def load_config(cls: type[T], config_files: list[str] | tuple[str, ...] = (), ov
     for item in overrides:
         values = _merge(values, _parse_override(cls, item))
     # Merge onto the defaults so a partial sub-mapping keeps the other defaults of that section.
-    return _build(cls, _merge(to_dict(cls()), values))
+    cfg = _build(cls, _merge(to_dict(cls()), values))
+    validate(cfg)
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -252,3 +281,95 @@ def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "") 
         else:
             overrides.append(arg)
     return load_config(cls, files, overrides)
+
+
+# ------------------------------------------------------------------------------------- shared sections
+# Every command's config starts from RunOptions (training commands: TrainingRunOptions), so the run-folder
+# keys are the same top-level keys everywhere; optimiser and preference-loss keys are sections that the
+# recipes that need them embed, with their own defaults given as an instance (option(OptimSection(...))).
+
+def positive(v: Any) -> bool:
+    return v > 0
+
+
+def at_least_one(v: Any) -> bool:
+    return v >= 1
+
+
+def non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+@dataclasses.dataclass
+class RunOptions:
+    output_dir: str = option("runs/run", "the run's folder: config.yaml, metrics and results go here")
+    resume: Optional[str] = option(
+        None, "null: start fresh (an output_dir holding a run is refused unless overwrite=true); auto: "
+        "continue the run in output_dir from its last complete state, or start fresh if there is none; or "
+        "a checkpoint folder (output_dir/checkpoints/step-N)")
+    overwrite: bool = option(False, "remove the run already in output_dir and start afresh")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
+        "auto", "compute dtype of forward passes and frozen modules (trained weights stay fp32); auto: bf16 "
+        "on a CUDA GPU, no (fp32) otherwise; the resolved value goes to config.yaml")
+
+
+@dataclasses.dataclass
+class TrainingRunOptions(RunOptions):
+    log_every: int = option(10, "write metrics every N optimizer steps (averaged over them)", at_least_one,
+                            "at least 1 step")
+    tensorboard: bool = option(True, "also log the metrics to tensorboard under output_dir/logs")
+    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps (0: never)",
+                                   non_negative, "0 (never) or a positive number of steps")
+    checkpoints_keep: Optional[int] = option(3, "how many checkpoints to keep, newest first (null: all)",
+                                             lambda v: v is None or v >= 1, "null or at least 1")
+    max_nonfinite_steps: int = option(
+        10, "a step whose loss or gradient is NaN/inf is skipped (no update) and counted; this many in a row "
+        "stop the run with an error naming the step and the quantity", at_least_one, "at least 1")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    optimizer: Literal["adamw", "adafactor"] = option(
+        "adamw", "adamw (torch) or adafactor (transformers, fixed lr; less memory)")
+    learning_rate: float = option(1e-5, "peak learning rate", positive, "a positive number")
+    scale_lr: bool = option(False, "multiply learning_rate by the examples per optimizer step (batch_size x "
+                            "gradient_accumulation_steps x processes), as the Diffusion-DPO paper's --scale_lr")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas",
+                                lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
+    eps: float = option(1e-8, "AdamW epsilon", positive, "a positive number")
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW and Adafactor)", non_negative,
+                                 "0 or more")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                       "polynomial"] = option("linear", "learning-rate schedule after warmup")
+    warmup_steps: Optional[int] = option(None, "optimizer steps of linear warmup from 0 (null: warmup_ratio)",
+                                         lambda v: v is None or v >= 0, "null or 0 or more steps")
+    warmup_ratio: float = option(0.0, "fraction of the optimizer steps spent warming up (when warmup_steps "
+                                 "is null)", lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    batch_size: int = option(8, "examples (pairs, rankings, demonstrations) per process per micro-batch",
+                             at_least_one, "at least 1")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", at_least_one, "at least 1")
+    epochs: float = option(1.0, "passes over the training rows (when max_steps is null)", positive,
+                           "a positive number")
+    max_steps: Optional[int] = option(None, "optimizer steps to run; null: from epochs",
+                                      lambda v: v is None or v >= 1, "null or at least 1 step")
+    max_grad_norm: float = option(1.0, "clip the gradient's global L2 norm to this (0: no clipping)",
+                                  non_negative, "0 (no clipping) or a positive norm")
+    seed: int = option(0, "seed of initialisation, data order, augmentation and noise")
+
+    def warmup(self, steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * steps)
+
+
+@dataclasses.dataclass
+class PreferenceLossSection:
+    beta: float = option(0.1, "DPO beta: strength of the anchor to the reference", positive,
+                         "a positive number")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = option(
+        "sigmoid", "sigmoid (DPO), hinge (SLiC), ipo (IPO)")
+    label_smoothing: float = option(0.0, "conservative DPO: assumed probability that a label is flipped "
+                                    "(sigmoid only)", lambda v: 0 <= v < 0.5, "a probability in [0, 0.5)")
+
+    def check(self) -> None:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"config key 'label_smoothing': expected 0 unless loss_type is sigmoid, got "
+                              f"{self.label_smoothing!r}")

@@ -4,7 +4,7 @@ Both yield :class:`~diffusion_dpo.models.PairBatch` (VAE posterior moments, text
 and resume exactly through ``state_dict()`` / ``load_state_dict()``.
 
 * :class:`OnlinePairs` runs the frozen VAE and text encoder(s) on each batch of ``PreferencePairs``.
-* ``train.precompute``: :func:`build_latent_cache` encodes every pair once (each process its epoch-0 share
+* ``precompute``: :func:`build_latent_cache` encodes every pair once (each process its epoch-0 share
   of the rows, all processes in parallel) into ``<output_dir>/latent_cache/``; :class:`CachedPairs` then
   trains from it without the VAE or text encoders in memory. The cache holds the VAE posterior (mean and
   log-variance), not one sample, so every step still draws a fresh latent; with ``data.random_flip`` it
@@ -56,11 +56,11 @@ class OnlinePairs:
 def cache_data_config(cfg: DataConfig) -> DataConfig:
     """The data settings of the caching pass: no caption dropout and no flip (both applied at train time)."""
     if cfg.streaming:
-        raise InputError("train.precompute needs a map-style source (data.streaming=false): a stream has no "
+        raise InputError("precompute needs a map-style source (data.streaming=false): a stream has no "
                          "end at which the cache would be complete")
     if not cfg.center_crop:
-        raise InputError("train.precompute caches one crop per image; it cannot reproduce a random crop "
-                         "(data.center_crop=false). Use data.center_crop=true or train.precompute=false")
+        raise InputError("precompute caches one crop per image; it cannot reproduce a random crop "
+                         "(data.center_crop=false). Use data.center_crop=true or precompute=false")
     return dataclasses.replace(cfg, caption_dropout=0.0, random_flip=False)
 
 

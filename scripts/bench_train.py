@@ -3,7 +3,7 @@
 Two modes:
 
   A config, run by the recipe itself in a fresh process per variant (so peak memory is that run's alone),
-  with and without ``train.precompute``:
+  with and without ``precompute``:
 
     python scripts/bench_train.py --config assets/configs/tiny.yaml --steps 30 --compare-precompute
 
@@ -60,8 +60,8 @@ def run_config_child(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     rss_after_import = _rss_gib()
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = spec["overrides"] + [f"train.max_steps={spec['steps']}", "log_every=1", "checkpoint_every=0",
-                                         f"output_dir={tmp}/run", f"train.precompute={str(spec['precompute']).lower()}"]
+        overrides = spec["overrides"] + [f"optim.max_steps={spec['steps']}", "log_every=1", "checkpoint_every=0",
+                                         f"output_dir={tmp}/run", f"precompute={str(spec['precompute']).lower()}"]
         cfg = load_config(TrainConfig, spec["configs"], overrides)
         start = time.perf_counter()
         summary = run(cfg)
@@ -78,7 +78,7 @@ def run_config_child(spec: dict) -> dict:
 
 def feed_time_ms(cfg, summary: dict, precompute: bool, batches: int = 20) -> float:
     """Milliseconds to produce one encoded batch: the VAE and text encoders on decoded pairs (online), or a
-    read from the latent cache (precompute). This is the part of a step that train.precompute removes."""
+    read from the latent cache (precompute). This is the part of a step that precompute removes."""
     import dataclasses
 
     import torch
@@ -89,15 +89,15 @@ def feed_time_ms(cfg, summary: dict, precompute: bool, batches: int = 20) -> flo
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = str(Path(cfg.output_dir) / "tiny" / "pairs") if cfg.data.source == "tiny" else cfg.data.source
-    data = PreferencePairs(dataclasses.replace(cfg.data, source=source), seed=cfg.train.seed)
+    data = PreferencePairs(dataclasses.replace(cfg.data, source=source), seed=cfg.optim.seed)
     if precompute:
-        feed = CachedPairs(Path(cfg.output_dir) / "latent_cache", data, seed=cfg.train.seed, device=device,
+        feed = CachedPairs(Path(cfg.output_dir) / "latent_cache", data, seed=cfg.optim.seed, device=device,
                            caption_dropout=cfg.data.caption_dropout, random_flip=cfg.data.random_flip)
     else:
         comps = models.load_components(summary["pretrained"])
-        models.freeze_to(comps, device, torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32)
+        models.freeze_to(comps, device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
         feed = OnlinePairs(data, comps, device)
-    it = feed.batches(cfg.train.batch_size)
+    it = feed.batches(cfg.optim.batch_size)
     next(it)
     start = time.perf_counter()
     for _ in range(batches):
@@ -121,7 +121,7 @@ def config_mode(args, overrides: list[str]) -> list[dict]:
             runs[precompute].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     # The median run of each variant by step time (a shared machine's noise is one-sided: slower).
     results = [sorted(r, key=lambda x: x["step_ms"])[len(r) // 2] for r in runs.values()]
-    print("| train.precompute | pairs/s | ms/step | ms/batch to encode or read | caching pass s | "
+    print("| precompute | pairs/s | ms/step | ms/batch to encode or read | caching pass s | "
           "peak memory GiB | of which import GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], help="train config YAML (repeatable)")
     parser.add_argument("--steps", type=int, default=30, help="measured optimizer steps")
     parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of pairs/s")
-    parser.add_argument("--precompute", action="store_true", help="benchmark with train.precompute=true")
+    parser.add_argument("--precompute", action="store_true", help="benchmark with precompute=true")
     parser.add_argument("--compare-precompute", action="store_true", help="run both with and without it")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -2,7 +2,6 @@
 loads into a pipeline, resume is exact, precompute equals online, SDXL / v-prediction / SFT / gradient
 accumulation, bad configs, and two processes."""
 
-import dataclasses
 import json
 import math
 import os
@@ -16,15 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_dpo import ASSETS, cli
-from diffusion_dpo.config import load_config
+from diffusion_dpo.config import PreferenceLossSection, load_config, validate
 from diffusion_dpo.denoising import PairInputs
 from diffusion_dpo.recipes import train
+from diffusion_dpo.reference import FrozenCopy
 from diffusion_dpo.sampling import generate, load_pipeline
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = {"step", "loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w",
-           "ref_mse_l", "lr", "grad_norm", "pairs_per_s"}
+           "ref_mse_l", "lr", "grad_norm", "pairs_per_s", "nonfinite_steps"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,8 +44,8 @@ def world(tmp_path_factory):
 
 def config(world, out, *overrides):
     base = [f"model.pretrained={world['sd']}", f"data.source={world['pairs']}", "data.resolution=32",
-            f"output_dir={out}", "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_warmup_steps=0",
-            "train.batch_size=2", "log_every=1", "checkpoint_every=0"]
+            f"output_dir={out}", "optim.learning_rate=1e-3", "optim.scale_lr=false", "optim.warmup_steps=0",
+            "optim.batch_size=2", "log_every=1", "checkpoint_every=0"]
     return load_config(train.TrainConfig, [], base + list(overrides))
 
 
@@ -66,8 +66,8 @@ def test_lora_dpo_from_the_tiny_config(tmp_path):
     to the reference, so step 1 has loss -log sigmoid(0) = ln 2, accuracy 1/2 (all ties) and margin 0."""
     out = tmp_path / "run"
     rc = cli.main(["train", "--config", str(ASSETS / "configs" / "tiny.yaml"), f"output_dir={out}",
-                   "train.max_steps=2", "train.batch_size=2", "log_every=1", "checkpoint_every=0",
-                   "model.lora_rank=4", "train.learning_rate=1e-3"])
+                   "optim.max_steps=2", "optim.batch_size=2", "log_every=1", "checkpoint_every=0",
+                   "model.lora_rank=4", "optim.learning_rate=1e-3"])
     assert rc == 0
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and set(rows[0]) == METRICS
@@ -77,7 +77,7 @@ def test_lora_dpo_from_the_tiny_config(tmp_path):
     assert first["model_mse_w"] == first["ref_mse_w"] and first["model_mse_l"] == first["ref_mse_l"]
     assert rows[1]["model_mse_w"] != rows[1]["ref_mse_w"]  # one step later the adapter has moved
     saved = load_config(train.TrainConfig, [str(out / "config.yaml")])
-    assert saved.model.pretrained == "tiny" and saved.train.mixed_precision == "no"  # auto resolved on CPU
+    assert saved.model.pretrained == "tiny" and saved.mixed_precision == "no"  # auto resolved on CPU
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -93,7 +93,7 @@ def test_full_finetune_resume_is_exact(world, tmp_path):
     flips and caption dropout on, so the data position and the noise must both resume exactly."""
     from diffusers import UNet2DConditionModel
 
-    extra = ["model.lora_rank=0", "train.max_steps=4", "checkpoint_every=2", "checkpoints_keep=null",
+    extra = ["model.lora_rank=0", "optim.max_steps=4", "checkpoint_every=2", "checkpoints_keep=null",
              "data.random_flip=true", "data.caption_dropout=0.5"]
     straight = train.run(config(world, tmp_path / "a", *extra))
     ckpt = tmp_path / "a" / "checkpoints" / "step-2"
@@ -102,14 +102,14 @@ def test_full_finetune_resume_is_exact(world, tmp_path):
     assert load_file(ckpt / "trainable.safetensors").keys() == unet.state_dict().keys()  # the policy only
 
     resumed = train.run(config(world, tmp_path / "b", *extra, f"resume={ckpt}"))
-    assert resumed["resumed_from"] == str(ckpt) and resumed["steps"] == straight["steps"] == 4
+    assert resumed.resumed_from == str(ckpt) and resumed.steps == straight.steps == 4
     assert same(weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final"))
     assert metrics(tmp_path / "a")[2:] == [dict(r, pairs_per_s=a["pairs_per_s"]) for r, a in
                                           zip(metrics(tmp_path / "b"), metrics(tmp_path / "a")[2:])]
 
     # resume=auto finds step-4 of a finished run and has nothing left to do
     again = train.run(config(world, tmp_path / "a", *extra, "resume=auto"))
-    assert again["resumed_from"].endswith("step-4") and again["steps"] == 4
+    assert again.resumed_from.endswith("step-4") and again.steps == 4
 
     tuned = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "final")
     assert not torch.equal(tuned.conv_in.weight, unet.conv_in.weight)
@@ -120,8 +120,8 @@ def test_full_finetune_resume_is_exact(world, tmp_path):
 def test_sdxl_v_prediction_lora(tmp_path):
     path = str(build_tiny_pipeline(tmp_path / "sdxl", sdxl=True, prediction_type="v_prediction"))
     world = {"sd": path, "pairs": str(write_tiny_pairs(tmp_path / "pairs", n_pairs=8))}
-    summary = train.run(config(world, tmp_path / "run", "model.lora_rank=4", "train.max_steps=1"))
-    assert summary["format"] == "lora"
+    summary = train.run(config(world, tmp_path / "run", "model.lora_rank=4", "optim.max_steps=1"))
+    assert summary.format == "lora"
     assert abs(metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
     pipe = load_pipeline(path, lora=str(tmp_path / "run" / "final"), device="cpu")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
@@ -134,12 +134,12 @@ def test_gradient_accumulation_matches_a_bigger_batch(world, tmp_path):
     (beta 5000 and Adam's first step g/|g| would magnify float rounding), so the weights agree to rounding."""
     from diffusers import UNet2DConditionModel
 
-    linear = ["model.lora_rank=0", "train.max_steps=1", "train.beta_dpo=1", "train.adam_epsilon=1",
-              "train.max_grad_norm=0"]
+    linear = ["model.lora_rank=0", "optim.max_steps=1", "loss.beta=1", "optim.eps=1",
+              "optim.max_grad_norm=0"]
     one = train.run(config(world, tmp_path / "one", *linear))
-    two = train.run(config(world, tmp_path / "two", *linear, "train.batch_size=1",
-                           "train.gradient_accumulation_steps=2"))
-    assert one["pairs_per_step"] == two["pairs_per_step"] == 2
+    two = train.run(config(world, tmp_path / "two", *linear, "optim.batch_size=1",
+                           "optim.gradient_accumulation_steps=2"))
+    assert one.pairs_per_step == two.pairs_per_step == 2
     a, b = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     base = UNet2DConditionModel.from_pretrained(world["sd"], subfolder="unet").state_dict()
     assert max((a[k] - base[k]).abs().max() for k in a) > 1e-6  # the step moved the weights
@@ -151,20 +151,20 @@ def test_precompute_trains_like_online_and_sft(world, tmp_path):
     encoders, so 3 LoRA steps give the same weights, to the float error of encoding the VAE in batches of
     another size (a wrong flip or caption would move them by as much as an update). beta 1 and Adam epsilon 1
     keep that error from being magnified (see the accumulation test)."""
-    extra = ["model.lora_rank=4", "train.max_steps=3", "data.random_flip=true", "data.caption_dropout=0.5",
-             "train.beta_dpo=1", "train.adam_epsilon=1", "train.max_grad_norm=0"]
+    extra = ["model.lora_rank=4", "optim.max_steps=3", "data.random_flip=true", "data.caption_dropout=0.5",
+             "loss.beta=1", "optim.eps=1", "optim.max_grad_norm=0"]
     train.run(config(world, tmp_path / "online", *extra))
-    cached = train.run(config(world, tmp_path / "cached", *extra, "train.precompute=true"))
-    assert cached["data"]["cached_pairs"] == 16
+    cached = train.run(config(world, tmp_path / "cached", *extra, "precompute=true"))
+    assert cached.data["cached_pairs"] == 16
     assert (tmp_path / "cached" / "latent_cache" / "meta.json").is_file()
     online, from_cache = weights(tmp_path / "online" / "final"), weights(tmp_path / "cached" / "final")
     update = max(online[k].abs().max() for k in online if ".up." in k)  # LoRA B starts at zero
     assert update > 1e-6
     assert same(online, from_cache, atol=1e-3 * float(update))
 
-    train.run(config(world, tmp_path / "sft", "model.lora_rank=4", "train.max_steps=1", "train.method=sft"))
+    train.run(config(world, tmp_path / "sft", "model.lora_rank=4", "optim.max_steps=1", "method=sft"))
     (row,) = metrics(tmp_path / "sft")
-    assert set(row) == {"step", "loss", "model_mse_w", "lr", "grad_norm", "pairs_per_s"}
+    assert set(row) == {"step", "loss", "model_mse_w", "lr", "grad_norm", "pairs_per_s", "nonfinite_steps"}
     assert row["loss"] == row["model_mse_w"]
 
 
@@ -181,18 +181,16 @@ class _ScaledUNet(torch.nn.Module):
 
 def test_dpo_objective_counts_ties_as_half():
     """A tie's loss is the mean over both orders: 0.5 (softplus(-z) + softplus(z)); its accuracy is 0.5."""
-    from contextlib import nullcontext
-
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler()
     g = torch.Generator().manual_seed(0)
     x = PairInputs(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g) * 3,
                    torch.zeros(2, 1, 1), torch.randn(2, 4, 2, 2, generator=g), torch.tensor([500, 500]))
-    opts = train.TrainOptions(beta_dpo=1.0)
-    ref = _ScaledUNet(1.0)
-    losses, m = train.dpo_objective(_ScaledUNet(0.9), lambda: nullcontext(ref), x, torch.tensor([False, True]),
-                                    sched, opts)
+    opts = PreferenceLossSection(beta=1.0)
+    out = train.dpo_objective(_ScaledUNet(0.9), FrozenCopy(_ScaledUNet(1.0)), x, torch.tensor([False, True]),
+                              sched, opts)
+    losses, m = out.losses, out.metrics
     z = -0.5 * ((m["model_mse_w"] - m["ref_mse_w"]) - (m["model_mse_l"] - m["ref_mse_l"]))
     softplus = torch.nn.functional.softplus
     assert torch.allclose(losses[0], softplus(-z[0]))
@@ -205,8 +203,8 @@ def test_bad_configs_are_clear_errors(world, tmp_path, capsys):
         (["model.lora_rank=-1"], "model.lora_rank"),
         (["train.lr=1"], "unknown config key 'train.lr'"),
         ([f"resume={tmp_path / 'nope'}"], "does not exist"),
-        (["train.loss_type=hinge", "train.label_smoothing=0.1"], "train.label_smoothing"),
-        (["train.method=ppo"], "train.method"),
+        (["loss.loss_type=hinge", "loss.label_smoothing=0.1"], "loss.label_smoothing"),
+        (["method=ppo"], "method"),
     ]
     for overrides, message in cases:
         assert cli.main(["train", f"output_dir={tmp_path / 'x'}", *overrides]) == 2
@@ -219,8 +217,8 @@ def test_two_processes_split_the_data_and_agree(world, tmp_path):
     """torchrun starts two CPU processes (gloo): each trains on its own rows, both end with the same weights."""
     out = tmp_path / "ddp"
     args = [f"model.pretrained={world['sd']}", f"data.source={world['pairs']}", "data.resolution=32",
-            "model.lora_rank=4", "train.max_steps=2", "train.batch_size=2", "checkpoint_every=2", "log_rows=true",
-            "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_warmup_steps=0", f"output_dir={out}"]
+            "model.lora_rank=4", "optim.max_steps=2", "optim.batch_size=2", "checkpoint_every=2", "log_rows=true",
+            "optim.learning_rate=1e-3", "optim.scale_lr=false", "optim.warmup_steps=0", f"output_dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffusion_dpo", "train", *args]
@@ -239,13 +237,12 @@ def test_two_processes_split_the_data_and_agree(world, tmp_path):
 
 
 def test_example_configs_parse_and_name_their_command():
-    for name in ("tiny", "sd15_pickapic", "sdxl_pickapic"):
+    for name in ("tiny", "sd15_train", "sdxl_train"):
         path = ASSETS / "configs" / f"{name}.yaml"
         first = path.read_text().split("\n")[0]
         assert first.startswith("# ") and f"train --config assets/configs/{name}.yaml" in first
-        cfg = load_config(train.TrainConfig, [str(path)])
-        train.check_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision="no")))
-    paper = load_config(train.TrainConfig, [str(ASSETS / "configs" / "sd15_pickapic.yaml")])
-    t = paper.train
-    assert (t.beta_dpo, t.learning_rate, t.scale_lr, t.batch_size * t.gradient_accumulation_steps * 16) == \
+        validate(load_config(train.TrainConfig, [str(path)], ["mixed_precision=bf16"]))
+    paper = load_config(train.TrainConfig, [str(ASSETS / "configs" / "sd15_train.yaml")])
+    t = paper.optim
+    assert (paper.loss.beta, t.learning_rate, t.scale_lr, t.batch_size * t.gradient_accumulation_steps * 16) == \
         (5000, 1e-8, True, 2048)

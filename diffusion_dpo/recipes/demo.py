@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_dpo import ASSETS
-from diffusion_dpo.config import ConfigError, option, parse_args, save_config, to_dict
+from diffusion_dpo.config import (
+    ConfigError,
+    OptimSection,
+    PreferenceLossSection,
+    option,
+    parse_args,
+    save_config,
+    to_dict,
+)
 from diffusion_dpo.errors import InputError
 
 DEFAULT_BASE = ASSETS / "demo" / "base"
@@ -134,16 +142,16 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
     t = cfg.train
     dpo = method == "dpo"
     return train.TrainConfig(
+        method=method,
         model=train.ModelConfig(pretrained=policy, lora_rank=t.lora_rank),
         data=DataConfig(source=str(pairs), resolution=_resolution(policy), random_flip=True,
                         caption_dropout=t.caption_dropout),
-        train=train.TrainOptions(
-            method=method, beta_dpo=t.beta_dpo, learning_rate=t.learning_rate if dpo else t.sft_learning_rate,
-            scale_lr=False, lr_scheduler="constant_with_warmup", lr_warmup_steps=t.lr_warmup_steps,
-            batch_size=t.batch_size, max_steps=t.max_steps if dpo else t.sft_max_steps,
-            seed=1000 * cfg.seed + round_, precompute=True,
-        ),
-        output_dir=str(out), checkpoint_every=0, log_every=10,
+        loss=PreferenceLossSection(beta=t.beta_dpo),
+        optim=OptimSection(
+            learning_rate=t.learning_rate if dpo else t.sft_learning_rate, scale_lr=False,
+            scheduler="constant_with_warmup", warmup_steps=t.lr_warmup_steps, batch_size=t.batch_size,
+            max_steps=t.max_steps if dpo else t.sft_max_steps, seed=1000 * cfg.seed + round_),
+        precompute=True, output_dir=str(out), checkpoint_every=0, log_every=10,
     )
 
 
@@ -394,13 +402,13 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         if r == 1 and cfg.sft:
             sft_run = _timed(seconds, "train_sft", train.run,
                              train_config(cfg, "sft", policy, rdir / "pairs", rdir / "sft", r))
-        new_policy = policy_pipeline(policy, Path(trained["final"]), trained["format"], rdir / "policy")
+        new_policy = policy_pipeline(policy, Path(trained.final), trained.format, rdir / "policy")
         if r > 1:
             reuse_base_images(out / "round-1" / "eval", rdir / "eval")
         evaluation = _timed(seconds, f"evaluate_{r}", evaluate.run,
                             evaluate_config(cfg, base, new_policy, held_out_file, rdir / "eval"))
         if r == 1 and cfg.sft:
-            sft_policy = policy_pipeline(policy, Path(sft_run["final"]), sft_run["format"],
+            sft_policy = policy_pipeline(policy, Path(sft_run.final), sft_run.format,
                                          rdir / "sft_policy")
             reuse_base_images(rdir / "eval", rdir / "sft_eval")
             sft = comparison(_timed(seconds, "evaluate_sft", evaluate.run,
@@ -409,7 +417,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             "round": r, "policy": new_policy, "pairs": labelled["pairs_written"],
             "mean_winner_score": labelled["mean_winner_score"],
             "mean_loser_score": labelled["mean_loser_score"],
-            "train_metrics": trained["last_metrics"], "dpo": comparison(evaluation),
+            "train_metrics": trained.last_metrics, "dpo": comparison(evaluation),
         })
         policy = new_policy
     seconds["total"] = round(time.perf_counter() - start, 1)

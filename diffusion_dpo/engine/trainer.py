@@ -1,0 +1,358 @@
+"""The training engine every training recipe runs on (diffusion DPO/SFT, LLM SFT/reward/DPO, PPO's updates).
+
+A recipe brings its models, a data feed and a step function; the engine owns everything around the step:
+
+    Engine(cfg, ...)      the run folder (its one rule: engine.run_folder), the accelerator, config.yaml,
+                          metrics.jsonl + tensorboard, the resolved mixed precision
+    engine.fit(...)       the loop: micro-batches with gradient accumulation, clipping, the non-finite guard,
+                          optimizer and schedule steps, windowed metrics and the progress bar, checkpoints
+                          every N steps, exact resume (weights, optimizer, schedule, RNG, data position)
+    engine.optimizer_step the same single step for a recipe that drives its own outer loop (PPO)
+    engine.save_final     final/ written to final.tmp and renamed, refused if a weight is not finite
+    engine.finish         summary.json and the trackers closed
+
+The step function is ``step_fn(batch, ctx) -> StepOutput``: per-example losses (the engine back-propagates
+their mean), metrics (tensors, averaged) and how many units (pairs, tokens) the batch held, for throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_dpo import checkpointing
+from diffusion_dpo.config import TrainingRunOptions, save_config, to_dict, validate
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
+
+Tensor = torch.Tensor
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What a training run writes into output_dir; overwrite=true removes these (and config.yaml).
+RUN_FILES = ("metrics.jsonl", "logs", "checkpoints", "final", "final.tmp", "summary.json")
+
+
+class NonFiniteError(RuntimeError):
+    """max_nonfinite_steps optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
+class Feed(Protocol):
+    """A data feed with an exact position: batches continue where ``load_state_dict`` left them."""
+
+    def batches(self, batch_size: int) -> Iterator[Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class StepContext:
+    step: int  # optimizer steps completed before this one
+    micro: int  # index of the micro-batch within the step
+    rank: int
+
+
+@dataclass
+class StepOutput:
+    losses: Tensor  # per example (or a scalar); the engine back-propagates the mean
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # averaged into the logged window
+    units: int = 0  # pairs / tokens in this micro-batch, for <unit>_per_s
+
+
+def resolve_mixed_precision(value: str) -> str:
+    return ("bf16" if torch.cuda.is_available() else "no") if value == "auto" else value
+
+
+def weights_digest(state: dict[str, Tensor]) -> str:
+    """SHA-256 of the weights' bytes in name order (identical weights on every process -> identical digests)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _first_nonfinite(values: dict[str, Tensor]) -> Optional[str]:
+    return next((name for name, v in values.items() if not torch.isfinite(v.detach().float()).all()), None)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config as flat scalars for tensorboard's hparams (lists and None as strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class Engine:
+    """One training run. ``cfg`` is the recipe's config (a :class:`TrainingRunOptions`); ``seed`` seeds every
+    generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens)."""
+
+    def __init__(self, cfg: TrainingRunOptions, *, seed: int, gradient_accumulation_steps: int = 1,
+                 unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        validate(cfg)
+        before_write()  # the recipe's input checks: nothing is created if they fail
+        mixed = resolve_mixed_precision(cfg.mixed_precision)
+        self.cfg = dataclasses.replace(cfg, mixed_precision=mixed)
+        self.out = Path(cfg.output_dir)
+        self.unit, self.name = unit, name
+        self.grad_accum = gradient_accumulation_steps
+        # cpu=True on a machine without CUDA lets processes started by torchrun form a gloo group.
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, gradient_accumulation_steps=gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(), log_with="tensorboard" if cfg.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        acc = self.accelerator
+        self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
+        self.is_main = acc.is_main_process
+        self.compute_dtype = DTYPES[mixed]
+        if self.is_main:
+            claim_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES)
+        acc.wait_for_everyone()
+        mode = parse_resume(cfg.resume)
+        self.resume_from = checkpointing.latest_checkpoint(self.out) if mode == "auto" else (
+            Path(mode) if mode else None)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.yaml")
+        acc.wait_for_everyone()
+        set_seed(seed)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.step = 0
+        self.nonfinite_steps = 0  # skipped steps, over the whole run
+        self._nonfinite_in_a_row = 0
+        self.last: dict[str, float] = {}
+        self.start = time.perf_counter()
+        if cfg.tensorboard:
+            acc.init_trackers(name, config=_flat(to_dict(self.cfg)))
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def prepare(self, *modules):
+        """accelerate's prepare (DDP wrapping, device placement of optimizers)."""
+        return self.accelerator.prepare(*modules)
+
+    def resume(self, policy: torch.nn.Module, optimizer, scheduler, feed: Feed | None = None,
+               extra: Callable[[dict], None] | None = None) -> int:
+        """Restore the checkpoint this run continues from, if any; return the step it reached. ``extra``
+        receives the recipe's own saved state (see :meth:`save_checkpoint`)."""
+        if self.resume_from is not None:
+            state = checkpointing.load_checkpoint(self.resume_from, self.rank, self.world)
+            checkpointing.load_trainable_state_dict(policy, state["trainable"], str(self.resume_from))
+            training = state["training_state"]
+            optimizer.load_state_dict(training["optimizer"])
+            scheduler.load_state_dict(training["lr_scheduler"])
+            if self.accelerator.scaler is not None and training.get("scaler"):
+                self.accelerator.scaler.load_state_dict(training["scaler"])
+            self.nonfinite_steps = int(training.get("nonfinite_steps", 0))
+            checkpointing.restore_rng_state(state["rank_state"]["rng"])
+            if feed is not None:
+                feed.load_state_dict(state["rank_state"]["data"])
+            if extra is not None:
+                extra(state["rank_state"].get("recipe", {}))
+            self.step = state["step"]
+        if self.is_main:  # a resumed run re-logs the steps after its checkpoint; a fresh one starts empty
+            kept = [line for line in (self.metrics_path.read_text().splitlines()
+                                      if self.metrics_path.exists() and self.step else [])
+                    if json.loads(line)["step"] <= self.step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        return self.step
+
+    # -------------------------------------------------------------------------------------------- step
+
+    def optimizer_step(self, model, params: list[torch.nn.Parameter], optimizer, scheduler,
+                       micro_batches: Iterator[Any], step_fn: Callable[[Any, StepContext], StepOutput],
+                       max_grad_norm: float) -> Optional[dict[str, Tensor]]:
+        """One optimizer step over ``grad_accum`` micro-batches: backward of each mean loss, clipping, the
+        update and the schedule step. Returns the step's metrics (micro-batch means, grad_norm, units), or
+        None when a loss, metric or gradient was not finite on any process: then nothing is updated, the step
+        is counted, and the ``max_nonfinite_steps``-th such step in a row raises NonFiniteError."""
+        acc = self.accelerator
+        sums: dict[str, Tensor] = {}
+        units, bad = 0, None
+        for micro in range(self.grad_accum):
+            batch = next(micro_batches)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    out = step_fn(batch, StepContext(self.step, micro, self.rank))
+                loss = out.losses.float().mean()
+                bad = bad or _first_nonfinite({"loss": loss, **out.metrics})
+                acc.backward(loss)  # accelerate divides by the accumulation steps
+            for k, v in {"loss": loss, **out.metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float().mean() / self.grad_accum
+            units += out.units
+        grad_norm = acc.clip_grad_norm_(params, max_grad_norm or math.inf)
+        bad = bad or _first_nonfinite({"grad_norm": grad_norm})
+        # Every process must skip together: a NaN on one rank reaches all ranks' gradients through the
+        # all-reduce, but a NaN metric stays local, so the verdict is reduced.
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+        if self.world > 1:
+            flag = acc.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            if self._nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"step {self.step}: {bad or 'a value on another process'} is not finite for "
+                    f"{self._nonfinite_in_a_row} steps in a row (max_nonfinite_steps={self.cfg.max_nonfinite_steps}"
+                    f"); no update was applied for them, and the last checkpoint holds the last good weights. "
+                    "Lower the learning rate or check the data.")
+            return None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._nonfinite_in_a_row = 0
+        return sums | {"grad_norm": grad_norm.detach().float(), "units": torch.tensor(float(units))}
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def fit(self, *, model, policy: torch.nn.Module, optimizer, scheduler, feed: Feed, batch_size: int,
+            step_fn: Callable[[Any, StepContext], StepOutput], max_steps: int, max_grad_norm: float,
+            evaluate: Callable[[int], dict[str, float]] | None = None, eval_every: int | None = None,
+            postfix: Callable[[dict[str, float]], dict[str, str]] | None = None) -> dict[str, float]:
+        """Train ``model`` (prepared; ``policy`` is the unwrapped module whose trainable weights are saved)
+        to ``max_steps`` optimizer steps from where :meth:`resume` left it. Logs every ``log_every`` steps,
+        checkpoints every ``checkpoint_every``, evaluates every ``eval_every`` steps and at the end. Returns the
+        last logged metrics."""
+        cfg = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        batches = feed.batches(batch_size)
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.name, unit="step", disable=not self.is_main,
+                   dynamic_ncols=True)
+        window: dict[str, Tensor] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        try:
+            while self.step < max_steps:
+                metrics = self.optimizer_step(model, params, optimizer, scheduler, batches, step_fn, max_grad_norm)
+                bar.update(1)
+                if metrics is not None:
+                    window = {k: window.get(k, 0.0) + v.to(self.device) for k, v in metrics.items()}
+                    window_steps += 1
+                if (self.step % cfg.log_every == 0 or self.step == max_steps) and window_steps:
+                    self.last = self._log_window(window, window_steps, time.perf_counter() - window_start,
+                                                 scheduler)
+                    bar.set_postfix((postfix or self._postfix)(self.last))
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    save_start = time.perf_counter()
+                    self.save_checkpoint(policy, optimizer, scheduler, feed)
+                    window_start += time.perf_counter() - save_start  # throughput measures training only
+                if evaluate is not None and eval_every and self.step % eval_every == 0 and self.step < max_steps:
+                    self.log(evaluate(self.step))
+        finally:
+            bar.close()
+            if hasattr(batches, "close"):
+                batches.close()
+        if evaluate is not None:
+            self.log(evaluate(self.step))
+        return self.last
+
+    def _log_window(self, window: dict[str, Tensor], steps: int, elapsed: float, scheduler) -> dict[str, float]:
+        names = sorted(window)
+        means = self.accelerator.reduce(torch.stack([window[k] for k in names]), reduction="mean")
+        row = {k: float(v) / steps for k, v in zip(names, means.tolist())}
+        units = row.pop("units") * steps * self.world
+        row |= {"lr": scheduler.get_last_lr()[0], f"{self.unit}_per_s": units / max(elapsed, 1e-9),
+                "nonfinite_steps": self.nonfinite_steps}
+        self.log(row)
+        return {"step": self.step} | row
+
+    def _postfix(self, last: dict[str, float]) -> dict[str, str]:
+        shown = {"loss": f"{last['loss']:.4f}"}
+        for name in ("implicit_acc", "rewards/accuracies", "accuracy"):
+            if name in last:
+                shown["acc"] = f"{last[name]:.2f}"
+        shown[f"{self.unit}/s"] = f"{last[f'{self.unit}_per_s']:.1f}"
+        return shown
+
+    def log(self, values: dict[str, float], step: int | None = None) -> None:
+        """One metrics.jsonl row (and tensorboard scalars) at ``step`` (default: the current step)."""
+        if not values:
+            return
+        step = self.step if step is None else step
+        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.cfg.tensorboard:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    # ------------------------------------------------------------------------------------------ saving
+
+    def _check_finite(self, state: dict[str, Tensor], what: str) -> None:
+        name = _first_nonfinite(state)
+        if name is not None:
+            raise NonFiniteError(f"step {self.step}: weight {name} is not finite; {what} was not written "
+                                 f"(the last checkpoint in {self.out / 'checkpoints'} holds good weights)")
+
+    def save_checkpoint(self, policy: torch.nn.Module, optimizer, scheduler, feed: Feed | None = None,
+                        recipe_state: dict[str, Any] | None = None) -> Path:
+        """checkpoints/step-N: trainable weights, optimizer, schedule, scaler and counters (main process), RNG
+        and data position (every process); ``recipe_state``: anything else the recipe must restore."""
+        trainable = checkpointing.trainable_state_dict(policy) if self.is_main else None
+        if trainable is not None:
+            self._check_finite(trainable, f"checkpoint step-{self.step}")
+        scaler = self.accelerator.scaler
+        return checkpointing.save_checkpoint(
+            self.out, self.step, rank=self.rank, world_size=self.world,
+            barrier=self.accelerator.wait_for_everyone, keep=self.cfg.checkpoints_keep, trainable=trainable,
+            training_state={"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict() if scaler else None,
+                            "nonfinite_steps": self.nonfinite_steps} if self.is_main else None,
+            rank_state={"rng": checkpointing.capture_rng_state(),
+                        "data": feed.state_dict() if feed is not None else {}, "recipe": recipe_state or {}})
+
+    def save_final(self, policy: torch.nn.Module, write: Callable[[Path], None]) -> Path:
+        """final/ written by ``write(folder)`` into final.tmp, then renamed (main process; all wait)."""
+        final = self.out / "final"
+        if self.is_main:
+            self._check_finite(checkpointing.trainable_state_dict(policy), "final/")
+            tmp = final.with_name("final.tmp")
+            _remove(tmp)
+            write(tmp)
+            _remove(final)
+            tmp.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def digests(self, policy: torch.nn.Module) -> list[str]:
+        """Every process's weight digest (data parallelism keeps them identical)."""
+        from accelerate.utils import gather_object
+
+        return gather_object([weights_digest(checkpointing.trainable_state_dict(policy))])
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json (main process), close the trackers; return the summary with this process's rank."""
+        summary = {"output_dir": str(self.out), "steps": self.step, "nonfinite_steps": self.nonfinite_steps,
+                   "resumed_from": str(self.resume_from) if self.resume_from else None,
+                   "num_processes": self.world, "wall_s": time.perf_counter() - self.start} | summary
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return summary | {"process_index": self.rank}
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
