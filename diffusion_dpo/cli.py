@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from diffusion_dpo.errors import InputError
+from diffusion_dpo.errors import InputError, RunError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffusion_dpo.recipes.train", "Diffusion-DPO (or SFT) fine-tuning of a Stable Diffusion UNet"),
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"diffusion-dpo {name}: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"diffusion-dpo {name}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from diffusion_dpo import checkpointing
 from diffusion_dpo.config import TrainingRunOptions, save_config, to_dict, validate
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
+from diffusion_dpo.errors import RunError
 
 Tensor = torch.Tensor
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,7 +40,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUN_FILES = ("metrics.jsonl", "logs", "checkpoints", "final", "final.tmp", "summary.json")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """max_nonfinite_steps optimizer steps in a row had a NaN/inf loss or gradient."""
 
 
