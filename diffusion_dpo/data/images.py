@@ -1,15 +1,27 @@
-"""Images of a pair: decoding stored values into PIL RGB, and the training transform (resize, crop, flip)."""
+"""Images of a pair: fetching (files, http(s) URLs with retries and an on-disk cache), decoding stored
+values into PIL RGB, and the training transform (resize, crop, flip)."""
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import io
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from diffusion_dpo.errors import InputError
+
+URL_PREFIXES = ("http://", "https://")
+# HTTP statuses worth retrying: the server may answer later (timeout, rate limit, overload).
+_RETRY_STATUSES = (408, 425, 429, 500, 502, 503, 504)
 
 
 class BadImage(InputError):
@@ -24,9 +36,79 @@ class NonRGBImage(BadImage):
     reason = "non_rgb_image"
 
 
-def open_image(value: Any, where: str):
-    """Decode ``value`` (bytes, a ``{"bytes": b, "path": p}`` dict as datasets stores images, or a PIL
-    image) into a fully loaded PIL image in its stored mode. Raises BadImage naming ``where``."""
+class UnreachableImage(BadImage):
+    """An image URL that could not be fetched after every retry."""
+
+    reason = "unreachable_image"
+
+
+def default_image_cache() -> Path:
+    """Where fetched images are kept unless ``data.image_cache_dir`` says otherwise:
+    ``$XDG_CACHE_HOME/diffusion-dpo/images`` (``~/.cache/diffusion-dpo/images``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusion-dpo" / "images"
+
+
+class ImageFetcher:
+    """Fetches image URLs with retries and keeps each answer on disk, so a URL is downloaded once.
+
+    ``retries``: further attempts after the first; attempt ``n`` (from 1) waits ``backoff * 2**(n-1)``
+    seconds first. A timeout, a refused connection or a status in ``_RETRY_STATUSES`` is retried; any other
+    HTTP error (404, 403, ...) is final at once. The cache file is named by the URL's SHA-256 and written
+    through a temporary file, so concurrent decode threads never read half a file."""
+
+    def __init__(self, cache_dir: Optional[str | Path] = None, retries: int = 3, timeout: float = 30.0,
+                 backoff: float = 1.0):
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_image_cache()
+        self.retries, self.timeout, self.backoff = retries, timeout, backoff
+
+    def cache_path(self, url: str) -> Path:
+        return self.cache_dir / hashlib.sha256(url.encode()).hexdigest()
+
+    def fetch(self, url: str, where: str) -> bytes:
+        """The bytes at ``url``, from the cache when present. Raises UnreachableImage naming ``where``."""
+        cached = self.cache_path(url)
+        if cached.is_file():
+            return cached.read_bytes()
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                    data = response.read()
+                break
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code} {e.reason}"
+                if e.code not in _RETRY_STATUSES:
+                    raise UnreachableImage(f"{where}: cannot fetch {url}: {error}") from None
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                error = str(getattr(e, "reason", None) or e) or type(e).__name__
+        else:
+            raise UnreachableImage(f"{where}: cannot fetch {url} after {self.retries + 1} attempt(s): "
+                                   f"{error}") from None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, cached)
+        return data
+
+
+def _read_location(location: str, where: str, fetcher: Optional[ImageFetcher]) -> bytes:
+    """The bytes of an image named by a file path or an http(s) URL."""
+    if location.startswith(URL_PREFIXES):
+        return (fetcher or ImageFetcher()).fetch(location, where)
+    try:
+        return Path(location).read_bytes()
+    except OSError as e:
+        raise BadImage(f"{where}: cannot read image file {location}: {e}") from None
+
+
+def open_image(value: Any, where: str, *, fetcher: Optional[ImageFetcher] = None):
+    """Decode ``value`` into a fully loaded PIL image in its stored mode. ``value`` is encoded bytes, a
+    ``{"bytes": b, "path": p}`` dict as datasets stores images (``p`` used when ``b`` is missing), a PIL
+    image, or a string: a file path or an http(s) URL (fetched by ``fetcher``, default settings when None).
+    Raises BadImage (UnreachableImage for a URL that cannot be fetched) naming ``where``."""
     from PIL import Image
 
     if isinstance(value, Image.Image):
@@ -36,10 +118,9 @@ def open_image(value: Any, where: str):
         if isinstance(value, dict):
             data = value.get("bytes")
             if data is None and value.get("path"):
-                try:
-                    data = Path(value["path"]).read_bytes()
-                except OSError as e:
-                    raise BadImage(f"{where}: cannot read image file {value['path']}: {e}") from None
+                data = _read_location(str(value["path"]), where, fetcher)
+        elif isinstance(value, str):
+            data = _read_location(value, where, fetcher)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise BadImage(f"{where}: expected encoded image bytes, got {type(value).__name__}")
         try:
@@ -58,8 +139,8 @@ def to_rgb(image, where: str, convert_non_rgb: bool = False):
     if image.mode == "RGB":
         return image
     if not convert_non_rgb:
-        raise NonRGBImage(f"{where}: image mode is {image.mode}, expected RGB (set data.convert_non_rgb=true to "
-                       "convert grayscale/palette/CMYK and composite transparent images on white)")
+        raise NonRGBImage(f"{where}: image mode is {image.mode}, expected RGB (set data.convert_non_rgb=true "
+                          "to convert grayscale/palette/CMYK and composite transparent images on white)")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -69,13 +150,31 @@ def to_rgb(image, where: str, convert_non_rgb: bool = False):
     return image.convert("RGB")
 
 
-def decode_image(value: Any, where: str, *, convert_non_rgb: bool = False):
+def decode_image(value: Any, where: str, *, convert_non_rgb: bool = False,
+                 fetcher: Optional[ImageFetcher] = None):
     """Decode one image into PIL RGB (see :func:`open_image` for what ``value`` may be).
 
     A non-RGB image raises BadImage unless ``convert_non_rgb`` (see :func:`to_rgb`); every error is an
     InputError naming ``where`` (e.g. ``"row 17 column jpg_1 of pairs/"``).
     """
-    return to_rgb(open_image(value, where), where, convert_non_rgb)
+    return to_rgb(open_image(value, where, fetcher=fetcher), where, convert_non_rgb)
+
+
+def keep_images_encoded(ds, columns):
+    """A source whose image ``columns`` are ``datasets.Image`` features (or lists of them) would decode
+    every image while reading; keep them as ``{"bytes", "path"}`` dicts, decoded later by
+    :func:`decode_image`."""
+    import datasets
+
+    for column in columns:
+        feature = (ds.features or {}).get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.List, datasets.Sequence)):
+            inner = feature.feature
+            if isinstance(inner, datasets.Image) and inner.decode:
+                ds = ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return ds
 
 
 

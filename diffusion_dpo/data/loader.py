@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from diffusion_dpo.data.columns import is_default
 from diffusion_dpo.data.rows import (
     _MIN_SEEN_FOR_ABORT,
     IMAGE_REASONS,
@@ -33,7 +34,8 @@ class DataStats:
     """Counts of what the loader saw. ``rows_seen`` are rows whose labels and caption were checked (a
     map-style source checks every row up front; a stream counts as it reads); ``pairs_decoded`` are usable
     rows whose images were decoded; ``bad_rows`` maps a reason (bad_label, missing_caption, bad_image,
-    non_rgb_image) to its count; ``first_bad`` is the first bad row's message."""
+    non_rgb_image, unreachable_image) to its count; ``first_bad`` is the first bad row's message. With
+    ``data.columns.labels=ranks`` a "row" is one of the pairs a ranked row expands into."""
 
     rows_seen: int = 0
     pairs_decoded: int = 0
@@ -133,7 +135,8 @@ class PreferencePairs:
         self._epoch, self._position, self._batches_done = 0, 0, 0
         self._stream_state: Optional[dict] = None
         self._batch_size: Optional[int] = None
-        self._dataset = open_pairs(cfg.source, cfg.split, cfg.streaming, cache_dir=cfg.cache_dir)
+        self._dataset = open_pairs(cfg.source, cfg.split, cfg.streaming, cache_dir=cfg.cache_dir,
+                                   columns=cfg.columns)
         if cfg.streaming:
             if cfg.max_rows is not None:
                 self._dataset = self._dataset.take(cfg.max_rows)
@@ -183,10 +186,14 @@ class PreferencePairs:
                 "max_rows": cfg.max_rows, "keep_ties": cfg.keep_ties, "seed": self.seed,
                 "shuffle_buffer": cfg.shuffle_buffer if cfg.streaming else None,
                 "process_index": self.process_index, "num_processes": self.num_processes,
-                "num_pairs": self.num_pairs}
+                "num_pairs": self.num_pairs} | self._columns_setting()
+
+    def _columns_setting(self) -> dict[str, Any]:
+        """The column map, when not the default (so positions saved before it existed still load)."""
+        return {} if is_default(self.cfg.columns) else {"columns": asdict(self.cfg.columns)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch yielded, the settings it depends on, and the counts; JSON-able."""
+        """The position after the last batch yielded, the settings it depends on, and the counts (JSON)."""
         return self._order_settings() | {
             "batch_size": self._batch_size, "epoch": self._epoch, "position": self._position,
             "batches_done": self._batches_done, "stream": self._stream_state, "stats": self.stats(),
@@ -194,10 +201,12 @@ class PreferencePairs:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where :meth:`state_dict` was taken (streaming: see the class docstring)."""
-        for key, value in self._order_settings().items():
+        settings = self._order_settings()
+        for key in [*settings, "columns"]:
+            value = settings.get(key)
             if state.get(key) != value:
-                raise InputError(f"cannot resume the data position: it was saved with {key}={state.get(key)!r}, "
-                                 f"this run has {key}={value!r}")
+                raise InputError(f"cannot resume the data position: it was saved with "
+                                 f"{key}={state.get(key)!r}, this run has {key}={value!r}")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
         self._batches_done, self._batch_size = int(state["batches_done"]), state["batch_size"]
         self._stream_state = state["stream"]
@@ -230,11 +239,14 @@ class PreferencePairs:
         verdict. Counts ties and bad rows into the stats; raises if too many are bad or none is usable."""
         ds = self._dataset
         n = len(ds) if self.cfg.max_rows is None else min(len(ds), self.cfg.max_rows)
-        table = ds.select_columns(["caption", "label_0", "label_1"]).with_format("arrow")[:n]
-        columns = [table.column(c).to_pylist() for c in ("caption", "label_0", "label_1")]
+        # A mapped source says why a label could not be read (see data.columns).
+        problems = ["label_problem"] if "label_problem" in ds.column_names else []
+        names = ["caption", "label_0", "label_1"] + problems
+        table = ds.select_columns(names).with_format("arrow")[:n]
+        columns = [table.column(c).to_pylist() for c in names]
         verdicts, usable = [], []
-        for index, (caption, label_0, label_1) in enumerate(zip(*columns)):
-            verdict, detail = row_verdict(caption, label_0, label_1)
+        for index, (caption, label_0, label_1, *problem) in enumerate(zip(*columns)):
+            verdict, detail = row_verdict(caption, label_0, label_1, *problem)
             verdicts.append(verdict)
             if verdict == "tie" and not self.cfg.keep_ties:
                 self._stats.ties_dropped += 1
@@ -258,13 +270,15 @@ class PreferencePairs:
 
     def _load_row(self, index: int, epoch: int) -> Pair | BadPair:
         row = self._dataset[index]
-        return load_pair(row, self._verdicts[index], index, epoch, self.seed, self.cfg, f"{index} of {self.source}")
+        return load_pair(row, self._verdicts[index], index, epoch, self.seed, self.cfg,
+                         f"{index} of {self.source}")
 
     def _map_batches(self, batch_size: int, executor, depth: int) -> Iterator[dict[str, Any]]:
         per_epoch = self.batches_per_epoch(batch_size)
         if per_epoch == 0:
-            raise InputError(f"{len(self._usable)} usable pairs in {self.source} ({self._stats.summary()}) do "
-                             f"not fill one batch of {batch_size} on each of {self.num_processes} process(es)")
+            raise InputError(f"{len(self._usable)} usable pairs in {self.source} ({self._stats.summary()}) "
+                             f"do not fill one batch of {batch_size} on each of {self.num_processes} "
+                             "process(es)")
         while True:
             epoch, share = self._epoch, self.epoch_share(self._epoch)
             jobs = (((p, int(share[p % len(share)])), self._load_row, (int(share[p % len(share)]), epoch))
@@ -323,7 +337,8 @@ class PreferencePairs:
                 ds.load_state_dict(start)
             usable = 0
             for row in ds:
-                verdict, detail = row_verdict(row.get("caption"), row.get("label_0"), row.get("label_1"))
+                verdict, detail = row_verdict(row.get("caption"), row.get("label_0"), row.get("label_1"),
+                                              row.get("label_problem"))
                 meta = (epoch, ds.state_dict(), verdict, detail)
                 if verdict in ROW_REASONS or (verdict == "tie" and not self.cfg.keep_ties):
                     yield meta, _skip, ()
@@ -345,7 +360,8 @@ class PreferencePairs:
             if verdict == "tie" and not self.cfg.keep_ties:
                 self._stats.ties_dropped += 1
             elif verdict in ROW_REASONS:
-                self._count_bad(verdict, f"streamed row {self._stats.rows_seen - 1} of {self.source}: {detail}")
+                self._count_bad(verdict,
+                                f"streamed row {self._stats.rows_seen - 1} of {self.source}: {detail}")
             elif isinstance(result, BadPair):
                 self._stats.pairs_decoded += 1
                 self._count_bad(result.reason, result.message)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from diffusion_dpo.config import option
-from diffusion_dpo.data.images import BadImage, open_image, to_rgb, transform_image
+from diffusion_dpo.data.columns import ColumnMap
+from diffusion_dpo.data.images import BadImage, ImageFetcher, open_image, to_rgb, transform_image
 from diffusion_dpo.data.sources import IMAGE_COLUMNS
 from diffusion_dpo.errors import InputError
 
@@ -22,6 +23,8 @@ class DataConfig:
 
     source: str = option("yuvalkirstain/pickapic_v2", "preference pairs: a hub dataset id, a local folder of "
                          "parquet shards, a .parquet file, or a .jsonl file naming image files")
+    columns: ColumnMap = option(ColumnMap, "which of the source's columns hold caption, images and labels, "
+                                "and the label form (defaults: the Pick-a-Pic columns, read unchanged)")
     split: str = option("train", "split of a hub dataset, or subfolder of a local folder when it exists")
     streaming: bool = option(False, "read the source as a stream (no full download; resume skips the rows "
                              "that were in the shuffle buffer at checkpoint time)")
@@ -42,7 +45,15 @@ class DataConfig:
     num_workers: int = option(0, "threads decoding and transforming images ahead of training (0: in the "
                               "calling thread)")
     shuffle_buffer: int = option(1000, "streaming only: rows in the shuffle buffer (0: stream order)")
-    max_rows: Optional[int] = option(None, "use only the first N rows of the source (null: all)")
+    max_rows: Optional[int] = option(None, "use only the first N rows of the source (null: all); with "
+                                     "data.columns.labels=ranks, the first N pairs")
+    image_cache_dir: Optional[str] = option(None, "where images fetched from http(s) URLs are kept (null: "
+                                            "~/.cache/diffusion-dpo/images, or under $XDG_CACHE_HOME)")
+    fetch_retries: int = option(3, "further attempts at an image URL after a timeout, refused connection or "
+                                "5xx/429 answer; still failing, the pair is a counted bad row")
+    fetch_timeout: float = option(30.0, "seconds to wait for an image URL to answer, per attempt")
+    fetch_backoff: float = option(1.0, "seconds before the first retry of an image URL, doubled at each "
+                                  "retry")
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -53,6 +64,9 @@ def _check_config(cfg: DataConfig) -> None:
         ("num_workers", cfg.num_workers >= 0, "0 or more threads"),
         ("shuffle_buffer", cfg.shuffle_buffer >= 0, "0 or more rows"),
         ("max_rows", cfg.max_rows is None or cfg.max_rows > 0, "null or a positive number of rows"),
+        ("fetch_retries", cfg.fetch_retries >= 0, "0 or more retries"),
+        ("fetch_timeout", cfg.fetch_timeout > 0, "a positive number of seconds"),
+        ("fetch_backoff", cfg.fetch_backoff >= 0, "0 or more seconds"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -64,16 +78,19 @@ def _check_config(cfg: DataConfig) -> None:
 
 _VERDICTS = {(1.0, 0.0): "first", (0.0, 1.0): "second", (0.5, 0.5): "tie"}
 ROW_REASONS = ("bad_label", "missing_caption")
-IMAGE_REASONS = ("bad_image", "non_rgb_image")
+IMAGE_REASONS = ("bad_image", "non_rgb_image", "unreachable_image")
 _MIN_SEEN_FOR_ABORT = 20  # rows seen before the bad fraction may abort a run (or the whole set, if smaller)
 
 
-def row_verdict(caption: Any, label_0: Any, label_1: Any) -> tuple[str, str]:
+def row_verdict(caption: Any, label_0: Any, label_1: Any, problem: Optional[str] = None) -> tuple[str, str]:
     """``("first" | "second" | "tie", "")`` for a usable row (which image won), else ``(reason, detail)``
-    with reason ``bad_label`` or ``missing_caption``."""
+    with reason ``bad_label`` or ``missing_caption``. ``problem``: why a mapped source's label could not be
+    read (see :mod:`diffusion_dpo.data.columns`), making the row ``bad_label``."""
     # An empty caption is kept: it trains the unconditional prediction, as a dropped caption does.
     if not isinstance(caption, str):
         return "missing_caption", f"column caption is {caption!r}, expected a string"
+    if problem:
+        return "bad_label", problem
     try:
         verdict = _VERDICTS.get((float(label_0), float(label_1)))
     except (TypeError, ValueError):
@@ -136,11 +153,12 @@ def load_pair(row: dict[str, Any], verdict: str, row_id: int, epoch: int, seed: 
     differs only in what the raters judged. A bad image gives a BadPair instead of raising."""
     u_flip, u_top, u_left, u_caption = pair_draws(seed, epoch, row_id)
     order = ("jpg_1", "jpg_0") if verdict == "second" else ("jpg_0", "jpg_1")
+    fetcher = ImageFetcher(cfg.image_cache_dir, cfg.fetch_retries, cfg.fetch_timeout, cfg.fetch_backoff)
     pixels, sizes, crops, converted = [], [], [], 0
     for column in order:
         at = f"row {where} column {column}"
         try:
-            image = open_image(row[column], at)
+            image = open_image(row[column], at, fetcher=fetcher)
             converted += image.mode != "RGB"
             image = to_rgb(image, at, cfg.convert_non_rgb)
         except BadImage as e:

@@ -1,4 +1,5 @@
-"""Opening a preference-pair source: a hub dataset id, a parquet folder or file, or a JSONL file naming images.
+"""Opening a preference-pair source: a hub dataset id, a parquet folder or file, or a JSONL file naming
+images.
 
 A source is one of
 
@@ -25,8 +26,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
+from diffusion_dpo.data.columns import ColumnMap, is_default, map_columns
+from diffusion_dpo.data.images import keep_images_encoded
 from diffusion_dpo.errors import InputError
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
@@ -37,25 +40,39 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
 def open_pairs(source: str | Path, split: str = "train", streaming: bool = False, *,
-               cache_dir: str | None = None):
+               cache_dir: str | None = None, columns: Optional[ColumnMap] = None):
     """Open a preference-pair source and return its raw rows.
 
     Returns a ``datasets.Dataset`` (``streaming=False``) or ``datasets.IterableDataset`` whose rows are
     dicts with at least the columns in ``REQUIRED_COLUMNS``; images stay encoded (see :func:`decode_image`).
     ``cache_dir`` is where ``datasets`` keeps its arrow copy of a map-style hub or parquet source
-    (None: its default, ``HF_DATASETS_CACHE``). Raises InputError for a missing path, an implausible id, a
-    JSONL row that does not fit, or missing columns (naming them and listing the ones present).
+    (None: its default, ``HF_DATASETS_CACHE``). ``columns`` maps a foreign schema to ours (see
+    :mod:`diffusion_dpo.data.columns`; None or the default: the source is read as it is). Raises InputError
+    for a missing path, an implausible id, a JSONL row that does not fit, or missing columns (naming them
+    and listing the ones present).
     """
+    source_str = str(source)
+    mapped = not is_default(columns)
+    ds, base_dir = _open_raw(source_str, split, streaming, cache_dir, jsonl_as_is=mapped)
+    if mapped:
+        return map_columns(ds, columns, source_str, base_dir, streaming)
+    check_columns(ds, source_str)
+    return keep_images_encoded(ds, IMAGE_COLUMNS)
+
+
+def _open_raw(source_str: str, split: str, streaming: bool, cache_dir: str | None, jsonl_as_is: bool):
+    """The source's rows as stored, and the folder its relative image paths start from."""
     import datasets
 
-    source_str = str(source)
     path = Path(source_str).expanduser()
+    base_dir = Path.cwd()
     if path.is_dir():
-        ds = _load_parquet(_parquet_files(path, split), source_str, streaming, cache_dir)
+        ds, base_dir = _load_parquet(_parquet_files(path, split), source_str, streaming, cache_dir), path
     elif path.is_file() and path.suffix == ".parquet":
-        ds = _load_parquet([path], source_str, streaming, cache_dir)
+        ds, base_dir = _load_parquet([path], source_str, streaming, cache_dir), path.parent
     elif path.is_file() and path.suffix in (".jsonl", ".json"):
-        ds = _load_jsonl(path, streaming)
+        ds = _load_jsonl_objects(path, streaming) if jsonl_as_is else _load_jsonl(path, streaming)
+        base_dir = path.parent
     elif path.is_file():
         raise InputError(f"data source {source_str}: expected a folder of parquet shards, a .parquet file or "
                          f"a .jsonl file, got a {path.suffix or 'suffix-less'} file")
@@ -75,20 +92,7 @@ def open_pairs(source: str | Path, split: str = "train", streaming: bool = False
     else:
         raise InputError(f"data source {source_str} is neither an existing file or folder nor a hub dataset "
                          "id of the form owner/name (e.g. yuvalkirstain/pickapic_v2)")
-    check_columns(ds, source_str)
-    return _keep_images_encoded(ds)
-
-
-def _keep_images_encoded(ds):
-    """A source whose image columns are ``datasets.Image`` features would decode every image while
-    reading; keep them as ``{"bytes", "path"}`` dicts, decoded later by :func:`decode_image`."""
-    import datasets
-
-    for column in IMAGE_COLUMNS:
-        feature = (ds.features or {}).get(column)
-        if isinstance(feature, datasets.Image) and feature.decode:
-            ds = ds.cast_column(column, datasets.Image(decode=False))
-    return ds
+    return ds, base_dir
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -131,11 +135,8 @@ def check_columns(ds, source: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- JSONL
 
-def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """Parse a pairs JSONL file into rows with ``caption``, absolute ``image_0``/``image_1`` paths and
-    ``label_0``/``label_1``; every problem is an InputError naming the line and field."""
-    rows = []
-    base = path.parent
+def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for each non-empty line; a line that is not a JSON object is an InputError."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -147,10 +148,31 @@ def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
                 raise InputError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(_jsonl_row(obj, base, where))
+            yield where, obj
+
+
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """Parse a pairs JSONL file into rows with ``caption``, absolute ``image_0``/``image_1`` paths and
+    ``label_0``/``label_1``; every problem is an InputError naming the line and field."""
+    rows = [_jsonl_row(obj, path.parent, where) for where, obj in _jsonl_objects(path)]
     if not rows:
         raise InputError(f"data source {path}: the JSONL file has no rows")
     return rows
+
+
+def _load_jsonl_objects(path: Path, streaming: bool):
+    """A JSONL file's objects as they are (for a column map to read): a Dataset, or a stream sharded by
+    ``_JSONL_SHARD_ROWS`` rows. Fields keep the types ``datasets`` infers from all rows."""
+    import datasets
+
+    objects = [obj for _, obj in _jsonl_objects(path)]
+    if not objects:
+        raise InputError(f"data source {path}: the JSONL file has no rows")
+    try:
+        ds = datasets.Dataset.from_list(objects)
+    except (ValueError, TypeError, ArithmeticError) as e:  # pyarrow: one field with values of several types
+        raise InputError(f"data source {path}: its rows do not share one type per field: {e}") from None
+    return ds.to_iterable_dataset(num_shards=-(-len(objects) // _JSONL_SHARD_ROWS)) if streaming else ds
 
 
 def _jsonl_row(obj: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
@@ -159,13 +181,15 @@ def _jsonl_row(obj: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
     if "label" not in obj and not ("label_0" in obj and "label_1" in obj):
         missing.append("label (or label_0 and label_1)")
     if missing:
-        raise InputError(f"{where}: missing field(s) {', '.join(missing)}; it has: {', '.join(obj) or '(none)'}")
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}; it has: "
+                         f"{', '.join(obj) or '(none)'}")
     if "label" in obj:
         # label = probability that image_1 is preferred: 0 -> image_0 wins, 1 -> image_1 wins, 0.5 -> tie.
         label_1 = _number(obj["label"], "label", where)
         label_0 = 1.0 - label_1
     else:
-        label_0, label_1 = _number(obj["label_0"], "label_0", where), _number(obj["label_1"], "label_1", where)
+        label_0 = _number(obj["label_0"], "label_0", where)
+        label_1 = _number(obj["label_1"], "label_1", where)
     caption = obj["caption"]
     if caption is not None and not isinstance(caption, str):
         raise InputError(f"{where}: caption must be a string, got {caption!r}")
