@@ -113,6 +113,11 @@ def test_missing_mapped_column_names_source_key_and_columns(tmp_path):
     msg = str(e.value)
     assert str(source) in msg and "lacks column 'rejected' (config key 'data.columns.image_1')" in msg
     assert "it has: prompt, chosen, other" in msg
+    not_a_list = ColumnMap(caption="prompt", labels="ranks", images="prompt", ranks="prompt")
+    with pytest.raises(InputError, match="'data.columns.images' names column 'prompt', which holds string"):
+        open_pairs(source, columns=not_a_list, cache_dir=cfg.cache_dir)
+    with pytest.raises(InputError, match="'data.columns.labels': expected one of pair, scores, winner"):
+        open_pairs(source, columns=ColumnMap(labels="rank"), cache_dir=cfg.cache_dir)
     with pytest.raises(InputError, match="column 'human_preference' \\(config key 'data.columns.ranks'\\)"):
         open_pairs(source, columns=ColumnMap(caption="prompt", labels="ranks", images="chosen",
                                              ranks="human_preference"), cache_dir=cfg.cache_dir)

@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from diffusion_dpo.config import option
 from diffusion_dpo.data.images import URL_PREFIXES, keep_images_encoded
 from diffusion_dpo.errors import InputError
 
 LabelForm = Literal["pair", "scores", "winner", "implicit", "ranks"]
+RankOrder = Literal["lower_better", "higher_better"]
 _PAIR_LABELS = {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
 MAPPED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "label_problem", "source_row")
 
@@ -59,7 +60,7 @@ class ColumnMap:
     winner_tie: list[Union[str, float]] = option(["0.5", "tie"], "labels=winner: values meaning a tie")
     images: str = option("images", "labels=ranks: the column holding a list of K images")
     ranks: str = option("ranks", "labels=ranks: the column holding K ranks or scores, one per image")
-    rank_order: Literal["lower_better", "higher_better"] = option(
+    rank_order: RankOrder = option(
         "lower_better", "labels=ranks: lower_better (rank 1 is the best) or higher_better (scores, "
         "1-for-preferred flags)")
 
@@ -74,6 +75,14 @@ def _mapped_keys(columns: ColumnMap) -> list[str]:
     keys = ["caption"] + (["images", "ranks"] if columns.labels == "ranks" else ["image_0", "image_1"])
     return keys + {"pair": ["label_0", "label_1"], "scores": ["label_0", "label_1"], "winner": ["winner"],
                    "implicit": [], "ranks": []}[columns.labels]
+
+
+def check_column_map(columns: ColumnMap) -> None:
+    """Raise InputError naming the ``data.columns`` key whose value is not one the map knows."""
+    for key, allowed in (("labels", get_args(LabelForm)), ("rank_order", get_args(RankOrder))):
+        if getattr(columns, key) not in allowed:
+            raise InputError(f"config key 'data.columns.{key}': expected one of {', '.join(allowed)}, got "
+                             f"{getattr(columns, key)!r}")
 
 
 def check_mapped_columns(present: list[str], columns: ColumnMap, source: str) -> None:
@@ -183,6 +192,7 @@ def _label_columns(columns: ColumnMap) -> list[str]:
 def map_columns(ds, columns: ColumnMap, source: str, base_dir: Path, streaming: bool):
     """``ds`` (a datasets Dataset or IterableDataset in a foreign schema) as rows of our schema (see the
     module docstring). Raises InputError when a mapped column is missing."""
+    check_column_map(columns)
     present = ds.column_names
     if present is None:  # a stream without declared features: look at its first row
         present = list(next(iter(ds), {}).keys())
@@ -221,14 +231,20 @@ def _index_table(ds, columns: ColumnMap, base_dir: Path):
     """One row per pair (caption, labels, problem, source row, list slots), reading no image; the images
     are looked up in ``ds`` when rows are read (``with_transform``)."""
     import datasets
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     c = columns
     read = [c.caption] + _label_columns(c) + ([c.images] if c.labels == "ranks" else [])
     table = ds.select_columns(list(dict.fromkeys(read))).with_format("arrow")[:]
     values = {name: table.column(name).to_pylist() for name in [c.caption] + _label_columns(c)}
-    counts = (pc.list_value_length(table.column(c.images)).to_pylist() if c.labels == "ranks"
-              else [None] * table.num_rows)
+    counts = [None] * table.num_rows
+    if c.labels == "ranks":
+        kind = table.column(c.images).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+            raise InputError(f"config key 'data.columns.images' names column '{c.images}', which holds "
+                             f"{kind}, not a list of images")
+        counts = pc.list_value_length(table.column(c.images)).to_pylist()
     names = ("caption", "label_0", "label_1", "label_problem", "source_row", "slot_0", "slot_1")
     index: dict[str, list] = {name: [] for name in names}
     for r in range(table.num_rows):
