@@ -13,7 +13,7 @@ from diffusion_dpo.cli import main as cli_main
 from diffusion_dpo.config import load_config, parse_args
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.recipes.evaluate import SEED_STRIDE, EvaluateConfig, run, scorer_names
-from diffusion_dpo.reports import CAPTION_LINES, LINE_HEIGHT, _wrap, bar_chart, grid_size, pair_grid
+from diffusion_dpo.evaluation.reports import CAPTION_LINES, LINE_HEIGHT, _wrap, bar_chart, grid_size, pair_grid
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
 FAST = ["sampling.num_inference_steps=2", "n_boot=200", "grid_cell=64", "batch_size=8"]
@@ -176,7 +176,7 @@ def test_implicit_rewards_follow_the_dpo_formula_and_ignore_batching(world):
     """reward = 0.5 * beta_dpo * (ref_mse - policy_mse) per image; a pair is right when the winner's reward
     is higher; the noise of a pair depends on its row, not on its batch."""
     from diffusion_dpo.data import open_pairs
-    from diffusion_dpo.implicit_reward import labelled_pairs, score_pairs
+    from diffusion_dpo.evaluation.implicit_reward import labelled_pairs, score_pairs
 
     base = sampling.load_pipeline(world["base"], device="cpu")
     tuned = sampling.load_pipeline(world["other"], device="cpu")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from diffusion_dpo.config import option, parse_args, save_config, to_dict
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.prompts import Prompt, load_prompts, styles_of, take_per_style
+from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
 
 MODELS = ("base", "tuned")
 # Items (prompt, seed) held in memory per model between generating and scoring.
@@ -254,7 +254,7 @@ def build_report(rows: list[dict], *, n_seeds: int, scales: dict[str, float] | N
 def _compare(by_key: dict, keys: list[tuple], scale: float, n_seeds: int, n_boot: int, seed: int) -> dict:
     import numpy as np
 
-    from diffusion_dpo.stats import summarize, win_rate, win_rate_ci
+    from diffusion_dpo.evaluation.stats import summarize, win_rate, win_rate_ci
 
     base = np.array([by_key[k]["base"] for k in keys], dtype=np.float64)
     tuned = np.array([by_key[k]["tuned"] for k in keys], dtype=np.float64)
@@ -275,7 +275,7 @@ def run(cfg: EvaluateConfig) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.reports import bar_chart, markdown_table, pair_grid
+    from diffusion_dpo.evaluation.reports import bar_chart, markdown_table, pair_grid
     from diffusion_dpo.sampling import batched, load_pipeline
 
     # Everything that can be wrong with the input is found before the first image: the config, the prompt
@@ -398,8 +398,8 @@ def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, dev
 
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.implicit_reward import labelled_pairs, score_pairs
-    from diffusion_dpo.stats import bootstrap_ci
+    from diffusion_dpo.evaluation.implicit_reward import labelled_pairs, score_pairs
+    from diffusion_dpo.evaluation.stats import bootstrap_ci
 
     icfg, out = cfg.implicit_reward, Path(cfg.output_dir)
     base = pipes["base"]

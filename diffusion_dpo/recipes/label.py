@@ -152,7 +152,7 @@ def load_prompt_list(cfg: LabelConfig) -> tuple[list[str], list[str]]:
         texts = _dataset_column(cfg.prompts, cfg.prompts_column, cfg.max_prompts)
         styles = [cfg.prompts_column] * len(texts)
     else:
-        from diffusion_dpo.prompts import load_prompts
+        from diffusion_dpo.evaluation.prompts import load_prompts
 
         loaded = load_prompts(cfg.prompts)[:cfg.max_prompts]
         texts, styles = [p.text for p in loaded], [p.style for p in loaded]
