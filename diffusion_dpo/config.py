@@ -313,6 +313,26 @@ class RunOptions:
         "on a CUDA GPU, no (fp32) otherwise; the resolved value goes to config.yaml")
 
 
+def auto_or_null(v: Any) -> bool:
+    """A ``resume`` value for a command without checkpoints: continue (auto) or start fresh (null)."""
+    return v is None or v.strip().lower() in ("", "none", "null", "auto")
+
+
+@dataclasses.dataclass
+class GenerationRunOptions(RunOptions):
+    """Run options of a command that generates images and continues from the pieces it finished (label's
+    shards, evaluate's images) instead of from checkpoints; by default a rerun continues."""
+    resume: Optional[str] = option(
+        "auto", "auto: continue the run in output_dir from the pieces it finished (made with the same "
+        "settings, which are checked), or start fresh if there is none; null: start fresh (an output_dir "
+        "holding a run is refused unless overwrite=true)", auto_or_null, "auto or null")
+    overwrite: bool = option(False, "remove the run already in output_dir and start afresh (whatever resume "
+                             "says: the default resume=auto need not be changed)")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
+        "auto", "dtype of the pipelines' weights: no (fp32), fp16 or bf16; auto: bf16 on a CUDA device, fp32 "
+        "otherwise")
+
+
 @dataclasses.dataclass
 class TrainingRunOptions(RunOptions):
     log_every: int = option(10, "write metrics every N optimizer steps (averaged over them)", at_least_one,

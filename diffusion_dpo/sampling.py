@@ -24,6 +24,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def precision_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:
+    """The weights dtype a ``mixed_precision`` config value names (auto: :func:`default_dtype`)."""
+    from diffusion_dpo.engine import DTYPES
+
+    return default_dtype(torch.device(device)) if mixed_precision == "auto" else DTYPES[mixed_precision]
+
+
 def load_pipeline(pretrained: str, *, unet: str | None = None, lora: str | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None):
     """A diffusers text-to-image pipeline for ``pretrained`` (hub id or local folder).

@@ -165,8 +165,8 @@ def main() -> int:
                 "candidates_per_prompt=4", f"sampling.num_inference_steps={steps}", f"batch_size={batch_size}",
                 f"output_dir={tmp / 'label'}", "prompts_per_shard=4"])
             summary = run(cfg)
-            result["label_end_to_end_images_per_s"] = summary["this_run"]["images_per_s"]
-            result["label_end_to_end_prompts_per_s"] = summary["this_run"]["prompts_per_s"]
+            result["label_end_to_end_images_per_s"] = summary.this_run["images_per_s"]
+            result["label_end_to_end_prompts_per_s"] = summary.this_run["prompts_per_s"]
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

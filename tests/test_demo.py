@@ -41,21 +41,58 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_an_earlier_demo_is_refused_or_replaced_never_reused(tmp_path):
-    # Label and evaluate resume from files made with the same paths, so old pairs and images in the folder
-    # (perhaps from other base weights at the same path) would pass for new ones.
+TINY = [
+    "world.train_prompts=4", "world.held_out_prompts=3", "candidates_per_prompt=2", "eval_seeds=1",
+    "sampling.num_inference_steps=2", "train.max_steps=2", "train.sft_max_steps=2", "train.batch_size=2",
+    "train.lr_warmup_steps=0", "n_boot=20", "grid_prompts=2",
+]
+
+
+def test_an_earlier_demo_is_refused_replaced_or_continued_and_the_demo_talks(tmp_path, capsys, monkeypatch):
+    """Label and evaluate resume from files made with the same paths, so old pairs and images in the folder
+    (perhaps from other base weights at the same path) would pass for new ones: a fresh demo refuses a folder
+    holding one, overwrite=true replaces the demo's own files (and only those), resume=auto continues every
+    stage from what it finished. The console says what each stage does, and the result in sentences."""
+    from diffusion_dpo import sampling
+
     out = tmp_path / "demo"
     (out / "round-1" / "eval").mkdir(parents=True)
+    (out / "round-1" / "eval" / "stale.png").write_text("old")
+    (out / "config.yaml").write_text("old")
     (out / "report.md").write_text("old")
-    with pytest.raises(InputError, match="not empty"):
-        demo.prepare_output(out, overwrite=False)
-    assert (out / "report.md").read_text() == "old"
-    demo.prepare_output(out, overwrite=True)
-    assert out.is_dir() and not any(out.iterdir())
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="did not write"):
-        demo.prepare_output(out, overwrite=True)
+    with pytest.raises(InputError, match="already holds a run.*resume=auto.*overwrite=true"):
+        demo.run(load_config(demo.DemoConfig, [], [*TINY, f"output_dir={out}"]))
+    assert (out / "report.md").read_text() == "old" and (out / "round-1" / "eval" / "stale.png").exists()
+    capsys.readouterr()
+
+    assert cli.main(["demo", *TINY, f"output_dir={out}", "overwrite=true"]) == 0
+    console = capsys.readouterr().out
+    assert not (out / "round-1" / "eval" / "stale.png").exists() and (out / "report.md").read_text() != "old"
     assert (out / "notes.txt").read_text() == "mine"
+    report = json.loads((out / "report.json").read_text())
+    lines = console.splitlines()
+    starts = [line for line in lines if line.startswith("[")]
+    assert [line.split(":")[0] for line in starts] == [
+        "[1/4] label", "[2/4] train DPO", "[3/4] train SFT", "[4/4] evaluate"]
+    assert "2 candidates for each of 4 training prompts" in starts[0]
+    first = report["rounds"][0]["dpo"]
+    ci = first["win_rate_ci"]
+    assert (f"Diffusion-DPO beats the base on {100 * first['win_rate']:.1f}% [{100 * ci[0]:.1f}, "
+            f"{100 * ci[1]:.1f}] of held-out images; SFT {100 * report['sft']['win_rate']:.1f}%.") in lines
+    assert "{" not in console  # sentences, never raw JSON
+    assert report["method"] == "offline_dpo" and report["win_rate"] == report["dpo_win_rate"] == first["win_rate"]
+    assert report["win_rate_ci"] == report["dpo_win_rate_ci"] == ci
+    assert (report["base_mean"], report["tuned_mean"]) == (first["base_mean"], first["tuned_mean"])
+
+    # resume=auto: label and evaluate find their shard and images finished, nothing is generated again.
+    def no_images(*args, **kwargs):
+        raise AssertionError("a continued demo generated an image")
+
+    monkeypatch.setattr(sampling, "generate", no_images)
+    again = demo.run(load_config(demo.DemoConfig, [], [*TINY, f"output_dir={out}", "resume=auto"]))
+    assert again.rounds[0].pairs == report["rounds"][0]["pairs"]
+    assert again.rounds[0].dpo.base_mean == first["base_mean"]
 
 
 FAST = [

@@ -12,8 +12,15 @@ from diffusion_dpo import sampling
 from diffusion_dpo.cli import main as cli_main
 from diffusion_dpo.config import load_config, parse_args
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.reports import (
+    CAPTION_LINES,
+    LINE_HEIGHT,
+    _wrap,
+    bar_chart,
+    grid_size,
+    pair_grid,
+)
 from diffusion_dpo.recipes.evaluate import SEED_STRIDE, EvaluateConfig, run, scorer_names
-from diffusion_dpo.reports import CAPTION_LINES, LINE_HEIGHT, _wrap, bar_chart, grid_size, pair_grid
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
 FAST = ["sampling.num_inference_steps=2", "n_boot=200", "grid_cell=64", "batch_size=8"]
@@ -63,7 +70,7 @@ def test_report_matches_the_stored_scores_and_resumes_exactly(world, tmp_path, m
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
 
     # 4 styles x 2 prompts x 2 seeds = 16 items; x 2 models x 2 scorers = 64 rows.
-    assert len(rows) == 64 and summary["n_images"] == 32
+    assert len(rows) == 64 and summary.n_images == 32
     assert report["n_prompts"] == 8 and report["n_seeds"] == 2
     assert report["styles"] == ["anime", "concept-art", "paintings", "photo"]
     # Seeds: image j of the prompt at position i uses seed + 100000 j + i (seed 0 here).
@@ -101,10 +108,10 @@ def test_report_matches_the_stored_scores_and_resumes_exactly(world, tmp_path, m
 
     # Pictures: a grid per style of 2 pairs (64 px cells): 8 + 2 * (2*64 + 4 + 8) = 288 wide,
     # 24 + 64 + 3*14 + 8 = 138 high; the chart is 2 panels of 5 x 4 inches at 100 dpi.
-    for style, path in summary["grids"].items():
+    for style, path in summary.grids.items():
         with Image.open(path) as grid:
             assert grid.format == "PNG" and grid.size == (288, 138)
-    with Image.open(summary["chart"]) as chart:
+    with Image.open(summary.chart) as chart:
         assert chart.format == "PNG" and chart.size == (1000, 400)
     markdown = (out / "report.md").read_text()
     assert "## jpeg_compressibility" in markdown and f"{100 * compress['win_rate']:.1f}%" in markdown
@@ -146,6 +153,32 @@ def test_report_matches_the_stored_scores_and_resumes_exactly(world, tmp_path, m
                  "sampling.guidance_scale=3.0"))
 
 
+def test_one_folder_rule_continue_refuse_replace(world, tmp_path, monkeypatch):
+    """resume=auto (the default) continues from the images there, resume=null refuses a folder holding a run
+    (naming both ways out), overwrite=true replaces it."""
+    out = tmp_path / "eval"
+    args = [f"tuned.pretrained={world['other']}", "prompts=hpsv2-offline:photo", "max_prompts_per_style=2",
+            "scorers=jpeg_compressibility", "grid_prompts=0"]
+    first = run(_cfg(world, out, *args))
+    stray = out / "images" / "tuned" / "photo" / "9-9.png"
+    stray.write_bytes(b"an image of an earlier run")
+    real_generate, generated = sampling.generate, []
+
+    def counting_generate(pipe, prompts, seeds, **kwargs):
+        generated.extend(seeds)
+        return real_generate(pipe, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", counting_generate)
+    with pytest.raises(InputError, match="already holds a run.*resume=auto.*overwrite=true"):
+        run(_cfg(world, out, *args, "resume=null"))
+    assert stray.is_file() and generated == []
+    again = run(_cfg(world, out, *args))
+    assert generated == [] and again.rows == first.rows
+    replaced = run(_cfg(world, out, *args, "overwrite=true"))
+    assert not stray.exists() and sorted(generated) == [0, 0, 1, 1]  # 2 prompts x (base, tuned), seed 0 + i
+    assert [r["score"] for r in replaced.rows] == pytest.approx([r["score"] for r in first.rows], abs=0.05)
+
+
 def test_identical_models_win_exactly_half_and_implicit_accuracy_is_half(world, tmp_path):
     """A LoRA whose B matrices are zero leaves the base unchanged: every image is identical, every pair a
     tie (win rate exactly 0.5 with a [0.5, 0.5] interval), and every implicit reward is exactly 0 because
@@ -162,7 +195,7 @@ def test_identical_models_win_exactly_half_and_implicit_accuracy_is_half(world, 
     assert report["models"]["tuned"].endswith(f"model.lora={world['zero_lora']}")
 
     implicit = report["implicit_reward"]
-    assert summary["implicit_reward_accuracy"] == 0.5
+    assert summary.implicit_reward.accuracy == 0.5
     assert implicit["n_pairs"] == 4 and implicit["n_ties_skipped"] == 1 and implicit["accuracy_ci"] == [0.5, 0.5]
     rows = [json.loads(line) for line in (out / "implicit_reward.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
@@ -176,7 +209,7 @@ def test_implicit_rewards_follow_the_dpo_formula_and_ignore_batching(world):
     """reward = 0.5 * beta_dpo * (ref_mse - policy_mse) per image; a pair is right when the winner's reward
     is higher; the noise of a pair depends on its row, not on its batch."""
     from diffusion_dpo.data import open_pairs
-    from diffusion_dpo.implicit_reward import labelled_pairs, score_pairs
+    from diffusion_dpo.evaluation.implicit_reward import labelled_pairs, score_pairs
 
     base = sampling.load_pipeline(world["base"], device="cpu")
     tuned = sampling.load_pipeline(world["other"], device="cpu")
@@ -267,18 +300,18 @@ def test_build_report_by_hand():
     """Two prompts of style s, one seed, HPS-like raw scores: base (0.20, 0.30), tuned (0.25, 0.25).
     Shown x100: base mean 25, tuned mean 25, medians 25; tuned wins prompt 0 and loses prompt 1: win rate
     (1 + 0) / 2 = 0.5. The win rate is not scaled; scores.jsonl keeps the raw values."""
-    from diffusion_dpo.recipes.evaluate import build_report
+    from diffusion_dpo.evaluation.reports import build_report
 
     rows = [{"style": "s", "index": i, "seed": i, "model": m, "scorer": "hpsv2", "score": v}
             for i, (b, t) in enumerate([(0.20, 0.25), (0.30, 0.25)]) for m, v in (("base", b), ("tuned", t))]
     report = build_report(rows, n_seeds=1, scales={"hpsv2": 100.0}, n_boot=500)
-    result = report["scorers"]["hpsv2"]
-    assert result["display_scale"] == 100.0
-    assert result["base_mean"] == pytest.approx(25.0) and result["tuned_mean"] == pytest.approx(25.0)
-    assert result["base_median"] == pytest.approx(25.0) and result["tuned_median"] == pytest.approx(25.0)
-    assert result["win_rate"] == 0.5 and result["win_rate_ci"] == [0.0, 1.0]
-    assert result["base_mean_ci"] == pytest.approx([20.0, 30.0])  # resamples of 2 prompts: 20, 25 or 30
-    assert result["styles"]["s"]["n_prompts"] == 2 and report["n_prompts"] == 2
+    result = report.scorers["hpsv2"]
+    assert result.display_scale == 100.0
+    assert result.base_mean == pytest.approx(25.0) and result.tuned_mean == pytest.approx(25.0)
+    assert result.base_median == pytest.approx(25.0) and result.tuned_median == pytest.approx(25.0)
+    assert result.win_rate == 0.5 and result.win_rate_ci == [0.0, 1.0]
+    assert result.base_mean_ci == pytest.approx([20.0, 30.0])  # resamples of 2 prompts: 20, 25 or 30
+    assert result.styles["s"].n_prompts == 2 and report.n_prompts == 2
     with pytest.raises(ValueError, match="lacks a base or tuned score"):
         build_report(rows[:-1], n_seeds=1)
 

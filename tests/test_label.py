@@ -1,5 +1,6 @@
 """``diffusion-dpo label`` on the tiny pipeline with the jpeg_compressibility scorer (no weights, offline)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -72,14 +73,14 @@ def test_schema_labels_seeds_and_summary(world, baseline):
         assert (r["label_0"] == 1.0) == (prompt_rng(0, r["prompt_index"]).random() < 0.5)
     assert len({r["prompt_index"] for r in rows}) == len(rows)  # every prompt at most once
     # the summary is the rows': pairs + dropped = one proposal per prompt
-    assert summary["pairs_written"] == len(rows)
-    assert summary["pairs_written"] + summary["pairs_dropped_for_margin"] == N_PROMPTS
-    assert summary["prompts"] == N_PROMPTS and summary["images_generated"] == N_PROMPTS * K
-    assert summary["mean_winner_score"] == pytest.approx(np.mean([max(r["score_0"], r["score_1"]) for r in rows]))
-    assert summary["mean_loser_score"] == pytest.approx(np.mean([min(r["score_0"], r["score_1"]) for r in rows]))
+    assert summary.pairs_written == len(rows)
+    assert summary.pairs_written + summary.pairs_dropped_for_margin == N_PROMPTS
+    assert summary.prompts == N_PROMPTS and summary.images_generated == N_PROMPTS * K
+    assert summary.mean_winner_score == pytest.approx(np.mean([max(r["score_0"], r["score_1"]) for r in rows]))
+    assert summary.mean_loser_score == pytest.approx(np.mean([min(r["score_0"], r["score_1"]) for r in rows]))
     on_disk = json.loads((out / "summary.json").read_text())
     assert {k: v for k, v in on_disk.items() if k != "this_run"} == {
-        k: v for k, v in summary.items() if k != "this_run"}
+        k: v for k, v in dataclasses.asdict(summary).items() if k != "this_run"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["num_shards"] == 2
     assert (out / "config.yaml").is_file()
@@ -125,7 +126,8 @@ def test_resume_after_interrupt_equals_uninterrupted(world, baseline):
     assert written == [1]  # only the missing shard
     assert not list(out.glob("*.tmp"))
     assert read(out) == read(baseline[0])  # same rows, image bytes included
-    strip = lambda s: {k: v for k, v in s.items() if k not in ("this_run", "output_dir", "files")}  # noqa: E731
+    strip = lambda s: {k: v for k, v in dataclasses.asdict(s).items()  # noqa: E731
+                       if k not in ("this_run", "output_dir", "files")}
     assert strip(summary) == strip(baseline[1])
     # a third run has nothing left to do
     again = []
@@ -141,7 +143,28 @@ def test_other_configuration_is_refused(world, baseline):
         run(make_cfg(world, out, "sampling.num_inference_steps=3"))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
     # settings that only change speed are not part of the configuration: batch size may differ on resume
-    assert run(make_cfg(world, out, "batch_size=2"))["pairs_written"] == baseline[1]["pairs_written"]
+    assert run(make_cfg(world, out, "batch_size=2")).pairs_written == baseline[1].pairs_written
+
+
+def test_one_folder_rule_continue_refuse_replace(world, baseline, tmp_path):
+    """resume=auto (the default) continues, resume=null refuses a folder holding a run (naming both ways out),
+    overwrite=true replaces it, even one written under another configuration."""
+    import shutil
+
+    out = tmp_path / "used"
+    shutil.copytree(baseline[0], out)
+    before = read(out)
+    with pytest.raises(InputError, match="already holds a run.*resume=auto.*overwrite=true"):
+        run(make_cfg(world, out, "resume=null"))
+    assert read(out) == before
+    again = []
+    assert run(make_cfg(world, out), on_shard=again.append).pairs_written == baseline[1].pairs_written
+    assert again == []
+    written = []
+    replaced = run(make_cfg(world, out, "overwrite=true", "seed=1"), on_shard=written.append)
+    rows = read(out)
+    assert written == [0, 1] and replaced.pairs_written == len(rows) and rows != before
+    assert all(r["seed_0"] in [candidate_seed(1, r["prompt_index"], k) for k in range(K)] for r in rows)
 
 
 def test_all_pairing_with_min_margin(world, baseline):
@@ -155,8 +178,8 @@ def test_all_pairing_with_min_margin(world, baseline):
     out = world["root"] / "all"
     summary = run(make_cfg(world, out, "pairing=all", f"min_margin={m}"))
     rows = read(out)
-    assert summary["pairs_written"] == len(rows) > 0
-    assert summary["pairs_written"] + summary["pairs_dropped_for_margin"] == N_PROMPTS * 3
+    assert summary.pairs_written == len(rows) > 0
+    assert summary.pairs_written + summary.pairs_dropped_for_margin == N_PROMPTS * 3
     assert all(margin(r) >= m for r in rows)
     assert len({key(r) for r in rows}) == len(rows)  # each unordered pair at most once
     kept_prompts = {r["prompt_index"] for r in rows}
@@ -233,7 +256,7 @@ def test_relabel_agreement_by_hand_and_resume(world, tmp_path):
     cols, labels = _make_pair_set(tmp_path / "pairs")
     relabel = ["relabel.pairs_per_shard=4", f"relabel.source={tmp_path / 'pairs'}"]
     summary = run(make_cfg(world, tmp_path / "out", *relabel))
-    assert {k: summary[k] for k in ("pairs_written", "original_ties", "scorer_ties", "pairs_compared",
+    assert {k: getattr(summary, k) for k in ("pairs_written", "original_ties", "scorer_ties", "pairs_compared",
                                     "pairs_agreeing", "agreement", "shards")} == {
         "pairs_written": 6, "original_ties": 1, "scorer_ties": 1, "pairs_compared": 4, "pairs_agreeing": 3,
         "agreement": 0.75, "shards": 2}
@@ -254,12 +277,12 @@ def test_relabel_agreement_by_hand_and_resume(world, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, on_shard=crash)
-    assert run(cfg)["agreement"] == 0.75
+    assert run(cfg).agreement == 0.75
     assert read(streamed) == rows
 
     # a min_margin above every margin makes every pair a tie
     wide = run(make_cfg(world, tmp_path / "wide", *relabel, "min_margin=1000"))
-    assert wide["scorer_ties"] == 6 and wide["pairs_compared"] == 0 and wide["agreement"] is None
+    assert wide.scorer_ties == 6 and wide.pairs_compared == 0 and wide.agreement is None
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.prompts import HPS_STYLES, Prompt, load_prompts, styles_of, take_per_style
+from diffusion_dpo.evaluation.prompts import HPS_STYLES, Prompt, load_prompts, styles_of, take_per_style
 
 
 def _benchmark_folder(path, n=3):

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_dpo.stats import _group_table, bootstrap_ci, paired_outcomes, summarize, win_rate, win_rate_ci
+from diffusion_dpo.evaluation.stats import (
+    _group_table,
+    bootstrap_ci,
+    paired_outcomes,
+    summarize,
+    win_rate,
+    win_rate_ci,
+)
 
 
 def test_win_rate_counts_ties_half():

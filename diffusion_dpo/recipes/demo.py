@@ -18,31 +18,44 @@ and training from it (its reference is that policy too); every round is evaluate
 
     diffusion-dpo demo                                   # ~5 minutes on a 2-core laptop CPU
     diffusion-dpo demo seed=1 rounds=2 output_dir=runs/demo-r2
+
+An output_dir that holds a demo is refused (its pairs and images would pass for new ones); overwrite=true
+replaces it, resume=auto continues its stages (label and evaluate reuse their finished shards and images).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 from diffusion_dpo import ASSETS
 from diffusion_dpo.config import (
-    ConfigError,
     OptimSection,
     PreferenceLossSection,
+    RunOptions,
+    at_least_one,
+    auto_or_null,
+    non_negative,
     option,
     parse_args,
     save_config,
     to_dict,
+    validate,
 )
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
 
 DEFAULT_BASE = ASSETS / "demo" / "base"
+
+
+def _null_or_positive(v) -> bool:
+    return v is None or v >= 1
 
 
 @dataclass
@@ -51,9 +64,10 @@ class WorldConfig:
                                       "training, for evaluation")
     split_seed: int = option(0, "seed of the train/held-out prompt split (0: the split the base was "
                              "evaluated on)")
-    train_prompts: int | None = option(None, "use only the first N training prompts (null: all 189)")
+    train_prompts: int | None = option(None, "use only the first N training prompts (null: all 189)",
+                                       _null_or_positive, "null or at least 1")
     held_out_prompts: int | None = option(None, "evaluate on only the first N held-out prompts (null: all "
-                                          "63)")
+                                          "63)", _null_or_positive, "null or at least 1")
 
 
 @dataclass
@@ -79,48 +93,34 @@ class DemoTrainConfig:
 
 
 @dataclass
-class DemoConfig:
-    base: str | None = option(None, "the base pipeline folder (null: the shipped assets/demo/base)")
+class DemoConfig(RunOptions):
     output_dir: str = option("runs/demo", "where every stage's files, report.md, report.json and grid.png go")
+    resume: Optional[str] = option(
+        None, "null: start afresh (an output_dir holding a demo is refused unless overwrite=true: its pairs and "
+        "images would pass for new ones); auto: continue the demo there, each stage from what it finished",
+        auto_or_null, "null or auto")
+    overwrite: bool = option(False, "replace the demo already in output_dir (its config.yaml, prompts, rounds "
+                             "and reports; other files stay)")
+    base: str | None = option(None, "the base pipeline folder (null: the shipped assets/demo/base)")
     seed: int = option(0, "seed of labelling candidates, training noise and evaluation images")
-    rounds: int = option(1, "label -> train rounds, each from the previous round's policy")
-    candidates_per_prompt: int = option(8, "K: candidates generated per training prompt, best vs worst kept")
+    rounds: int = option(1, "label -> train rounds, each from the previous round's policy", at_least_one,
+                         "at least 1")
+    candidates_per_prompt: int = option(8, "K: candidates generated per training prompt, best vs worst kept",
+                                        lambda v: v >= 2, "at least 2")
     sft: bool = option(True, "also train the SFT baseline (winners only) on round 1's pairs and evaluate it")
-    eval_seeds: int = option(4, "images per held-out prompt and model")
+    eval_seeds: int = option(4, "images per held-out prompt and model", at_least_one, "at least 1")
     world: WorldConfig = option(WorldConfig, "prompts of the shapes world")
     sampling: SamplingConfig = option(SamplingConfig, "sampler settings, the same for every model")
     train: DemoTrainConfig = option(DemoTrainConfig, "Diffusion-DPO and SFT settings")
-    overwrite: bool = option(False, "replace an earlier demo's output in output_dir; false: refuse a folder "
-                             "that is not empty (its images and pairs would otherwise be reused as if new)")
     threads: int = option(0, "CPU threads for torch (0: torch's default); on a CPU shared with other jobs "
-                          "1 can be much faster than 2")
+                          "1 can be much faster than 2", non_negative, "0 (torch's default) or a positive number")
     n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
-    grid_prompts: int = option(12, "held-out prompts shown in grid.png (first seed)")
-
-
-def check_config(cfg: DemoConfig) -> None:
-    checks = [
-        ("rounds", cfg.rounds >= 1, "at least 1"),
-        ("candidates_per_prompt", cfg.candidates_per_prompt >= 2, "at least 2"),
-        ("eval_seeds", cfg.eval_seeds >= 1, "at least 1"),
-        ("world.train_prompts", cfg.world.train_prompts is None or cfg.world.train_prompts >= 1,
-         "null or >= 1"),
-        ("world.held_out_prompts", cfg.world.held_out_prompts is None or cfg.world.held_out_prompts >= 1,
-         "null or >= 1"),
-        ("threads", cfg.threads >= 0, "0 (torch's default) or a positive number"),
-        ("grid_prompts", cfg.grid_prompts >= 0, "0 or more"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            value = dataclasses.asdict(cfg)
-            for part in key.split("."):
-                value = value[part]
-            raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+    grid_prompts: int = option(12, "held-out prompts shown in grid.png (first seed)", non_negative, "0 or more")
 
 
 # ------------------------------------------------------------------------------------------ stage configs
 
-def label_config(cfg: DemoConfig, policy: str, prompts_file: Path, out: Path, round_: int):
+def label_config(cfg: DemoConfig, policy: str, prompts_file: Path, out: Path, round_: int, resume: str | None):
     from diffusion_dpo.recipes import label
 
     s = cfg.sampling
@@ -132,10 +132,12 @@ def label_config(cfg: DemoConfig, policy: str, prompts_file: Path, out: Path, ro
                                       guidance_scale=s.guidance_scale),
         batch_size=s.batch_size, seed=1000 * cfg.seed + round_, output_dir=str(out),
         prompts_per_shard=10_000,  # one shard: the whole round is one unit of work
+        resume=resume, mixed_precision=cfg.mixed_precision,
     )
 
 
-def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Path, round_: int):
+def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Path, round_: int,
+                 resume: str | None):
     from diffusion_dpo.data import DataConfig
     from diffusion_dpo.recipes import train
 
@@ -151,11 +153,12 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
             learning_rate=t.learning_rate if dpo else t.sft_learning_rate, scale_lr=False,
             scheduler="constant_with_warmup", warmup_steps=t.lr_warmup_steps, batch_size=t.batch_size,
             max_steps=t.max_steps if dpo else t.sft_max_steps, seed=1000 * cfg.seed + round_),
-        precompute=True, output_dir=str(out), checkpoint_every=0, log_every=10,
+        precompute=True, output_dir=str(out), checkpoint_every=0, log_every=10, resume=resume,
+        mixed_precision=cfg.mixed_precision,
     )
 
 
-def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, out: Path):
+def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, out: Path, resume: str | None):
     from diffusion_dpo.recipes import evaluate
 
     s = cfg.sampling
@@ -164,7 +167,8 @@ def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, 
         prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed, scorers="shapes",
         sampling=evaluate.SamplingConfig(num_inference_steps=s.num_inference_steps,
                                          guidance_scale=s.guidance_scale),
-        batch_size=s.batch_size, n_boot=cfg.n_boot, grid_prompts=0, output_dir=str(out),
+        batch_size=s.batch_size, n_boot=cfg.n_boot, grid_prompts=0, output_dir=str(out), resume=resume,
+        mixed_precision=cfg.mixed_precision,
     )
 
 
@@ -188,28 +192,6 @@ def write_prompts(cfg: DemoConfig, folder: Path) -> tuple[Path, Path]:
     for path, prompts in zip(paths, (train, held_out)):
         path.write_text("".join(p + "\n" for p in prompts))
     return paths
-
-
-DEMO_OUTPUTS = ("config.yaml", "prompts", "report.md", "report.json", "grid.png")
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """An empty ``out``. The stages resume from what their folders hold (label and evaluate reuse pairs
-    and images made with the same settings and paths), so an earlier demo's files there, made perhaps
-    from other base weights at the same path, are removed (``overwrite``) or refused, never reused."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"output_dir {out} is not empty (an earlier demo?); pass overwrite=true to "
-                             "replace its results, or choose another output_dir")
-        strangers = sorted(p.name for p in out.iterdir()
-                           if p.name not in DEMO_OUTPUTS and not p.name.startswith("round-"))
-        if strangers:
-            raise InputError(f"output_dir {out} holds files the demo did not write "
-                             f"({', '.join(strangers[:3])}); overwrite=true only replaces a demo's own output: "
-                             "choose another output_dir")
-        for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def policy_pipeline(previous: str, final: Path, fmt: str, out: Path) -> str:
@@ -246,202 +228,165 @@ def reuse_base_images(source: Path, target: Path) -> None:
         shutil.copytree(source / "images" / "base", target / "images" / "base")
 
 
-def _timed(timings: dict, name: str, fn, *args):
+class Console:
+    """The demo's own words on stdout: numbered stage announcements, and sentences (never raw JSON)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def stage(self, text: str) -> str:
+        """Announce the next stage; return its tag ("[k/N] <first word>") for the stage's progress bars."""
+        self.done += 1
+        tag = f"[{self.done}/{self.total}]"
+        print(f"{tag} {text}", flush=True)
+        return f"{tag} {text.split(':')[0]}"
+
+    @staticmethod
+    def say(text: str) -> None:
+        print(f"      {text}", flush=True)
+
+
+def _timed(timings: dict, name: str, fn, *args, **kwargs):
     start = time.perf_counter()
-    result = fn(*args)
+    result = fn(*args, **kwargs)
     timings[name] = round(time.perf_counter() - start, 1)
     return result
-
-
-def comparison(evaluation: dict) -> dict[str, Any]:
-    """The numbers of one tuned-vs-base evaluation that the report shows."""
-    report = json.loads(Path(evaluation["report"]).read_text())
-    r = report["scorers"]["shapes"]
-    return {
-        "win_rate": r["win_rate"], "win_rate_ci": r["win_rate_ci"],
-        "base_mean": r["base_mean"], "base_mean_ci": r["base_mean_ci"],
-        "tuned_mean": r["tuned_mean"], "tuned_mean_ci": r["tuned_mean_ci"],
-        "n_prompts": r["n_prompts"], "n_images": r["n_images"], "eval_dir": evaluation["output_dir"],
-    }
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-def comparison_grid(rows: list[tuple[str, list]], columns: list[str], path: Path, cell: int = 96) -> Path:
-    """Held-out prompts down, models across (each image with its shapes score under it)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=11)
-    label_w, pad, caption = 250, 6, 14
-    width = label_w + len(columns) * (cell + pad) + pad
-    height = 20 + len(rows) * (cell + caption + pad)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, name in enumerate(columns):
-        draw.text((label_w + pad + j * (cell + pad), 4), name, fill="black", font=font)
-    for i, (prompt, cells) in enumerate(rows):
-        y = 20 + i * (cell + caption + pad)
-        draw.text((pad, y + cell // 2 - 6), prompt.removeprefix("a "), fill="black", font=font)
-        for j, (image, score) in enumerate(cells):
-            x = label_w + pad + j * (cell + pad)
-            canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
-            draw.text((x, y + cell + 1), f"{score:.3f}", fill="black", font=font)
-    canvas.save(path)
-    return path
-
-
-def grid_rows(evals: list[dict], n_prompts: int) -> list[tuple[str, list]]:
-    """For ``n_prompts`` held-out prompts (first seed): the base image, then each evaluation's
-    tuned image, with their scores (from the evaluations' scores.jsonl)."""
-    from PIL import Image
-
-    def first_seed_rows(ev: dict) -> dict[tuple[int, str], dict]:
-        rows = [json.loads(line) for line in (Path(ev["eval_dir"]) / "scores.jsonl").read_text().splitlines()]
-        first = min(r["seed"] - r["index"] for r in rows)
-        return {(r["index"], r["model"]): r for r in rows if r["seed"] - r["index"] == first}
-
-    tables = [first_seed_rows(ev) for ev in evals]
-    every = sorted({i for i, _ in tables[0]})
-    # Evenly spread over the (sorted) held-out prompts, so both sizes and all shapes show up.
-    indices = sorted({every[k * len(every) // n_prompts] for k in range(min(n_prompts, len(every)))})
-    out = []
-    for i in indices:
-        base = tables[0][(i, "base")]
-        cells = [(Image.open(Path(evals[0]["eval_dir"]) / base["image"]).convert("RGB"), base["score"])]
-        for ev, table in zip(evals, tables):
-            r = table[(i, "tuned")]
-            cells.append((Image.open(Path(ev["eval_dir"]) / r["image"]).convert("RGB"), r["score"]))
-        out.append((base["prompt"], cells))
-    return out
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def markdown_report(summary: dict) -> str:
-    cfg, rounds = summary["config"], summary["rounds"]
-    first = rounds[0]["dpo"]
-    lines = [
-        "# Diffusion-DPO demo: the shapes world",
-        "",
-        f"Base `{summary['base']}`; {summary['train_prompts']} training prompts x "
-        f"{cfg['candidates_per_prompt']} candidates, best vs worst by the `shapes` scorer; evaluation on "
-        f"{summary['held_out_prompts']} held-out "
-        f"prompts x {cfg['eval_seeds']} seeds, tuned vs base with the same seeds. Seed {cfg['seed']}.",
-        "",
-        "| model | mean shapes score [95% CI] | win rate over base [95% CI] |",
-        "|---|---|---|",
-        f"| base | {first['base_mean']:.3f} [{first['base_mean_ci'][0]:.3f}, "
-        f"{first['base_mean_ci'][1]:.3f}] | - |",
-    ]
-    rows = [("SFT on winners (round 1 pairs)", summary["sft"])] if summary.get("sft") else []
-    rows += [(f"Diffusion-DPO round {r['round']}", r["dpo"]) for r in rounds]
-    for name, c in rows:
-        lines.append(f"| {name} | {c['tuned_mean']:.3f} [{c['tuned_mean_ci'][0]:.3f}, "
-                     f"{c['tuned_mean_ci'][1]:.3f}] "
-                     f"| {_pct(c['win_rate'])} [{_pct(c['win_rate_ci'][0])}, {_pct(c['win_rate_ci'][1])}] |")
-    verdict = "entirely above" if first["win_rate_ci"][0] > 0.5 else "not entirely above"
-    lines += [
-        "",
-        f"Round 1 Diffusion-DPO beats the base on {_pct(first['win_rate'])} of held-out (prompt, seed) "
-        "pairs; "
-        f"its 95% interval is {verdict} 50%.",
-        "",
-        "| round | pairs | mean winner score | mean loser score | DPO loss (last) "
-        "| implicit accuracy (last) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rounds:
-        m = r["train_metrics"]
-        lines.append(f"| {r['round']} | {r['pairs']} | {r['mean_winner_score']:.3f} "
-                     f"| {r['mean_loser_score']:.3f} "
-                     f"| {m.get('loss', float('nan')):.4f} | {m.get('implicit_acc', float('nan')):.2f} |")
-    lines += [
-        "",
-        "![base | SFT | DPO rounds](grid.png)",
-        "",
-        "Win rate: share of (prompt, seed) pairs where the tuned image scores higher than the base's, ties "
-        "half; intervals: bootstrap over prompts. Timings (s): "
-        + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()) + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------- run
 
-def run(cfg: DemoConfig) -> dict[str, Any]:
-    """Label, train (DPO and SFT), evaluate and report into ``cfg.output_dir``; return the summary."""
+@dataclass
+class _Context:
+    """What every round needs: the config, the folders and prompt files, where timings and words go."""
+
+    cfg: DemoConfig
+    base: str
+    out: Path
+    train_file: Path
+    held_out_file: Path
+    n_train: int
+    n_held_out: int
+    resume: str | None  # handed to every stage: null (fresh) or auto (continue)
+    seconds: dict
+    console: Console
+
+
+def run(cfg: DemoConfig) -> DemoReport:
+    """Label, train (DPO and SFT), evaluate and report into ``cfg.output_dir``; return the report."""
     import torch
 
-    from diffusion_dpo.recipes import evaluate, label, train
-
-    check_config(cfg)
+    validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base = str(Path(cfg.base) if cfg.base else DEFAULT_BASE)
     if not (Path(base) / "model_index.json").is_file():
         raise InputError(f"config key 'base': {base} is not a diffusers pipeline folder (no "
-                         "model_index.json); "
-                         "build one with scripts/train_demo_base.py")
+                         "model_index.json); build one with scripts/train_demo_base.py")
     out = Path(cfg.output_dir)
-    prepare_output(out, cfg.overwrite)
+    rounds_there = tuple(p.name for p in out.glob("round-*")) if out.is_dir() else ()
+    claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite,
+                     run_files=("prompts", "report.md", "report.json", "grid.png", *rounds_there))
+    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     train_file, held_out_file = write_prompts(cfg, out / "prompts")
+    n_train, n_held_out = (len(f.read_text().splitlines()) for f in (train_file, held_out_file))
+    console = Console(total=3 * cfg.rounds + int(cfg.sft))
+    # Every stage continues (auto) when the demo does, and otherwise starts afresh in its own folder.
+    ctx = _Context(cfg, base, out, train_file, held_out_file, n_train, n_held_out, parse_resume(cfg.resume), {},
+                   console)
     start = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    rounds, policy, sft = [], base, None
+    rounds, evaluations, policy, sft = [], [], base, None
     for r in range(1, cfg.rounds + 1):
-        rdir = out / f"round-{r}"
-        labelled = _timed(seconds, f"label_{r}", label.run,
-                          label_config(cfg, policy, train_file, rdir / "pairs", r))
-        trained = _timed(seconds, f"train_dpo_{r}", train.run,
-                         train_config(cfg, "dpo", policy, rdir / "pairs", rdir / "dpo", r))
-        if r == 1 and cfg.sft:
-            sft_run = _timed(seconds, "train_sft", train.run,
-                             train_config(cfg, "sft", policy, rdir / "pairs", rdir / "sft", r))
-        new_policy = policy_pipeline(policy, Path(trained.final), trained.format, rdir / "policy")
-        if r > 1:
-            reuse_base_images(out / "round-1" / "eval", rdir / "eval")
-        evaluation = _timed(seconds, f"evaluate_{r}", evaluate.run,
-                            evaluate_config(cfg, base, new_policy, held_out_file, rdir / "eval"))
-        if r == 1 and cfg.sft:
-            sft_policy = policy_pipeline(policy, Path(sft_run.final), sft_run.format,
-                                         rdir / "sft_policy")
-            reuse_base_images(rdir / "eval", rdir / "sft_eval")
-            sft = comparison(_timed(seconds, "evaluate_sft", evaluate.run,
-                                    evaluate_config(cfg, base, sft_policy, held_out_file, rdir / "sft_eval")))
-        rounds.append({
-            "round": r, "policy": new_policy, "pairs": labelled["pairs_written"],
-            "mean_winner_score": labelled["mean_winner_score"],
-            "mean_loser_score": labelled["mean_loser_score"],
-            "train_metrics": trained.last_metrics, "dpo": comparison(evaluation),
-        })
-        policy = new_policy
-    seconds["total"] = round(time.perf_counter() - start, 1)
+        round_report, round_evals, sft_result = _round(ctx, r, policy)
+        rounds.append(round_report)
+        evaluations += round_evals
+        sft = sft or sft_result
+        policy = round_report.policy
+    ctx.seconds["total"] = round(time.perf_counter() - start, 1)
 
-    summary = {
-        "base": base, "output_dir": str(out), "config": to_dict(cfg),
-        "train_prompts": len(train_file.read_text().splitlines()),
-        "held_out_prompts": len(held_out_file.read_text().splitlines()),
-        "rounds": rounds, "sft": sft, "seconds": seconds,
-        "dpo_win_rate": rounds[0]["dpo"]["win_rate"], "dpo_win_rate_ci": rounds[0]["dpo"]["win_rate_ci"],
-        "report": str(out / "report.md"), "grid": None,
-    }
-    if cfg.grid_prompts:
-        evals = ([sft] if sft else []) + [r["dpo"] for r in rounds]
-        columns = ["base"] + (["SFT"] if sft else []) + [f"DPO round {r['round']}" for r in rounds]
-        summary["grid"] = str(comparison_grid(grid_rows(evals, cfg.grid_prompts), columns, out / "grid.png"))
-    (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "report.md").write_text(markdown_report(summary))
-    return summary
+    report = DemoReport(method="offline_dpo", base=base, output_dir=str(out), config=to_dict(cfg),
+                        train_prompts=n_train, held_out_prompts=n_held_out, rounds=rounds, sft=sft,
+                        seconds=ctx.seconds, report=str(out / "report.md"), grid=None)
+    _write_report(report, evaluations, cfg.grid_prompts, out)
+    return report
+
+
+def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optional[TunedVsBase]]:
+    """One round: label with ``policy``, train DPO (and SFT in round 1) from it, evaluate against the base.
+    Returns the round, its evaluations (SFT first) for the grid, and the SFT comparison (or None)."""
+    from diffusion_dpo.recipes import evaluate, label, train
+
+    cfg, console, seconds, resume = ctx.cfg, ctx.console, ctx.seconds, ctx.resume
+    rdir = ctx.out / f"round-{r}"
+    source = "the base" if r == 1 else f"round {r - 1}'s policy"
+    tag = console.stage(f"label: {cfg.candidates_per_prompt} candidates for each of {ctx.n_train} training "
+                        f"prompts from {source}, best vs worst by the shapes scorer")
+    labelled = _timed(seconds, f"label_{r}", label.run,
+                      label_config(cfg, policy, ctx.train_file, rdir / "pairs", r, resume), desc=tag)
+    console.say(f"{labelled.pairs_written} pairs; mean winner score {labelled.mean_winner_score:.3f}, mean loser "
+                f"score {labelled.mean_loser_score:.3f}.")
+    t = cfg.train
+    kind = f"a rank-{t.lora_rank} LoRA" if t.lora_rank else "the full UNet"
+    console.stage(f"train DPO: {t.max_steps} steps of {t.batch_size} pairs, {kind}, beta_dpo {t.beta_dpo:g}")
+    trained = _timed(seconds, f"train_dpo_{r}", train.run,
+                     train_config(cfg, "dpo", policy, rdir / "pairs", rdir / "dpo", r, resume))
+    m = trained.last_metrics
+    console.say(f"last logged DPO loss {m.get('loss', float('nan')):.4f}, implicit accuracy "
+                f"{m.get('implicit_acc', float('nan')):.2f}.")
+    sft_run = None
+    if r == 1 and cfg.sft:
+        console.stage(f"train SFT: the paper's baseline, {t.sft_max_steps} steps on the winners of the same pairs")
+        sft_run = _timed(seconds, "train_sft", train.run,
+                         train_config(cfg, "sft", policy, rdir / "pairs", rdir / "sft", r, resume))
+    new_policy = policy_pipeline(policy, Path(trained.final), trained.format, rdir / "policy")
+    if r > 1:
+        reuse_base_images(ctx.out / "round-1" / "eval", rdir / "eval")
+    tag = console.stage(f"evaluate: {'SFT and ' if sft_run else ''}Diffusion-DPO round {r} against the base on "
+                        f"{ctx.n_held_out} held-out prompts x {cfg.eval_seeds} seed{'s' * (cfg.eval_seeds != 1)}")
+    evaluation = _timed(seconds, f"evaluate_{r}", evaluate.run,
+                        evaluate_config(cfg, ctx.base, new_policy, ctx.held_out_file, rdir / "eval", resume),
+                        desc=f"{tag} DPO")
+    dpo = TunedVsBase.of(evaluation.scorers["shapes"], evaluation.output_dir)
+    evaluations, sft = [evaluation], None
+    if sft_run is not None:
+        sft_policy = policy_pipeline(policy, Path(sft_run.final), sft_run.format, rdir / "sft_policy")
+        reuse_base_images(rdir / "eval", rdir / "sft_eval")
+        sft_eval = _timed(seconds, "evaluate_sft", evaluate.run,
+                          evaluate_config(cfg, ctx.base, sft_policy, ctx.held_out_file, rdir / "sft_eval", resume),
+                          desc=f"{tag} SFT")
+        sft = TunedVsBase.of(sft_eval.scorers["shapes"], sft_eval.output_dir)
+        evaluations.insert(0, sft_eval)
+    console.say(f"Diffusion-DPO round {r} beats the base on {_pct(dpo.win_rate)} of held-out images"
+                + (f"; SFT {_pct(sft.win_rate)}." if sft else "."))
+    round_report = RoundReport(round=r, policy=new_policy, pairs=labelled.pairs_written,
+                               mean_winner_score=labelled.mean_winner_score,
+                               mean_loser_score=labelled.mean_loser_score, train_metrics=m, dpo=dpo)
+    return round_report, evaluations, sft
+
+
+def _write_report(report: DemoReport, evaluations: list, grid_prompts: int, out: Path) -> None:
+    """grid.png (held-out prompts down; base, SFT and each DPO round across), report.json and report.md."""
+    from diffusion_dpo.evaluation.reports import comparison_grid, grid_rows, markdown_report
+
+    if grid_prompts:
+        columns = ["base"] + (["SFT"] if report.sft else []) + [f"DPO round {r.round}" for r in report.rounds]
+        rows = grid_rows([(Path(e.output_dir), e.rows) for e in evaluations], grid_prompts, scorer="shapes")
+        report.grid = str(comparison_grid(rows, columns, out / "grid.png"))
+    (out / "report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    (out / "report.md").write_text(markdown_report(report))
 
 
 def main(argv: list[str]) -> int:
+    from diffusion_dpo.evaluation.reports import demo_sentences
+
     cfg = parse_args(DemoConfig, argv, prog="diffusion-dpo demo", description=__doc__.split("\n\n")[0])
-    summary = run(cfg)
-    print(Path(summary["report"]).read_text())
-    print(f"everything is in {summary['output_dir']}/ (report.md, report.json, grid.png)")
+    report = run(cfg)
+    print()
+    print("\n".join(demo_sentences(report)))
+    print(f"Everything is in {report.output_dir}/: report.md (tables and timings), report.json, grid.png.")
+    sys.stdout.flush()
     return 0

@@ -7,9 +7,10 @@ every scorer scores every image; the report gives each model's mean and median p
     diffusion-dpo evaluate model.pretrained=BASE model.lora=runs/train/final prompts=hpsv2 seeds=1 \\
         scorers=pickscore,hpsv2 output_dir=runs/eval
 
-Outputs in ``output_dir``: ``config.yaml``; ``images/{base,tuned}/<style>/<index>-<seed>.png`` (a rerun skips
-images already there, so an interrupted run resumes); ``scores.jsonl`` (one row per image and scorer);
-``report.json``, ``report.md``; ``grids/<style>.png``; ``means.png``.
+Outputs in ``output_dir``: ``config.yaml``; ``images/{base,tuned}/<style>/<index>-<seed>.png`` (a rerun, with
+the default resume=auto, skips images already there, so an interrupted run resumes; resume=null refuses a
+folder holding a run, overwrite=true replaces it); ``scores.jsonl`` (one row per image and scorer);
+``report.json``, ``report.md`` (schema: diffusion_dpo.evaluation.schema); ``grids/<style>.png``; ``means.png``.
 
 Several GPUs: ``accelerate launch -m diffusion_dpo evaluate ...``; each process generates and scores its
 share of the (prompt, seed) items, and the main process writes the report after all are done.
@@ -20,14 +21,26 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from diffusion_dpo.config import option, parse_args, save_config, to_dict
+from diffusion_dpo.config import (
+    GenerationRunOptions,
+    at_least_one,
+    non_negative,
+    option,
+    parse_args,
+    save_config,
+    to_dict,
+    validate,
+)
+from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.prompts import Prompt, load_prompts, styles_of, take_per_style
+from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
+from diffusion_dpo.evaluation.reports import MODELS
+from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
 
-MODELS = ("base", "tuned")
 # Items (prompt, seed) held in memory per model between generating and scoring.
 CHUNK_ITEMS = 64
 # The j-th image of the prompt at position i of its style uses seed + SEED_STRIDE * j + i: stable when
@@ -51,7 +64,8 @@ class TunedConfig:
 
 @dataclass
 class SamplingConfig:
-    num_inference_steps: int = option(50, "denoising steps of the checkpoint's scheduler, for both models")
+    num_inference_steps: int = option(50, "denoising steps of the checkpoint's scheduler, for both models",
+                                      at_least_one, "at least 1")
     guidance_scale: float = option(7.5, "classifier-free guidance scale, for both models")
     height: int | None = option(None, "image height in px (null: the checkpoint's default, 512 SD1.5, 1024 SDXL)")
     width: int | None = option(None, "image width in px (null: the checkpoint's default)")
@@ -62,39 +76,65 @@ class ImplicitRewardConfig:
     source: str | None = option(None, "held-out preference pairs (hub id, parquet folder or JSONL) for the "
                                       "implicit-reward accuracy; null skips it")
     split: str = option("validation", "split of the pairs source (a subfolder of a parquet folder, if present)")
-    max_pairs: int = option(500, "at most this many pairs (the first ones); 0 = all")
+    max_pairs: int = option(500, "at most this many pairs (the first ones); 0 = all", non_negative, "0 or more")
     beta_dpo: float = option(5000.0, "beta of the DPO implicit reward 0.5 * beta * (ref_mse - model_mse)")
-    noise_draws: int = option(4, "noise/timestep draws per pair; the errors are averaged over them")
+    noise_draws: int = option(4, "noise/timestep draws per pair; the errors are averaged over them", at_least_one,
+                              "at least 1")
     resolution: int | None = option(None, "images are resized and center-cropped to this many px "
                                           "(null: sampling.height or the checkpoint's default)")
-    batch_size: int = option(8, "pairs per forward pass")
+    batch_size: int = option(8, "pairs per forward pass", at_least_one, "at least 1")
     convert_non_rgb: bool = option(True, "convert grayscale/palette/RGBA pair images to RGB instead of failing")
     seed: int = option(0, "seed of the noise and timesteps (the same for both UNets)")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(GenerationRunOptions):
+    output_dir: str = option("runs/evaluate", "where images, scores and the report go")
     model: ModelConfig = option(ModelConfig, "the base checkpoint and, by default, the tuned weights on top of it")
     tuned: TunedConfig = option(TunedConfig, "a second checkpoint as the tuned model")
     prompts: str = option("hpsv2", "prompt set: hpsv2[:style] (hub, or prompts_dir), hpsv2-offline[:style] "
                                    "(built in), a folder of <style>.json, or a .txt/.json/.tsv file[:style]")
     prompts_dir: str | None = option(None, "local folder with the official HPSv2 benchmark <style>.json files")
-    max_prompts_per_style: int = option(0, "use only the first N prompts of each style; 0 = all")
-    seeds: int = option(1, "images per prompt and model")
+    max_prompts_per_style: int = option(0, "use only the first N prompts of each style; 0 = all", non_negative,
+                                        "0 or more")
+    seeds: int = option(1, "images per prompt and model", at_least_one, "at least 1")
     seed: int = option(0, "first seed; image j of the prompt at position i of its style uses "
                           "seed + 100000 * j + i, for both models")
     scorers: str | list[str] = option("pickscore", "scorer names, comma-separated (scorers=pickscore,hpsv2) "
                                                    "or a YAML list")
     scorer_options: dict[str, dict] = option({}, "options per scorer, e.g. {pickscore: {batch_size: 16}}")
     sampling: SamplingConfig = option(SamplingConfig, "sampler settings, identical for both models")
-    batch_size: int = option(8, "images per generation batch")
+    batch_size: int = option(8, "images per generation batch", at_least_one, "at least 1")
     device: str | None = option(None, "device for models and scorers (null: this process's accelerator device)")
-    dtype: str | None = option(None, "float32, float16 or bfloat16 (null: bf16 on GPU, fp32 on CPU)")
-    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
-    grid_prompts: int = option(8, "prompts per style shown in the grid images (first seed)")
-    grid_cell: int = option(192, "width in px of each image in the grids")
+    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals", at_least_one, "at least 1")
+    grid_prompts: int = option(8, "prompts per style shown in the grid images (first seed)", non_negative,
+                               "0 or more")
+    grid_cell: int = option(192, "width in px of each image in the grids", lambda v: v >= 8, "at least 8 px")
     implicit_reward: ImplicitRewardConfig = option(ImplicitRewardConfig, "implicit-reward accuracy on held-out pairs")
-    output_dir: str = option("runs/evaluate", "where images, scores and the report go")
+
+
+# What an evaluation writes into output_dir besides config.yaml (overwrite=true removes them; the per-process
+# parts of an interrupted run are found by name).
+RUN_FILES = ("generation.json", "images", "scores.jsonl", "report.json", "report.md", "grids", "means.png",
+             "implicit_reward.jsonl")
+
+
+@dataclass
+class EvaluateResult:
+    """What ``run`` returns. On processes other than the main one only ``output_dir`` is set."""
+
+    output_dir: str
+    scorers: dict[str, ScorerComparison] = field(default_factory=dict)  # overall and per-style numbers
+    rows: list[ScoreRow] = field(default_factory=list)  # per image and scorer, as in scores.jsonl
+    implicit_reward: Optional[ImplicitRewardAccuracy] = None
+    n_prompts: int = 0
+    n_seeds: int = 0
+    n_images: int = 0  # both models together
+    report_json: Optional[str] = None
+    report_md: Optional[str] = None
+    scores: Optional[str] = None  # scores.jsonl
+    grids: dict[str, str] = field(default_factory=dict)  # style -> grid image
+    chart: Optional[str] = None  # means.png
 
 
 @dataclass(frozen=True)
@@ -135,15 +175,6 @@ def tuned_description(cfg: EvaluateConfig) -> str:
     return f"{cfg.model.pretrained} + {key}={value}" if key.startswith("model.") else value
 
 
-def _check_config(cfg: EvaluateConfig) -> None:
-    for key, value, low in (("seeds", cfg.seeds, 1), ("batch_size", cfg.batch_size, 1), ("n_boot", cfg.n_boot, 1),
-                            ("max_prompts_per_style", cfg.max_prompts_per_style, 0),
-                            ("sampling.num_inference_steps", cfg.sampling.num_inference_steps, 1),
-                            ("grid_cell", cfg.grid_cell, 8), ("grid_prompts", cfg.grid_prompts, 0)):
-        if value < low:
-            raise InputError(f"config key '{key}': expected at least {low}, got {value}")
-
-
 def _load_scorers(cfg: EvaluateConfig, device) -> dict:
     from scorers import load_scorer
 
@@ -162,16 +193,6 @@ def _load_scorers(cfg: EvaluateConfig, device) -> dict:
         except Exception as e:  # missing weights, no network, a wrong option: the user's to fix
             raise InputError(f"scorer {name!r} cannot load with options {options}: {type(e).__name__}: {e}") from None
     return loaded
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if name not in ("float32", "float16", "bfloat16"):
-        raise InputError(f"config key 'dtype': expected float32, float16 or bfloat16, got {name!r}")
-    return getattr(torch, name)
 
 
 def _check_resume(out: Path, fingerprint: dict) -> None:
@@ -226,70 +247,30 @@ def _images_for(pipe, items: list[Item], out: Path, model: str, cfg: EvaluateCon
     return images
 
 
-def build_report(rows: list[dict], *, n_seeds: int, scales: dict[str, float] | None = None, n_boot: int = 2000,
-                 seed: int = 0) -> dict:
-    """Per scorer: overall and per-style means, medians (95% CIs), paired win rate (95% CI) from score rows
-    (keys style, index, seed, model, scorer, score). Means, medians and their CIs are multiplied by
-    ``scales[scorer]`` (a scorer's ``report_scale``: x100 for HPS, as the HPSv2 benchmark prints it);
-    scores.jsonl keeps the raw values. Intervals resample whole prompts."""
-    table: dict[str, dict[tuple, dict[str, float]]] = {}
-    for r in rows:
-        table.setdefault(r["scorer"], {}).setdefault((r["style"], r["index"], r["seed"]), {})[r["model"]] = r["score"]
-    styles = list(dict.fromkeys(r["style"] for r in rows))
-    report: dict = {"styles": styles, "n_prompts": len({(r["style"], r["index"]) for r in rows}),
-                    "n_seeds": n_seeds, "scorers": {}}
-    for name, by_key in table.items():
-        incomplete = [k for k, v in by_key.items() if set(v) != set(MODELS)]
-        if incomplete:
-            raise ValueError(f"scorer {name}: item {incomplete[0]} lacks a base or tuned score")
-        scale = float((scales or {}).get(name, 1.0))
-        result = _compare(by_key, list(by_key), scale, n_seeds, n_boot, seed)
-        result["display_scale"] = scale
-        result["styles"] = {s: _compare(by_key, [k for k in by_key if k[0] == s], scale, n_seeds, n_boot, seed)
-                            for s in styles}
-        report["scorers"][name] = result
-    return report
-
-
-def _compare(by_key: dict, keys: list[tuple], scale: float, n_seeds: int, n_boot: int, seed: int) -> dict:
-    import numpy as np
-
-    from diffusion_dpo.stats import summarize, win_rate, win_rate_ci
-
-    base = np.array([by_key[k]["base"] for k in keys], dtype=np.float64)
-    tuned = np.array([by_key[k]["tuned"] for k in keys], dtype=np.float64)
-    prompt_ids: dict[tuple, int] = {}
-    groups = np.array([prompt_ids.setdefault(k[:2], len(prompt_ids)) for k in keys])  # a group per prompt
-    result = {"n_prompts": len(prompt_ids), "n_seeds": n_seeds, "n_images": len(keys)}
-    for model, values in (("base", base), ("tuned", tuned)):
-        s = summarize(values * scale, groups=groups, n_boot=n_boot, seed=seed)
-        result.update({f"{model}_{k}": v for k, v in s.items()})
-    result["win_rate"] = win_rate(tuned, base)
-    result["win_rate_ci"] = list(win_rate_ci(tuned, base, groups=groups, n_boot=n_boot, seed=seed))
-    return result
-
-
-def run(cfg: EvaluateConfig) -> dict:
-    """Generate, score and report; returns a summary with the output paths and the overall numbers."""
+def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
+    """Generate, score and report into ``cfg.output_dir``; ``desc`` names the progress bar."""
     import torch
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
-    from diffusion_dpo.reports import bar_chart, markdown_table, pair_grid
-    from diffusion_dpo.sampling import batched, load_pipeline
+    from diffusion_dpo.sampling import load_pipeline, precision_dtype
 
-    # Everything that can be wrong with the input is found before the first image: the config, the prompt
-    # set, the scorers, both models.
-    _check_config(cfg)
+    # Everything that can be wrong with the input is found before the first image: the config, the output
+    # folder (its one rule), the prompt set, the scorers, both models.
+    validate(cfg)
     tuned_name = tuned_description(cfg)
-    names = scorer_names(cfg.scorers)
     prompts = take_per_style(load_prompts(cfg.prompts, prompts_dir=cfg.prompts_dir), cfg.max_prompts_per_style)
     items = make_items(prompts, cfg.seeds, cfg.seed)
-    dtype = _torch_dtype(cfg.dtype)
     # Without cpu=True, accelerate ignores a multi-process launch on a machine without GPUs.
     state = PartialState(cpu=not torch.cuda.is_available() or str(cfg.device).startswith("cpu"))
     device = torch.device(cfg.device) if cfg.device else state.device
+    out = Path(cfg.output_dir)
+    if state.is_main_process:
+        parts = tuple(p.name for p in out.glob("*.part*.json*")) if out.is_dir() else ()
+        claim_output_dir(out, resume=None if cfg.overwrite else cfg.resume, overwrite=cfg.overwrite,
+                         run_files=RUN_FILES + parts)
+    state.wait_for_everyone()
     scorers = _load_scorers(cfg, device)
+    dtype = precision_dtype(cfg.mixed_precision, device)
     pipes = {
         "base": load_pipeline(cfg.model.pretrained, device=device, dtype=dtype),
         "tuned": load_pipeline(cfg.tuned.pretrained or cfg.model.pretrained, unet=cfg.model.unet,
@@ -299,7 +280,6 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.implicit_reward.source:
         pairs_source = _open_held_out_pairs(cfg.implicit_reward)
 
-    out = Path(cfg.output_dir)
     fingerprint = {"base": cfg.model.pretrained, "tuned": tuned_name, "prompts": cfg.prompts,
                    "prompts_dir": cfg.prompts_dir, "seed": cfg.seed, "sampling": to_dict(cfg.sampling)}
     _check_resume(out, fingerprint)
@@ -310,9 +290,26 @@ def run(cfg: EvaluateConfig) -> dict:
         (out / "generation.json").write_text(json.dumps(fingerprint, indent=1))
     state.wait_for_everyone()
 
-    mine = items[state.process_index::state.num_processes]
+    _score_share(pipes, scorers, items[state.process_index::state.num_processes], cfg, state, desc)
+    implicit = None
+    if pairs_source is not None:
+        implicit = implicit_reward_accuracy(pipes, pairs_source, cfg, device, state, desc)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return EvaluateResult(output_dir=str(out))
+    rows = _merged_rows(out, items, scorer_names(cfg.scorers), state.num_processes)
+    return _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
+
+
+def _score_share(pipes: dict, scorers: dict, mine: list[Item], cfg: EvaluateConfig, state, desc: str) -> None:
+    """Generate (or read) and score this process's items; rows go to ``scores.part<rank>.jsonl``."""
+    from tqdm.auto import tqdm
+
+    from diffusion_dpo.sampling import batched
+
+    out = Path(cfg.output_dir)
     part = out / f"scores.part{state.process_index}.jsonl"
-    bar = tqdm(total=2 * len(mine), desc="evaluate", unit="img", disable=not state.is_main_process)
+    bar = tqdm(total=2 * len(mine), desc=desc, unit="img", disable=not state.is_main_process)
     with part.open("w") as f:
         for chunk in batched(mine, CHUNK_ITEMS):
             texts = [item.prompt.text for item in chunk]
@@ -321,22 +318,18 @@ def run(cfg: EvaluateConfig) -> dict:
                 for name, scorer in scorers.items():
                     values = scorer.score(images, texts).float().tolist()
                     for item, value in zip(chunk, values):
-                        f.write(json.dumps({
-                            "style": item.prompt.style, "index": item.prompt.index, "prompt": item.prompt.text,
-                            "seed": item.seed, "model": model, "scorer": name, "score": value,
-                            "image": str(item.path(out, model).relative_to(out)),
-                        }) + "\n")
+                        f.write(json.dumps(ScoreRow(
+                            style=item.prompt.style, index=item.prompt.index, prompt=item.prompt.text,
+                            seed=item.seed, model=model, scorer=name, score=value,
+                            image=str(item.path(out, model).relative_to(out)),
+                        )) + "\n")
     bar.close()
 
-    implicit = None
-    if pairs_source is not None:
-        implicit = implicit_reward_accuracy(pipes, pairs_source, cfg, device, state)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return {"output_dir": str(out)}
 
-    rows = []
-    for rank in range(state.num_processes):
+def _merged_rows(out: Path, items: list[Item], names: list[str], num_processes: int) -> list[ScoreRow]:
+    """Every process's rows, in item order (then model, then scorer), written to scores.jsonl."""
+    rows: list[ScoreRow] = []
+    for rank in range(num_processes):
         path = out / f"scores.part{rank}.jsonl"
         rows.extend(json.loads(line) for line in path.read_text().splitlines())
         path.unlink()
@@ -345,17 +338,25 @@ def run(cfg: EvaluateConfig) -> dict:
                              names.index(r["scorer"])))
     with (out / "scores.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
 
+
+def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: ImplicitRewardAccuracy | None,
+            prompts: list[Prompt], items: list[Item], tuned_name: str) -> EvaluateResult:
+    """report.json, report.md, the grids and the chart (main process); the result that names them."""
+    from diffusion_dpo.evaluation.reports import bar_chart, build_report, markdown_table, pair_grid
+
+    out = Path(cfg.output_dir)
     scales = {name: getattr(scorer, "report_scale", 1.0) for name, scorer in scorers.items()}
     report = build_report(rows, n_seeds=cfg.seeds, scales=scales, n_boot=cfg.n_boot, seed=cfg.seed)
-    report["models"] = {"base": cfg.model.pretrained, "tuned": tuned_name}
-    report["prompts"] = cfg.prompts
-    report["sampling"] = to_dict(cfg.sampling)
-    report["seeds"] = {"first": cfg.seed, "rule": f"seed + {SEED_STRIDE} * j + prompt index"}
-    if implicit is not None:
-        report["implicit_reward"] = implicit
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown_table(report))
+    report.models = {"base": cfg.model.pretrained, "tuned": tuned_name}
+    report.prompts = cfg.prompts
+    report.sampling = to_dict(cfg.sampling)
+    report.seeds = {"first": cfg.seed, "rule": f"seed + {SEED_STRIDE} * j + prompt index"}
+    report.implicit_reward = implicit
+    document = report.to_json()
+    (out / "report.json").write_text(json.dumps(document, indent=1))
+    (out / "report.md").write_text(markdown_table(document))
 
     grids = {}
     if cfg.grid_prompts:
@@ -365,41 +366,31 @@ def run(cfg: EvaluateConfig) -> dict:
             shown = [it for it in first_seed if it.prompt.style == style][:cfg.grid_prompts]
             triples = [(_read_png(it.path(out, "base")), _read_png(it.path(out, "tuned")), it.prompt.text)
                        for it in shown]
-            grids[style] = out / "grids" / f"{safe_name(style)}.png"
+            grids[style] = str(out / "grids" / f"{safe_name(style)}.png")
             pair_grid(triples, title=style, cell=cfg.grid_cell).save(grids[style])
-    chart = bar_chart(report, out / "means.png")
-
-    summary = {"output_dir": str(out), "report": str(out / "report.json"), "report_md": str(out / "report.md"),
-               "scores": str(out / "scores.jsonl"), "grids": {s: str(p) for s, p in grids.items()},
-               "chart": str(chart), "n_prompts": report["n_prompts"], "n_seeds": cfg.seeds,
-               "n_images": 2 * len(items)}
-    for name, result in report["scorers"].items():
-        summary[name] = {k: result[k] for k in ("base_mean", "tuned_mean", "win_rate", "win_rate_ci")}
-    if implicit is not None:
-        summary["implicit_reward_accuracy"] = implicit["accuracy"]
-    return summary
+    chart = bar_chart(document, out / "means.png")
+    return EvaluateResult(
+        output_dir=str(out), scorers=report.scorers, rows=rows, implicit_reward=implicit,
+        n_prompts=report.n_prompts, n_seeds=cfg.seeds, n_images=2 * len(items),
+        report_json=str(out / "report.json"), report_md=str(out / "report.md"), scores=str(out / "scores.jsonl"),
+        grids=grids, chart=str(chart))
 
 
 def _open_held_out_pairs(icfg: ImplicitRewardConfig):
     from diffusion_dpo.data import open_pairs
 
-    if icfg.max_pairs < 0 or icfg.noise_draws < 1 or icfg.batch_size < 1:
-        raise InputError("config keys 'implicit_reward.max_pairs' (>= 0), 'implicit_reward.noise_draws' and "
-                         "'implicit_reward.batch_size' (>= 1) out of range: "
-                         f"{icfg.max_pairs}, {icfg.noise_draws}, {icfg.batch_size}")
     # Streaming reads only the rows it needs (a hub split is not downloaded whole).
     return open_pairs(icfg.source, split=icfg.split, streaming=True)
 
 
-def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, device, state) -> dict | None:
+def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, device, state,
+                             desc: str = "evaluate") -> ImplicitRewardAccuracy | None:
     """Score this process's share of the held-out pairs, then (main process) merge all shares into
     ``implicit_reward.jsonl`` and return the accuracy with its 95% bootstrap interval."""
-    from dataclasses import asdict
-
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.implicit_reward import labelled_pairs, score_pairs
-    from diffusion_dpo.stats import bootstrap_ci
+    from diffusion_dpo.evaluation.implicit_reward import labelled_pairs, score_pairs
+    from diffusion_dpo.evaluation.stats import bootstrap_ci
 
     icfg, out = cfg.implicit_reward, Path(cfg.output_dir)
     base = pipes["base"]
@@ -407,7 +398,7 @@ def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, dev
     pairs, counts = labelled_pairs(pairs_source, icfg.max_pairs, icfg.source, resolution=resolution,
                                    rank=state.process_index, world_size=state.num_processes,
                                    convert_non_rgb=icfg.convert_non_rgb)
-    bar = tqdm(total=len(pairs), desc="implicit reward", unit="pair", disable=not state.is_main_process)
+    bar = tqdm(total=len(pairs), desc=f"{desc}: implicit reward", unit="pair", disable=not state.is_main_process)
     scores = score_pairs(pipes["tuned"], base, pairs, beta_dpo=icfg.beta_dpo, noise_draws=icfg.noise_draws,
                          batch_size=icfg.batch_size, seed=icfg.seed, device=device, dtype=base.unet.dtype,
                          progress=bar)
@@ -433,21 +424,19 @@ def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, dev
                          f"ties, {counts['bad_rows'] + counts['bad_images']} bad rows; first bad: "
                          f"{counts['first_bad']})")
     correct = [r["correct"] for r in rows]
-    return {
-        "source": icfg.source, "split": icfg.split, "n_pairs": len(rows), "n_ties_skipped": counts["ties"],
-        "n_bad_skipped": counts["bad_rows"] + counts["bad_images"], "first_bad": counts["first_bad"],
-        "accuracy": sum(correct) / len(correct),
-        "accuracy_ci": list(bootstrap_ci(correct, "mean", n_boot=cfg.n_boot, seed=icfg.seed)),
-        "mean_reward_margin": sum(r["reward_w"] - r["reward_l"] for r in rows) / len(rows),
-        "beta_dpo": icfg.beta_dpo, "noise_draws": icfg.noise_draws, "resolution": resolution,
-    }
+    return ImplicitRewardAccuracy(
+        source=icfg.source, split=icfg.split, n_pairs=len(rows), n_ties_skipped=counts["ties"],
+        n_bad_skipped=counts["bad_rows"] + counts["bad_images"], first_bad=counts["first_bad"],
+        accuracy=sum(correct) / len(correct),
+        accuracy_ci=list(bootstrap_ci(correct, "mean", n_boot=cfg.n_boot, seed=icfg.seed)),
+        mean_reward_margin=sum(r["reward_w"] - r["reward_l"] for r in rows) / len(rows),
+        beta_dpo=icfg.beta_dpo, noise_draws=icfg.noise_draws, resolution=resolution)
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_args(EvaluateConfig, argv, prog="diffusion-dpo evaluate", description=__doc__.split("\n\n")[0])
-    summary = run(cfg)
-    if "report_md" in summary:
-        print(Path(summary["report_md"]).read_text())
-        print(f"report: {summary['report']}  grids: {Path(summary['output_dir']) / 'grids'}  "
-              f"chart: {summary['chart']}")
+    result = run(cfg)
+    if result.report_md is not None:  # the main process
+        print(Path(result.report_md).read_text())
+        print(f"report: {result.report_json}  grids: {Path(result.output_dir) / 'grids'}  chart: {result.chart}")
     return 0

@@ -8,7 +8,9 @@ and the labels replaced by the scorer's preference, the original labels kept bes
 Output: ``output_dir/train-NNNNN.parquet`` shards (readable as ``data.source=output_dir``), written
 atomically by whichever process owns them (shard i: process i % num_processes), ``manifest.json`` (the
 configuration fingerprint and the finished shards), ``config.yaml`` and ``summary.json``. A rerun with the
-same configuration writes only the missing shards; one with another configuration is refused.
+same configuration (resume=auto, the default) writes only the missing shards; one with another configuration is
+refused; resume=null refuses a folder holding a run and overwrite=true replaces it. ``run`` returns a
+:class:`LabelResult`.
 
     diffusion-dpo label model.pretrained=tiny-sd prompts=prompts.txt scorer.name=jpeg_compressibility \\
         sampling.num_inference_steps=4 output_dir=runs/label
@@ -17,6 +19,7 @@ same configuration writes only the missing shards; one with another configuratio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -24,11 +27,21 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Optional
 
 import pyarrow as pa
 
-from diffusion_dpo.config import option, parse_args, save_config, to_dict
+from diffusion_dpo.config import (
+    GenerationRunOptions,
+    at_least_one,
+    non_negative,
+    option,
+    parse_args,
+    save_config,
+    to_dict,
+    validate,
+)
+from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.pairing import candidate_seed, columns, make_pairs, prompt_rng, relabel
 from diffusion_dpo.shards import ShardSet, owned_by
@@ -59,14 +72,12 @@ class ScorerConfig:
 
 @dataclass
 class SamplingConfig:
-    num_inference_steps: int = option(50, "denoising steps per candidate")
+    num_inference_steps: int = option(50, "denoising steps per candidate", at_least_one, "at least 1")
     guidance_scale: float = option(7.5, "classifier-free guidance scale (1 = no guidance)")
     height: int | None = option(None, "image height in pixels; null: the checkpoint's native size")
     width: int | None = option(None, "image width in pixels; null: the checkpoint's native size")
     scheduler: str | None = option(None, "diffusers scheduler class to sample with (e.g. "
                                    "DPMSolverMultistepScheduler); null: the checkpoint's own")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "pipeline weights dtype; auto: bfloat16 on GPU, float32 on CPU")
 
 
 @dataclass
@@ -77,32 +88,61 @@ class RelabelConfig:
     split: str = option("train", "split of relabel.source to read")
     streaming: bool = option(False, "stream relabel.source instead of loading it (for hub datasets too "
                              "large to download)")
-    max_pairs: int | None = option(None, "relabel only the first N pairs of the source; null: all")
-    pairs_per_shard: int = option(1000, "pairs per output shard in relabel mode")
+    max_pairs: int | None = option(None, "relabel only the first N pairs of the source; null: all",
+                                   lambda v: v is None or v >= 1, "null or at least 1")
+    pairs_per_shard: int = option(1000, "pairs per output shard in relabel mode", at_least_one, "at least 1")
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(GenerationRunOptions):
+    output_dir: str = option("runs/label", "folder of the output shards, manifest.json and summary.json")
     model: ModelConfig = option(ModelConfig, "the checkpoint that generates candidates (generate mode)")
     prompts: str = option("hpsv2-offline", "prompt set name (hpsv2, hpsv2-offline, optionally :<style>), a "
                           "text file (one per line), a JSON list or a TSV; with prompts_column, a dataset")
     prompts_column: str | None = option(None, "read prompts from this column of the dataset named by "
                                         "prompts (hub id, parquet folder/file, JSONL); repeats kept once")
-    max_prompts: int | None = option(None, "use only the first N prompts; null: all")
+    max_prompts: int | None = option(None, "use only the first N prompts; null: all",
+                                     lambda v: v is None or v >= 1, "null or at least 1")
     scorer: ScorerConfig = option(ScorerConfig, "the preference scorer")
-    candidates_per_prompt: int = option(4, "K: images generated per prompt (at least 2)")
+    candidates_per_prompt: int = option(4, "K: images generated per prompt", lambda v: v >= 2, "at least 2")
     pairing: Literal["best_worst", "all", "random"] = option(
         "best_worst", "best_worst: best vs worst candidate (1 pair/prompt); all: every pair of candidates "
         "once (K(K-1)/2 per prompt); random: one random pair per prompt")
     min_margin: float = option(0.0, "drop a generated pair whose score margin is below this (score units); "
-                               "in relabel mode, a margin below it is a tie (0.5/0.5)")
+                               "in relabel mode, a margin below it is a tie (0.5/0.5)", non_negative, "0 or more")
     sampling: SamplingConfig = option(SamplingConfig, "sampler settings (generate mode)")
-    batch_size: int = option(8, "images generated per forward pass (prompts are batched together)")
+    batch_size: int = option(8, "images generated per forward pass (prompts are batched together)",
+                             at_least_one, "at least 1")
     seed: int = option(0, "base seed; candidate k of prompt i uses pairing.candidate_seed(seed, i, k)")
-    output_dir: str = option("runs/label", "folder of the output shards, manifest.json and summary.json")
     relabel: RelabelConfig = option(RelabelConfig, "relabel mode: score existing pairs instead of generating")
     image_format: Literal["png", "jpeg"] = option("png", "encoding of generated images (jpeg at quality 95)")
-    prompts_per_shard: int = option(64, "prompts per output shard in generate mode (the unit of resumption)")
+    prompts_per_shard: int = option(64, "prompts per output shard in generate mode (the unit of resumption)",
+                                    at_least_one, "at least 1")
+
+
+@dataclass
+class LabelResult:
+    """What ``run`` returns (and ``summary.json`` holds): counts over every shard of the run, whether this
+    process wrote them or an earlier, interrupted run did. Keys of the other mode are null."""
+
+    mode: Literal["generate", "relabel"]
+    output_dir: str
+    shards: int
+    files: list[str]  # the shards, in order
+    pairs_written: int
+    mean_winner_score: Optional[float]  # over pairs with a winner (scorer units)
+    mean_loser_score: Optional[float]
+    this_run: dict[str, Any]  # what this invocation did: shards, images or pairs, seconds, rates
+    # generate mode
+    prompts: Optional[int] = None
+    images_generated: Optional[int] = None
+    pairs_dropped_for_margin: Optional[int] = None
+    # relabel mode
+    original_ties: Optional[int] = None
+    scorer_ties: Optional[int] = None  # pairs whose score margin is below min_margin
+    pairs_compared: Optional[int] = None  # neither label a tie
+    pairs_agreeing: Optional[int] = None
+    agreement: Optional[float] = None  # pairs_agreeing / pairs_compared
 
 
 # ----------------------------------------------------------------------------------------------- schemas
@@ -127,32 +167,13 @@ RELABEL_SCHEMA = pa.schema([
 
 # ------------------------------------------------------------------------------------------------ pieces
 
-def validate(cfg: LabelConfig) -> None:
-    """Value checks the type system cannot express, before anything is loaded or written."""
-    checks = [
-        (cfg.candidates_per_prompt >= 2, "candidates_per_prompt", cfg.candidates_per_prompt, "at least 2"),
-        (cfg.batch_size >= 1, "batch_size", cfg.batch_size, "at least 1"),
-        (cfg.prompts_per_shard >= 1, "prompts_per_shard", cfg.prompts_per_shard, "at least 1"),
-        (cfg.relabel.pairs_per_shard >= 1, "relabel.pairs_per_shard", cfg.relabel.pairs_per_shard, "at least 1"),
-        (cfg.min_margin >= 0, "min_margin", cfg.min_margin, "0 or more"),
-        (cfg.max_prompts is None or cfg.max_prompts >= 1, "max_prompts", cfg.max_prompts, "null or at least 1"),
-        (cfg.relabel.max_pairs is None or cfg.relabel.max_pairs >= 1, "relabel.max_pairs",
-         cfg.relabel.max_pairs, "null or at least 1"),
-        (cfg.sampling.num_inference_steps >= 1, "sampling.num_inference_steps",
-         cfg.sampling.num_inference_steps, "at least 1"),
-    ]
-    for ok, key, value, expected in checks:
-        if not ok:
-            raise InputError(f"config key '{key}': got {value!r}, expected {expected}")
-
-
 def load_prompt_list(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     """(texts, styles) of the prompts to label, in order; the position in the list is the prompt index."""
     if cfg.prompts_column:
         texts = _dataset_column(cfg.prompts, cfg.prompts_column, cfg.max_prompts)
         styles = [cfg.prompts_column] * len(texts)
     else:
-        from diffusion_dpo.prompts import load_prompts
+        from diffusion_dpo.evaluation.prompts import load_prompts
 
         loaded = load_prompts(cfg.prompts)[:cfg.max_prompts]
         texts, styles = [p.text for p in loaded], [p.style for p in loaded]
@@ -262,14 +283,6 @@ def _stored_bytes(value: Any, fmt: str, where: str) -> bytes:
     raise InputError(f"{where}: expected encoded image bytes, got {type(value).__name__}")
 
 
-def _dtype(name: str, device):
-    import torch
-
-    from diffusion_dpo.sampling import default_dtype
-
-    return default_dtype(device) if name == "auto" else getattr(torch, name)
-
-
 def _set_scheduler(pipe, name: str | None) -> None:
     if not name:
         return
@@ -363,13 +376,13 @@ def summarise_generate(done: dict[int, dict]) -> dict[str, Any]:
     }
 
 
-def _run_generate(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
+def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.sampling import load_pipeline
+    from diffusion_dpo.sampling import load_pipeline, precision_dtype
 
     texts, styles = load_prompt_list(cfg)
-    dtype = _dtype(cfg.sampling.dtype, state.device)
+    dtype = precision_dtype(cfg.mixed_precision, state.device)
     s = cfg.sampling
     identity = {
         "mode": "generate", "model": to_dict(cfg.model),
@@ -382,6 +395,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
         "image_format": cfg.image_format, "prompts_per_shard": cfg.prompts_per_shard,
     }
     shards = ShardSet(cfg.output_dir, identity)
+    _claim_output_dir(cfg, shards, state)
     shards.check()
     per = cfg.prompts_per_shard
     num_shards = -(-len(texts) // per)
@@ -397,7 +411,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
 
     start = time.perf_counter()
     n_images = cfg.candidates_per_prompt * sum(min(per, len(texts) - t * per) for t in todo)
-    bar = tqdm(total=n_images, unit="img", desc=f"label [process {state.process_index}]",
+    bar = tqdm(total=n_images, unit="img", desc=_bar_desc(desc, state),
                disable=not state.is_local_main_process)
     progress = _PromptRate(bar, cfg.candidates_per_prompt)
     prompts_done = 0
@@ -413,7 +427,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
     bar.close()
     this_run = {"shards": len(todo), "images": prompts_done * cfg.candidates_per_prompt,
                 "seconds": time.perf_counter() - start}
-    return _finish(cfg, shards, state, num_shards, summarise_generate, this_run)
+    return _finish(cfg, shards, state, num_shards, "generate", this_run)
 
 
 # ------------------------------------------------------------------------------------------ relabel mode
@@ -514,7 +528,7 @@ def _source_size(ds, limit: int | None) -> int | None:
     return None
 
 
-def _run_relabel(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
+def _run_relabel(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     from tqdm.auto import tqdm
 
     from diffusion_dpo.data import open_pairs
@@ -525,6 +539,7 @@ def _run_relabel(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
                 "scorer": _scorer_identity(cfg), "min_margin": cfg.min_margin, "image_format": cfg.image_format,
                 "pairs_per_shard": r.pairs_per_shard}
     shards = ShardSet(cfg.output_dir, identity)
+    _claim_output_dir(cfg, shards, state)
     shards.check()
     size = _source_size(ds, r.max_pairs)
     if size == 0:
@@ -541,7 +556,7 @@ def _run_relabel(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
     _prepare_output(cfg, shards, state, num_shards)
 
     start = time.perf_counter()
-    bar = tqdm(total=size, unit="pair", desc=f"relabel [process {state.process_index}]",
+    bar = tqdm(total=size, unit="pair", desc=_bar_desc(desc, state),
                disable=not state.is_local_main_process)
     written, pairs, seen = 0, 0, {"rows": 0}
     if not finished:
@@ -560,10 +575,25 @@ def _run_relabel(cfg: LabelConfig, state, on_shard) -> dict[str, Any]:
             raise InputError(f"relabel.source {r.source} (split {r.split}) holds no pairs")
         num_shards = -(-seen["rows"] // r.pairs_per_shard)
     this_run = {"shards": written, "pairs": pairs, "seconds": time.perf_counter() - start}
-    return _finish(cfg, shards, state, num_shards, summarise_relabel, this_run)
+    return _finish(cfg, shards, state, num_shards, "relabel", this_run)
 
 
 # ------------------------------------------------------------------------------------------ shared steps
+
+def _claim_output_dir(cfg: LabelConfig, shards: ShardSet, state) -> None:
+    """The one folder rule (engine.run_folder), before the shards are checked: overwrite=true removes the
+    run there (its shards, manifest and summary) whatever ``resume`` says."""
+    if state.is_main_process:
+        out = Path(cfg.output_dir)
+        ours = tuple(p.name for p in out.glob(f"{shards.prefix}-*.parquet*")) if out.is_dir() else ()
+        claim_output_dir(out, resume=None if cfg.overwrite else cfg.resume, overwrite=cfg.overwrite,
+                         run_files=("manifest.json", "summary.json", *ours))
+    state.wait_for_everyone()
+
+
+def _bar_desc(desc: str, state) -> str:
+    return f"{desc} [process {state.process_index}]" if state.num_processes > 1 else desc
+
 
 def _prepare_output(cfg: LabelConfig, shards: ShardSet, state, num_shards: int | None) -> None:
     """Main process: clear stale temporaries, write config.yaml and the manifest; then all processes go."""
@@ -575,7 +605,7 @@ def _prepare_output(cfg: LabelConfig, shards: ShardSet, state, num_shards: int |
     state.wait_for_everyone()
 
 
-def _finish(cfg, shards: ShardSet, state, num_shards: int, summarise, this_run: dict) -> dict[str, Any]:
+def _finish(cfg, shards: ShardSet, state, num_shards: int, mode: str, this_run: dict) -> LabelResult:
     """After every process is done: summary from the shards' own stats (so an interrupted-and-resumed run
     summarises exactly like an uninterrupted one), written by the main process."""
     from accelerate.utils import gather_object
@@ -595,22 +625,22 @@ def _finish(cfg, shards: ShardSet, state, num_shards: int, summarise, this_run: 
         this["prompts_per_s"] = rate(this["images"] / cfg.candidates_per_prompt)
     if "pairs" in this:
         this["pairs_per_s"] = rate(this["pairs"])
-    summary = {**summarise(done), "shards": num_shards, "output_dir": str(cfg.output_dir),
-               "files": [str(shards.path(i)) for i in range(num_shards)], "this_run": this}
+    summarise = summarise_generate if mode == "generate" else summarise_relabel
+    result = LabelResult(mode=mode, output_dir=str(cfg.output_dir), shards=num_shards,
+                         files=[str(shards.path(i)) for i in range(num_shards)], this_run=this, **summarise(done))
     if state.is_main_process:
         shards.write_manifest(num_shards)
         path = Path(cfg.output_dir) / "summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n")
-        shown = {k: v for k, v in summary.items() if k != "files"}
-        print(json.dumps(shown, indent=2))
+        path.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     state.wait_for_everyone()
-    return summary
+    return result
 
 
-def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Label (or relabel) into ``cfg.output_dir``; return the summary (also written to summary.json).
+def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None, *, desc: str = "label") -> LabelResult:
+    """Label (or relabel) into ``cfg.output_dir``; return the result (also written to summary.json).
 
-    ``on_shard(index)`` is called after each shard this process wrote (progress hooks, tests).
+    ``on_shard(index)`` is called after each shard this process wrote (progress hooks, tests); ``desc`` names
+    the progress bar.
     """
     import torch
     from accelerate import PartialState
@@ -620,11 +650,32 @@ def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None) -> dict
     # cpu=True lets processes started by torchrun on a machine without a GPU form a gloo group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     if cfg.relabel.source:
-        return _run_relabel(cfg, state, on_shard)
-    return _run_generate(cfg, state, on_shard)
+        return _run_relabel(cfg, state, on_shard, desc)
+    return _run_generate(cfg, state, on_shard, desc)
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_args(LabelConfig, argv, prog="diffusion-dpo label", description=__doc__.split("\n\n")[0])
-    run(cfg)
+    from accelerate import PartialState
+
+    result = run(cfg)
+    if PartialState().is_main_process:
+        print(describe(result))
     return 0
+
+
+def describe(result: LabelResult) -> str:
+    """The result in sentences, for the console."""
+    def score(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4g}"
+
+    if result.mode == "generate":
+        text = (f"{result.pairs_written} pairs from {result.prompts} prompts ({result.images_generated} images; "
+                f"{result.pairs_dropped_for_margin} pairs dropped under min_margin)")
+    else:
+        agreement = "-" if result.agreement is None else f"{100 * result.agreement:.1f}%"
+        text = (f"{result.pairs_written} pairs relabelled; the scorer agrees with the original labels on "
+                f"{agreement} of the {result.pairs_compared} pairs neither calls a tie")
+    return (f"{text}; mean winner score {score(result.mean_winner_score)}, mean loser score "
+            f"{score(result.mean_loser_score)}.\nThe {result.shards} shards are in {result.output_dir}/ (read "
+            f"them with data.source={result.output_dir}); this run took {result.this_run['seconds']:.1f} s.")
