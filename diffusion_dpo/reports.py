@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from diffusion_dpo.fileio import atomic_write
+
 # Grid layout in pixels: margin around and between tiles, gap between the two images of a pair, a title band
 # on top and a fixed caption band (CAPTION_LINES lines) under each pair, so the size depends only on counts.
 MARGIN, GAP, TITLE_HEIGHT, LINE_HEIGHT, CAPTION_LINES, FONT_SIZE = 8, 4, 24, 14, 3, 11
@@ -110,7 +112,7 @@ def bar_chart(report: dict, path: str | Path, *, panel_inches: tuple[float, floa
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, format="png", dpi=dpi)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     plt.close(fig)
     return path
 

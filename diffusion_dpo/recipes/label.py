@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from diffusion_dpo.config import option, parse_args, save_config, to_dict
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.pairing import candidate_seed, columns, make_pairs, prompt_rng, relabel
 from diffusion_dpo.shards import ShardSet, owned_by
 
@@ -600,7 +601,7 @@ def _finish(cfg, shards: ShardSet, state, num_shards: int, summarise, this_run: 
     if state.is_main_process:
         shards.write_manifest(num_shards)
         path = Path(cfg.output_dir) / "summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         shown = {k: v for k, v in summary.items() if k != "files"}
         print(json.dumps(shown, indent=2))
     state.wait_for_everyone()
