@@ -150,7 +150,7 @@ def save_checkpoint(
         # state.json is the commit mark: written last, after everything else is on disk.
         write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps({"step": step, "world_size": world_size})))
         write(tmp, fsync_path)
-        _publish(tmp, final)
+        write(final, functools.partial(_publish, tmp))  # a rename can fail too (a full directory block)
         write(root, fsync_path)  # the rename itself reaches the disk
         prune_checkpoints(output_dir, keep)
     barrier()

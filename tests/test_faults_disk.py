@@ -88,3 +88,20 @@ def test_read_only_checkpoints_folder(tmp_path):
     finally:
         folder.chmod(stat.S_IRWXU)
     _assert_step_1_intact(tmp_path, step_1)
+
+
+def test_a_lone_old_copy_from_an_interrupted_resave_counts_and_is_not_pruned(tmp_path):
+    """Killed between the two renames of a re-save, step-2 exists only as step-2.old (and a complete
+    step-2.tmp): that copy is what resume=auto takes, pruning keeps it, and the next save of step 2 ends it."""
+    _save(tmp_path, 1, {"w": torch.zeros(3)})
+    _save(tmp_path, 2, {"w": torch.ones(3)})
+    root = tmp_path / "checkpoints"
+    os.replace(root / "step-2", root / "step-2.old")
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step-1", "step-2.old"]
+    assert torch.equal(ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["trainable"]["w"], torch.ones(3))
+    assert ck.prune_checkpoints(tmp_path, keep=None) == []
+    _save(tmp_path, 3, {"w": torch.full((3,), 3.0)})  # keep=2: step-1 goes, the old copy of step 2 stays
+    assert sorted(p.name for p in root.iterdir()) == ["step-2.old", "step-3"]
+    _save(tmp_path, 2, {"w": torch.full((3,), 2.0)})
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+    assert torch.equal(ck.load_checkpoint(root / "step-2")["trainable"]["w"], torch.full((3,), 2.0))
