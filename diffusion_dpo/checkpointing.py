@@ -8,14 +8,20 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-N/`` holding
     state.json              step, world size; written last
 
 never the reference model (it is the starting checkpoint, rebuilt at start). It is written into
-``step-N.tmp/`` and renamed to ``step-N/`` only when complete, so a crash mid-save leaves the previous
-checkpoint usable and the half-written one is ignored (and removed by the next save). ``keep`` bounds how many
+``step-N.tmp/``, every file flushed to disk (fsync), and renamed to ``step-N/`` only when complete, so a
+process killed mid-save (SIGKILL, power loss) leaves the previous checkpoint usable and the half-written one
+is ignored (and removed by the next save). Saving a step that already exists (a run resumed from an earlier
+step) moves the old copy to ``step-N.old/`` for the instant between the two renames; a ``.old`` folder with no
+``step-N`` beside it is that step's only copy and counts as complete. A write that fails (disk full,
+permissions) removes the ``.tmp`` folder and raises InputError naming the file. ``keep`` bounds how many
 complete checkpoints stay.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
 import re
 import shutil
@@ -26,8 +32,9 @@ import numpy as np
 import torch
 
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import fsync_path
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^step-(\d+)(\.old)?$")
 STATE_FILE = "state.json"
 
 
@@ -36,14 +43,15 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest step first."""
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest step first: ``step-N`` folders holding
+    state.json, and a ``step-N.old`` one where a re-save of step N was interrupted before ``step-N`` existed."""
     root = checkpoints_dir(output_dir)
-    found = []
-    for p in root.iterdir() if root.is_dir() else []:
+    by_step: dict[int, Path] = {}
+    for p in sorted(root.iterdir()) if root.is_dir() else []:  # step-N sorts before step-N.old
         m = _STEP_DIR.match(p.name)
         if m and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+            by_step.setdefault(int(m.group(1)), p)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -127,40 +135,89 @@ def save_checkpoint(
     """
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    write = functools.partial(_write, step=step, output_dir=output_dir)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        write(tmp, lambda p: p.mkdir(parents=True))
     barrier()
-    torch.save(rank_state, tmp / f"rank-{rank}.pt")
+    write(tmp / f"rank-{rank}.pt", functools.partial(_torch_save, rank_state))
     if rank == 0:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous().float() for k, v in (trainable or {}).items()}, tmp / "trainable.safetensors")
-        torch.save(training_state or {}, tmp / "training_state.pt")
+        weights = {k: v.contiguous().float() for k, v in (trainable or {}).items()}
+        write(tmp / "trainable.safetensors", functools.partial(_safetensors_save, weights))
+        write(tmp / "training_state.pt", functools.partial(_torch_save, training_state or {}))
     barrier()
     if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world_size}))
-        if final.exists():  # re-saving a step (a resumed run): swap, then drop the old copy
-            old = root / f"step-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        # state.json is the commit mark: written last, after everything else is on disk.
+        write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps({"step": step, "world_size": world_size})))
+        write(tmp, fsync_path)
+        write(final, functools.partial(_publish, tmp))  # a rename can fail too (a full directory block)
+        write(root, fsync_path)  # the rename itself reaches the disk
         prune_checkpoints(output_dir, keep)
     barrier()
     return final
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def _safetensors_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+
+
+def _write(path: Path, writer: Callable[[Path], None], *, step: int, output_dir: str | Path) -> None:
+    """``writer(path)``, then fsync; a failure (disk full, read-only folder; torch and safetensors report
+    those as RuntimeError / SafetensorError with a bare message) removes this save's ``.tmp`` folder and
+    becomes an InputError that names the file."""
+    from safetensors import SafetensorError
+
+    try:
+        writer(path)
+        if path.is_file():
+            fsync_path(path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(checkpoints_dir(output_dir) / f"step-{step}.tmp", ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else str(e)
+        raise InputError(
+            f"checkpoint step {step}: cannot write {path}: {reason}. The previous checkpoint "
+            f"({previous or 'none'}) is intact; free disk space or make {checkpoints_dir(output_dir)} "
+            "writable, then rerun with resume=auto") from e
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``. An existing ``final`` (the same step saved again) goes to
+    ``step-N.old`` first: between the two renames that is the step's only copy, and complete_checkpoints
+    counts it; the leftover is removed once ``final`` exists."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(final.name + ".old")
+    _remove(old)  # a leftover of an earlier interrupted re-save; final is complete
+    os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its commit mark first, so a kill halfway never leaves a folder that
+    looks complete but lacks files."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Remove all but the newest ``keep`` complete checkpoints, and leftovers of interrupted saves."""
+    """Remove all but the newest ``keep`` complete checkpoints, and leftovers of interrupted saves (``.tmp``
+    folders, and ``.old`` ones whose step has its ``step-N``)."""
     root = checkpoints_dir(output_dir)
-    removed = [p for p in root.glob("step-*") if p.is_dir() and p.suffix in (".tmp", ".old")]
+    complete = complete_checkpoints(output_dir)
+    removed = [p for p in root.glob("step-*") if p.is_dir() and p.suffix in (".tmp", ".old") and p not in complete]
     if keep is not None:
-        removed += complete_checkpoints(output_dir)[:-keep] if keep > 0 else complete_checkpoints(output_dir)
+        removed += complete[:-keep] if keep > 0 else complete
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
     return removed
 
 
@@ -182,6 +239,10 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dic
     if meta["world_size"] != world_size:
         raise InputError(f"resume: checkpoint {path} was written by {meta['world_size']} processes, this run "
                          f"has {world_size}; resume with the same number of processes")
+    for name in ("trainable.safetensors", "training_state.pt", f"rank-{rank}.pt"):
+        if not (path / name).is_file():
+            raise InputError(f"resume: checkpoint {path} lacks {name} (removed by hand?); resume from another "
+                             f"step in {path.parent}")
     return {
         "step": int(meta["step"]),
         "trainable": load_file(path / "trainable.safetensors"),

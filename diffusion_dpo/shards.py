@@ -1,7 +1,7 @@
 """Resumable, multi-process output as self-describing parquet shards.
 
 A job that writes a dataset in pieces (labeling, relabeling, scoring) splits its work into numbered shards.
-Each shard is written atomically (``NAME.parquet.tmp``, then ``os.replace``) and carries, in its parquet
+Each shard is written atomically (``NAME.parquet.tmp``, fsync, ``os.replace``) and carries, in its parquet
 schema metadata, the fingerprint of the configuration that produced it and the statistics the job wants to
 summarise. The shards on disk are the truth; ``manifest.json`` is rebuilt from them by the main process.
 So a rerun after a crash or Ctrl-C writes only the missing shards, a summary is the same whether a run was
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import atomic_write, atomic_write_bytes
 
 MANIFEST = "manifest.json"
 META_KEY = b"diffusion_dpo.shard"
@@ -55,12 +55,6 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class ShardSet:
@@ -144,11 +138,8 @@ class ShardSet:
         meta = {"fingerprint": self.fingerprint, "shard": index, "stats": stats, "config": self.config}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta)})
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path(index)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return path
+        # Flushed before the rename: a shard that exists is whole, even after a power cut.
+        return atomic_write(self.path(index), lambda tmp: pq.write_table(table, tmp))
 
     def write_manifest(self, num_shards: int | None = None, extra: dict[str, Any] | None = None) -> dict:
         """Rebuild ``manifest.json`` from the shards on disk; ``num_shards`` None means not yet known.
@@ -165,7 +156,7 @@ class ShardSet:
             **(extra or {}),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write_bytes(self.folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
 
     def read_manifest(self) -> dict | None:

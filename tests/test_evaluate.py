@@ -117,7 +117,8 @@ def test_report_matches_the_stored_scores_and_resumes_exactly(world, tmp_path, m
     assert "## jpeg_compressibility" in markdown and f"{100 * compress['win_rate']:.1f}%" in markdown
 
     # Resume: a rerun generates nothing and reproduces scores and report; a deleted image is regenerated
-    # bit for bit (an image depends only on its prompt and seed, not on its batch).
+    # bit for bit, with the rest of its batch (batch_size=8: the anime and concept-art items of the first
+    # seed order), as an uninterrupted run generates it, since batched kernels round by batch.
     before_scores, before_report = (out / "scores.jsonl").read_text(), (out / "report.json").read_text()
     victim = out / "images/tuned/anime/1-100001.png"
     victim_bytes = victim.read_bytes()
@@ -130,21 +131,10 @@ def test_report_matches_the_stored_scores_and_resumes_exactly(world, tmp_path, m
 
     monkeypatch.setattr(sampling, "generate", counting_generate)
     run(cfg)
-    assert generated == [100001]
-    # Regenerated alone instead of in its original batch, the image may differ by float rounding of the
-    # batched kernels (at most 1/255 on a few pixels); everything else is reused untouched.
-    old_px = np.asarray(Image.open(io.BytesIO(victim_bytes)), dtype=int)
-    new_px = np.asarray(Image.open(victim), dtype=int)
-    assert np.abs(old_px - new_px).max() <= 1 and (old_px != new_px).mean() < 0.01
-    old_rows = [json.loads(line) for line in before_scores.splitlines()]
-    new_rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k != "score"} for r in new_rows] == \
-        [{k: v for k, v in r.items() if k != "score"} for r in old_rows]
-    for old_row, new_row in zip(old_rows, new_rows):
-        same = old_row["image"] != "images/tuned/anime/1-100001.png"
-        assert new_row["score"] == (old_row["score"] if same else pytest.approx(old_row["score"], abs=0.05))
-    assert _numbers(json.loads((out / "report.json").read_text())) == pytest.approx(
-        _numbers(json.loads(before_report)), abs=0.05)
+    assert generated == [0, 100000, 1, 100001] * 2
+    assert victim.read_bytes() == victim_bytes
+    assert (out / "scores.jsonl").read_text() == before_scores
+    assert (out / "report.json").read_text() == before_report
 
     # Other sampler settings in the same folder would mix images: refused before anything is made.
     with pytest.raises(InputError, match="other settings.*sampling"):
@@ -315,11 +305,3 @@ def test_build_report_by_hand():
     with pytest.raises(ValueError, match="lacks a base or tuned score"):
         build_report(rows[:-1], n_seeds=1)
 
-
-def _numbers(tree) -> list[float]:
-    """Every number in a JSON tree, in document order."""
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _numbers(v)]
-    if isinstance(tree, list):
-        return [x for v in tree for x in _numbers(v)]
-    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []

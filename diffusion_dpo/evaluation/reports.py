@@ -21,6 +21,7 @@ from diffusion_dpo.evaluation.schema import (
     ScoreRow,
     TunedVsBase,
 )
+from diffusion_dpo.fileio import atomic_write
 
 MODELS = ("base", "tuned")
 
@@ -124,7 +125,7 @@ def bar_chart(report: dict, path: str | Path, *, panel_inches: tuple[float, floa
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, format="png", dpi=dpi)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     plt.close(fig)
     return path
 

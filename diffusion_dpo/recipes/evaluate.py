@@ -18,8 +18,8 @@ share of the (prompt, seed) items, and the main process writes the report after 
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
+from diffusion_dpo.fileio import atomic_write, atomic_write_text
 
 # Items (prompt, seed) held in memory per model between generating and scoring.
 CHUNK_ITEMS = 64
@@ -211,9 +212,8 @@ def _check_resume(out: Path, fingerprint: dict) -> None:
 
 def _save_png(image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)  # a killed run never leaves a half-written image that a rerun would trust
+    # Neither a killed run nor a power cut leaves a half-written image that a rerun would trust.
+    atomic_write(path, functools.partial(image.save, format="PNG"))
 
 
 def _read_png(path: Path):
@@ -224,26 +224,29 @@ def _read_png(path: Path):
 
 
 def _images_for(pipe, items: list[Item], out: Path, model: str, cfg: EvaluateConfig, progress) -> list:
-    """The images of ``items`` for ``model``: read from disk when there, generated and saved otherwise."""
-    from diffusion_dpo.sampling import generate
+    """The images of ``items`` for ``model``: read from disk when there, generated and saved otherwise.
 
-    images: list = [None] * len(items)
-    missing = []
-    for k, item in enumerate(items):
-        path = item.path(out, model)
-        if path.exists():
-            images[k] = _read_png(path)
-            progress.update(1)
-        else:
-            missing.append(k)
-    if missing:
-        s = cfg.sampling
-        new = generate(pipe, [items[k].prompt.text for k in missing], [items[k].seed for k in missing],
+    A batch (``cfg.batch_size`` items) with any image missing is generated whole, as an uninterrupted run
+    generates it: batched kernels round differently for another batch, so a resumed run's images (and scores,
+    report) equal an uninterrupted run's bit for bit.
+    """
+    from diffusion_dpo.sampling import batched, generate
+
+    s = cfg.sampling
+    images: list = []
+    for batch in batched(items, cfg.batch_size):
+        paths = [item.path(out, model) for item in batch]
+        if all(path.exists() for path in paths):
+            images += [_read_png(path) for path in paths]
+            progress.update(len(batch))
+            continue
+        new = generate(pipe, [item.prompt.text for item in batch], [item.seed for item in batch],
                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                        height=s.height, width=s.width, batch_size=cfg.batch_size, progress=progress)
-        for k, image in zip(missing, new):
-            _save_png(image, items[k].path(out, model))
-            images[k] = image
+        for image, path in zip(new, paths):
+            if not path.exists():
+                _save_png(image, path)
+        images += new
     return images
 
 
@@ -287,7 +290,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        (out / "generation.json").write_text(json.dumps(fingerprint, indent=1))
+        atomic_write_text(out / "generation.json", json.dumps(fingerprint, indent=1))
     state.wait_for_everyone()
 
     _score_share(pipes, scorers, items[state.process_index::state.num_processes], cfg, state, desc)
@@ -336,8 +339,7 @@ def _merged_rows(out: Path, items: list[Item], names: list[str], num_processes: 
     order = {(it.prompt.style, it.prompt.index, it.seed): k for k, it in enumerate(items)}
     rows.sort(key=lambda r: (order[(r["style"], r["index"], r["seed"])], MODELS.index(r["model"]),
                              names.index(r["scorer"])))
-    with (out / "scores.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -355,8 +357,8 @@ def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: 
     report.seeds = {"first": cfg.seed, "rule": f"seed + {SEED_STRIDE} * j + prompt index"}
     report.implicit_reward = implicit
     document = report.to_json()
-    (out / "report.json").write_text(json.dumps(document, indent=1))
-    (out / "report.md").write_text(markdown_table(document))
+    atomic_write_text(out / "report.json", json.dumps(document, indent=1))
+    atomic_write_text(out / "report.md", markdown_table(document))
 
     grids = {}
     if cfg.grid_prompts:
@@ -367,7 +369,8 @@ def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: 
             triples = [(_read_png(it.path(out, "base")), _read_png(it.path(out, "tuned")), it.prompt.text)
                        for it in shown]
             grids[style] = str(out / "grids" / f"{safe_name(style)}.png")
-            pair_grid(triples, title=style, cell=cfg.grid_cell).save(grids[style])
+            grid = pair_grid(triples, title=style, cell=cfg.grid_cell)
+            atomic_write(Path(grids[style]), functools.partial(grid.save, format="PNG"))
     chart = bar_chart(document, out / "means.png")
     return EvaluateResult(
         output_dir=str(out), scorers=report.scorers, rows=rows, implicit_reward=implicit,
@@ -418,7 +421,7 @@ def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, dev
             counts["first_bad"] = counts["first_bad"] or shard["counts"]["first_bad"]
         path.unlink()
     rows.sort(key=lambda r: r["index"])
-    (out / "implicit_reward.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / "implicit_reward.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     if not rows:
         raise InputError(f"implicit_reward.source {icfg.source}: no usable pair with a winner ({counts['ties']} "
                          f"ties, {counts['bad_rows'] + counts['bad_images']} bad rows; first bad: "

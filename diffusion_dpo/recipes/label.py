@@ -43,6 +43,7 @@ from diffusion_dpo.config import (
 )
 from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.pairing import candidate_seed, columns, make_pairs, prompt_rng, relabel
 from diffusion_dpo.shards import ShardSet, owned_by
 
@@ -631,7 +632,7 @@ def _finish(cfg, shards: ShardSet, state, num_shards: int, mode: str, this_run: 
     if state.is_main_process:
         shards.write_manifest(num_shards)
         path = Path(cfg.output_dir) / "summary.json"
-        path.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     state.wait_for_everyone()
     return result
 
