@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_dpo.config import load_config  # noqa: E402
-from diffusion_dpo.llm import common, dpo, ppo, tiny  # noqa: E402
+from diffusion_dpo.llm import common, tiny  # noqa: E402
+from diffusion_dpo.recipes import llm_dpo as dpo, llm_ppo as ppo  # noqa: E402
 
 PRESETS = {
     # name: (architecture, vocab words, prompt words, completion words, DPO batch, PPO batch, new tokens)

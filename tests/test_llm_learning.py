@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffusion_dpo.config import load_config
-from diffusion_dpo.llm import common, data, dpo, models, ppo, reward, rl, tiny
+from diffusion_dpo.llm import common, data, models, rl, tiny
+from diffusion_dpo.recipes import llm_dpo as dpo, llm_ppo as ppo, llm_reward as reward
 
 
 @pytest.fixture(autouse=True)

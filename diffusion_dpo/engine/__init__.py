@@ -16,5 +16,5 @@ from diffusion_dpo.engine.trainer import (
 )
 
 __all__ = ["DTYPES", "Engine", "ExampleFeed", "Feed", "NonFiniteError", "StepContext", "StepOutput",
-           "build_optimizer", "claim_output_dir", "holds_run", "parse_resume", "peak_learning_rate", "resolve_mixed_precision",
-           "weights_digest"]
+           "build_optimizer", "claim_output_dir", "holds_run", "parse_resume", "peak_learning_rate",
+           "resolve_mixed_precision", "weights_digest"]

@@ -42,6 +42,17 @@ def eval_loader(engine: Engine, examples: list[dict], batch_size: int, collate: 
     return engine.accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size, collate_fn=collate))
 
 
+class Remembered:
+    """``engine.fit``'s evaluate: runs ``evaluate()`` and keeps its last result (the summary's held-out figures)."""
+
+    def __init__(self, evaluate: Callable[[], dict[str, float]]):
+        self.evaluate, self.last = evaluate, {}
+
+    def __call__(self, step: int) -> dict[str, float]:
+        self.last = self.evaluate()
+        return self.last
+
+
 def prepare_training(engine: Engine, module: torch.nn.Module, optim: OptimSection, feed: ExampleFeed):
     """AdamW/Adafactor and the schedule over the run's steps; the module prepared (DDP) with its optimizer; the
     checkpoint this run continues from, if any, restored. Returns (model, optimizer, scheduler, steps)."""

@@ -100,19 +100,15 @@ def run(cfg: SFTConfig) -> dict:
     held_loader = llm_common.eval_loader(engine, held, cfg.optim.batch_size, collate)
     model, optimizer, scheduler, steps = llm_common.prepare_training(engine, policy, cfg.optim, feed)
 
-    evaluations: list[dict[str, float]] = []
-
-    def evaluate(step: int) -> dict[str, float]:
-        evaluations.append(held_out_loss(engine, model, held_loader) if held_loader is not None else {})
-        return evaluations[-1]
-
+    evaluate = llm_common.Remembered(lambda: held_out_loss(engine, model, held_loader)
+                                      if held_loader is not None else {})
     last = engine.fit(model=model, policy=policy, optimizer=optimizer, scheduler=scheduler, feed=feed,
                       batch_size=cfg.optim.batch_size, step_fn=lambda batch, ctx: sft_step(model, batch, ctx),
                       max_steps=steps, max_grad_norm=cfg.optim.max_grad_norm, evaluate=evaluate,
                       eval_every=cfg.eval_every)
     final = engine.save_final(policy, lambda folder: models.save_pretrained(policy, tokenizer, folder))
     return llm_common.finish(engine, policy, final, data_report, {
-        "train_rows": len(train), "eval_rows": len(held), "eval": evaluations[-1]}, last)
+        "train_rows": len(train), "eval_rows": len(held), "eval": evaluate.last}, last)
 
 
 def main(argv: list[str] | None = None) -> int:
