@@ -14,7 +14,10 @@ from diffusion_dpo import cli
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.llm import common, data, models, rl, tiny
-from diffusion_dpo.recipes import llm_dpo as dpo, llm_ppo as ppo, llm_reward as reward, llm_sft as sft
+from diffusion_dpo.recipes import llm_dpo as dpo
+from diffusion_dpo.recipes import llm_ppo as ppo
+from diffusion_dpo.recipes import llm_reward as reward
+from diffusion_dpo.recipes import llm_sft as sft
 
 
 @pytest.fixture(autouse=True)
@@ -181,9 +184,9 @@ def test_ppo_options_run(world, tmp_path):
         f"data.source={world['prompts']}",
         "rollout.batch_size=8",
         "rollout.max_new_tokens=4",
-        "ppo.minibatch_size=4",
+        "optim.batch_size=4",
         "ppo.epochs=2",
-        "ppo.learning_rate=0.001",
+        "optim.learning_rate=0.001",
     ]
     summary = ppo.run(
         cfg_of(

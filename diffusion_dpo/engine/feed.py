@@ -12,20 +12,22 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from accelerate.utils import send_to_device
 
 from diffusion_dpo.errors import InputError
 
 
 class ExampleFeed:
-    """Batches of ``collate(list of examples)``, forever, epoch after epoch; see the module docstring."""
+    """Batches of ``collate(list of examples)`` (its tensors moved to ``device``), forever, epoch after epoch;
+    see the module docstring."""
 
     def __init__(self, examples: Sequence[Any], collate: Callable[[list[Any]], Any], *, seed: int,
-                 rank: int = 0, world: int = 1, name: str = "training examples"):
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu", name: str = "training examples"):
         if len(examples) < world:
             raise InputError(f"{name}: {len(examples)} examples cannot be shared by {world} processes "
                              "(expected at least one per process)")
         self.examples, self.collate = examples, collate
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.device = seed, rank, world, device
         self.epoch = 0  # epochs completed
         self.position = 0  # batches of the current epoch already handed out
 
@@ -51,7 +53,7 @@ class ExampleFeed:
             while self.position < len(epoch):
                 indices = epoch[self.position]
                 self.position += 1
-                yield self.collate([self.examples[i] for i in indices])
+                yield send_to_device(self.collate([self.examples[i] for i in indices]), self.device)
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:

@@ -32,7 +32,7 @@ def total_steps(optim: OptimSection, batches_per_epoch: int) -> int:
 
 
 def training_feed(engine: Engine, examples: list[dict], collate: Callable, seed: int) -> ExampleFeed:
-    return ExampleFeed(examples, collate, seed=seed, rank=engine.rank, world=engine.world)
+    return ExampleFeed(examples, collate, seed=seed, rank=engine.rank, world=engine.world, device=engine.device)
 
 
 def eval_loader(engine: Engine, examples: list[dict], batch_size: int, collate: Callable) -> DataLoader | None:
