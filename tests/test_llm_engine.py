@@ -124,5 +124,6 @@ def test_output_folder_rule(world, tmp_path, capsys, name):
     assert "already holds a run" in err and "resume=auto" in err and "overwrite=true" in err
     assert common.read_metrics(out)[-1] == {"step": 99}  # nothing was touched
     assert cli.main(llm_command(world, name, out, "overwrite=true")) == 0
-    assert [r["step"] for r in common.read_metrics(out)] == [r["step"] for r in rows]  # replaced, not appended
+    # replaced, not appended
+    assert [r["step"] for r in common.read_metrics(out)] == [r["step"] for r in rows]
     assert (out / "final").is_dir() and (out / "summary.json").is_file()

@@ -288,7 +288,8 @@ def test_cli(world, tmp_path, capsys):
 
 
 def test_gradient_accumulation_equals_the_larger_batch(world, tmp_path):
-    # Two micro-batches of 8 pairs accumulated = one batch of 16 (the loss is a mean, accelerate divides by 2).
+    # Two micro-batches of 8 pairs accumulated = one batch of 16 (the loss is a mean; accelerate divides
+    # by 2).
     big = dpo_run(
         world, tmp_path / "big", "reference.kind=precomputed", "optim.batch_size=16", "optim.max_steps=3"
     )

@@ -22,7 +22,8 @@ class ExampleFeed:
     see the module docstring."""
 
     def __init__(self, examples: Sequence[Any], collate: Callable[[list[Any]], Any], *, seed: int,
-                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu", name: str = "training examples"):
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                 name: str = "training examples"):
         if len(examples) < world:
             raise InputError(f"{name}: {len(examples)} examples cannot be shared by {world} processes "
                              "(expected at least one per process)")

@@ -12,7 +12,8 @@ tests and the offline example.
 """
 
 METHODS = {
-    "sft": ("diffusion_dpo.recipes.llm_sft", "supervised fine-tuning on demonstrations (completion-only loss)"),
+    "sft": ("diffusion_dpo.recipes.llm_sft",
+            "supervised fine-tuning on demonstrations (completion-only loss)"),
     "reward": ("diffusion_dpo.recipes.llm_reward", "reward model from pairs or rankings (Bradley-Terry)"),
     "dpo": ("diffusion_dpo.recipes.llm_dpo", "Direct Preference Optimization (sigmoid, hinge, IPO, cDPO)"),
     "ppo": ("diffusion_dpo.recipes.llm_ppo", "RLHF with PPO against a reward model or a rule"),

@@ -24,9 +24,11 @@ class DataSection:
     eval_source: str | None = option(None, "held-out rows from another source; null = the training source")
     eval_split: str | None = option(
         None, "split of held-out rows (e.g. 'test'); null = hold out eval_fraction of the training rows")
-    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_split is null (0 = none)",
+    eval_fraction: float = option(0.05,
+                                  "fraction of training rows held out when eval_split is null (0 = none)",
                                   lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-    max_rows: int | None = option(None, "read at most this many training rows (null = all)", _none_or_positive,
+    max_rows: int | None = option(None, "read at most this many training rows (null = all)",
+                                  _none_or_positive,
                                   "null or at least 1 row")
     max_eval_rows: int | None = option(512, "read at most this many held-out rows (null = all)",
                                        _none_or_positive, "null or at least 1 row")
@@ -37,7 +39,8 @@ class DataSection:
         512, "prompts longer than this keep their first tokens (null = no separate prompt limit)",
         _none_or_positive, "null or at least 1 token")
     prompt_column: str = option(
-        "prompt", "column of the prompt (text or conversation); may be absent when the completions share their "
+        "prompt",
+        "column of the prompt (text or conversation); may be absent when the completions share their "
         "start")
 
 

@@ -262,6 +262,7 @@ def generate(
 
 
 def save_pretrained(model: nn.Module, tokenizer, path: Path) -> None:
-    """save_pretrained of ``model`` (unwrapped; a LoRA adapter for a peft model) and its tokenizer into ``path``."""
+    """save_pretrained of ``model`` (unwrapped; a LoRA adapter for a peft model) and its tokenizer into
+    ``path``."""
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -20,30 +20,36 @@ DATA_STATS = "data_stats.json"
 
 @dataclass
 class HeldOutRunOptions(TrainingRunOptions):
-    eval_every: int | None = option(None, "optimizer steps between held-out evaluations (null: at the end only)",
+    eval_every: int | None = option(None,
+                                    "optimizer steps between held-out evaluations (null: at the end only)",
                                     lambda v: v is None or v >= 1, "null or at least 1 step")
 
 
 def total_steps(optim: OptimSection, batches_per_epoch: int) -> int:
-    """optim.max_steps, or the optimizer steps of optim.epochs passes of ``batches_per_epoch`` micro-batches."""
+    """optim.max_steps, or the optimizer steps of optim.epochs passes of ``batches_per_epoch``
+    micro-batches."""
     if optim.max_steps is not None:
         return optim.max_steps
     return max(1, math.ceil(optim.epochs * batches_per_epoch / optim.gradient_accumulation_steps))
 
 
 def training_feed(engine: Engine, examples: list[dict], collate: Callable, seed: int) -> ExampleFeed:
-    return ExampleFeed(examples, collate, seed=seed, rank=engine.rank, world=engine.world, device=engine.device)
+    return ExampleFeed(examples, collate, seed=seed, rank=engine.rank, world=engine.world,
+                       device=engine.device)
 
 
-def eval_loader(engine: Engine, examples: list[dict], batch_size: int, collate: Callable) -> DataLoader | None:
+def eval_loader(engine: Engine, examples: list[dict], batch_size: int,
+                collate: Callable) -> DataLoader | None:
     """Held-out examples split over the processes (None when there are none)."""
     if not examples:
         return None
-    return engine.accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size, collate_fn=collate))
+    return engine.accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size,
+                                                             collate_fn=collate))
 
 
 class Remembered:
-    """``engine.fit``'s evaluate: runs ``evaluate()`` and keeps its last result (the summary's held-out figures)."""
+    """``engine.fit``'s evaluate: runs ``evaluate()`` and keeps its last result (the summary's held-out
+    figures)."""
 
     def __init__(self, evaluate: Callable[[], dict[str, float]]):
         self.evaluate, self.last = evaluate, {}
@@ -54,8 +60,8 @@ class Remembered:
 
 
 def prepare_training(engine: Engine, module: torch.nn.Module, optim: OptimSection, feed: ExampleFeed):
-    """AdamW/Adafactor and the schedule over the run's steps; the module prepared (DDP) with its optimizer; the
-    checkpoint this run continues from, if any, restored. Returns (model, optimizer, scheduler, steps)."""
+    """AdamW/Adafactor and the schedule over the run's steps; the module prepared (DDP) with its optimizer;
+    the checkpoint this run continues from, if any, restored. Returns (model, optimizer, scheduler, steps)."""
     steps = total_steps(optim, feed.batches_per_epoch(optim.batch_size))
     optimizer, scheduler = build_optimizer(module.parameters(), optim, steps, engine.world)
     model, optimizer = engine.prepare(module, optimizer)

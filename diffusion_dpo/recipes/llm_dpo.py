@@ -48,10 +48,12 @@ class PairData(common.DataSection):
 @dataclass
 class ReferenceSection:
     kind: Literal["copy", "adapter", "precomputed", "none"] = option(
-        "copy", "copy: frozen copy of the starting model; adapter: the policy with LoRA disabled; precomputed: "
+        "copy",
+        "copy: frozen copy of the starting model; adapter: the policy with LoRA disabled; precomputed: "
         "log-probs computed once before training (no reference model in memory); none: reference-free")
     model: str | None = option(None, "reference model (hub id or folder); null = the starting policy")
-    cache: str | None = option(None, "precomputed: file to read when it matches the data and reference, else to "
+    cache: str | None = option(None,
+                               "precomputed: file to read when it matches the data and reference, else to "
                                f"write; null = output_dir/{REFERENCE_CACHE}")
 
 
@@ -61,19 +63,21 @@ class DPOConfig(llm_common.HeldOutRunOptions):
                              "data_stats.json go here")
     model: models.ModelConfig = option(models.ModelConfig, "the policy to tune")
     reference: ReferenceSection = option(ReferenceSection, "where reference log-probs come from")
-    loss: PreferenceLossSection = option(PreferenceLossSection(beta=0.1), "the DPO loss (loss_type ipo works on "
-                                         "length-averaged log-probs; beta is IPO's tau)")
+    loss: PreferenceLossSection = option(
+        PreferenceLossSection(beta=0.1), "the DPO loss (loss_type ipo works on length-averaged log-probs; "
+        "beta is IPO's tau)")
     data: PairData = option(PairData, "preference pairs")
     optim: OptimSection = option(OptimSection(learning_rate=5e-7, warmup_ratio=0.1),
-                                 "optimizer and schedule (learning_rate 5e-7 suits a full fine-tune; ~5e-6 LoRA)")
+                                 "optimizer and schedule (learning_rate 5e-7 suits a full fine-tune; ~5e-6 "
+                                 "LoRA)")
 
     def check(self) -> None:
         if self.reference.kind == "adapter" and not self.model.lora.enabled:
             raise ConfigError("config key 'reference.kind': 'adapter' needs model.lora.enabled=true (the "
                               "reference is the policy with its adapter disabled)")
         if self.reference.kind == "adapter" and self.reference.model is not None:
-            raise ConfigError(f"config key 'reference.model': expected null with reference.kind 'adapter' (the "
-                              f"reference is the policy's base), got {self.reference.model!r}")
+            raise ConfigError(f"config key 'reference.model': expected null with reference.kind 'adapter' "
+                              f"(the reference is the policy's base), got {self.reference.model!r}")
 
 
 def _fingerprint(reference: str, examples: list[dict]) -> str:
@@ -110,7 +114,8 @@ def reference_logps(
     return out
 
 
-def precompute_reference(engine: Engine, cfg: DPOConfig, policy, sets: dict[str, list[dict]], pad_id: int) -> None:
+def precompute_reference(engine: Engine, cfg: DPOConfig, policy, sets: dict[str, list[dict]],
+                         pad_id: int) -> None:
     """Fill "ref_chosen"/"ref_rejected" into every example, from the cache file when it matches, else computed
     (by reference.model, loaded and freed again, or by the starting policy) and written to the cache."""
     ref_name = cfg.reference.model or cfg.model.name_or_path
@@ -146,8 +151,8 @@ def precompute_reference(engine: Engine, cfg: DPOConfig, policy, sets: dict[str,
 
 
 def build_reference(engine: Engine, cfg: DPOConfig, policy, sets: dict[str, list[dict]], pad_id: int):
-    """The reference, once: a frozen model (copy), the policy without its adapter (adapter), or values put into
-    every example as ref_chosen / ref_rejected (precomputed; none: all 0)."""
+    """The reference, once: a frozen model (copy), the policy without its adapter (adapter), or values put
+    into every example as ref_chosen / ref_rejected (precomputed; none: all 0)."""
     kind = cfg.reference.kind
     if kind == "copy":
         dtype = models.frozen_dtype(cfg.model.dtype, engine.device)
@@ -175,7 +180,8 @@ def reference_sequence_logps(reference, batch: dict, like: torch.Tensor) -> torc
 def dpo_batch(policy, batch: dict, cfg: DPOConfig, reference) -> tuple[torch.Tensor, dict]:
     """Per-pair DPO losses [B] and the metrics of one batch of B pairs (chosen rows first, then rejected)."""
     n = batch["input_ids"].shape[0] // 2
-    logps, lengths = forward_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    logps, lengths = forward_logps(policy, batch["input_ids"], batch["attention_mask"],
+                                   batch["completion_mask"])
     ref = reference_sequence_logps(reference, batch, logps)
     if cfg.loss.loss_type == "ipo":  # IPO is defined on length-averaged log-probs
         logps, ref = logps / lengths.clamp(min=1), ref / lengths.clamp(min=1)
@@ -193,7 +199,7 @@ def dpo_batch(policy, batch: dict, cfg: DPOConfig, reference) -> tuple[torch.Ten
     return losses, metrics
 
 
-def dpo_step(policy, batch: dict, cfg: DPOConfig, reference, ctx: StepContext) -> StepOutput:
+def dpo_step(policy, batch: dict, ctx: StepContext, *, cfg: DPOConfig, reference) -> StepOutput:
     losses, metrics = dpo_batch(policy, batch, cfg, reference)
     return StepOutput(losses, metrics, units=int(batch["attention_mask"].sum()))
 
@@ -213,7 +219,8 @@ def held_out_metrics(engine: Engine, policy, loader, cfg: DPOConfig, reference) 
     policy.train()
     out = {f"eval/{k}": float(torch.cat(v).mean()) for k, v in parts.items()}
     engine.accelerator.print(f"step {engine.step}: held-out loss {out['eval/loss']:.4f}, accuracy "
-                             f"{out['eval/rewards/accuracies']:.3f}, margin {out['eval/rewards/margins']:.3f}")
+                             f"{out['eval/rewards/accuracies']:.3f}, margin "
+                             f"{out['eval/rewards/margins']:.3f}")
     return out
 
 
@@ -221,7 +228,8 @@ def run(cfg: DPOConfig) -> dict:
     """Train as ``cfg`` says: data, policy and reference, optimizer (resumed if asked), the engine's loop with
     held-out evaluations, final/; returns the summary (also in summary.json) with every process's weight
     digest (identical under data parallelism)."""
-    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+    engine = Engine(cfg, seed=cfg.optim.seed,
+                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
                     unit="tokens", name="dpo", run_files=(llm_common.DATA_STATS, REFERENCE_CACHE))
     cfg = engine.cfg
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
@@ -243,7 +251,7 @@ def run(cfg: DPOConfig) -> dict:
     evaluate = llm_common.Remembered(lambda: held_out_metrics(engine, model, held_loader, cfg, reference))
     last = engine.fit(
         model=model, policy=policy, optimizer=optimizer, scheduler=scheduler, feed=feed,
-        batch_size=cfg.optim.batch_size, step_fn=lambda batch, ctx: dpo_step(model, batch, cfg, reference, ctx),
+        batch_size=cfg.optim.batch_size, step_fn=partial(dpo_step, model, cfg=cfg, reference=reference),
         max_steps=steps, max_grad_norm=cfg.optim.max_grad_norm, evaluate=evaluate, eval_every=cfg.eval_every)
     final = engine.save_final(policy, lambda folder: models.save_pretrained(policy, tokenizer, folder))
     return llm_common.finish(engine, policy, final, data_report, {

@@ -128,16 +128,18 @@ class PPOModels:
 
 
 def setup_models(cfg: PPOConfig, engine: Engine, pad_id: int) -> tuple[ActorCritic, FrozenCopy | AdapterOff,
-                                                                       models.TokenScorer | None, Callable | None]:
+                                                                       models.TokenScorer | None,
+                                                                       Callable | None]:
     """The trained policy (+ value head or value model) in fp32; the frozen reference and reward model in the
     frozen dtype; or the rule-based reward function."""
     device, attn = engine.device, cfg.model.attn_implementation
     frozen = models.frozen_dtype(cfg.model.dtype, device)
-    lm = models.prepare_trainable(models.load_causal_lm(cfg.model.name_or_path, torch.float32, attn), cfg.model,
-                                  "CAUSAL_LM")
+    lm = models.load_causal_lm(cfg.model.name_or_path, torch.float32, attn)
+    lm = models.prepare_trainable(lm, cfg.model, "CAUSAL_LM")
     policy = models.PolicyWithValueHead(lm, value_head=cfg.value.kind == "head")
     if cfg.reference.kind == "copy":
-        reference = FrozenCopy(models.load_causal_lm(cfg.reference.model or cfg.model.name_or_path, frozen, attn))
+        reference = FrozenCopy(models.load_causal_lm(cfg.reference.model or cfg.model.name_or_path, frozen,
+                                                     attn))
         reference.module.to(device)
     else:
         reference = AdapterOff(lm)
@@ -189,7 +191,8 @@ def setup_data(cfg: PPOConfig, engine: Engine, tokenizer) -> tuple[Iterator[list
     if len(prompts) < cfg.rollout.batch_size * engine.world:
         raise InputError(f"{name}: {len(prompts)} prompts is fewer than rollout.batch_size "
                          f"{cfg.rollout.batch_size} x {engine.world} processes")
-    feed = ExampleFeed(prompts, prompt_ids, seed=cfg.optim.seed, rank=engine.rank, world=engine.world, name=name)
+    feed = ExampleFeed(prompts, prompt_ids, seed=cfg.optim.seed, rank=engine.rank, world=engine.world,
+                       name=name)
     ptx = None
     if cfg.ptx.coef > 0:
         texts = read_ptx_texts(cfg.ptx, tokenizer)
@@ -201,8 +204,8 @@ def setup_data(cfg: PPOConfig, engine: Engine, tokenizer) -> tuple[Iterator[list
 
 # ----------------------------------------------------------------------------------------------- rollout
 
-def policy_forward(m: PPOModels, engine: Engine, input_ids, attention_mask, query_len: int, temperature: float,
-                   ptx: dict | None = None):
+def policy_forward(m: PPOModels, engine: Engine, input_ids, attention_mask, query_len: int,
+                   temperature: float, ptx: dict | None = None):
     """Policy log-probs [B, Tr] and values [B, Tr] over the response tokens, and the ptx NLL (sum, count)."""
     logits, values, ptx_nll = m.model(input_ids, attention_mask, position_ids(attention_mask), ptx)
     logprobs = token_logps(response_logits(logits, query_len, temperature), input_ids[:, query_len:])
@@ -215,7 +218,8 @@ def sample(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, prompts: lis
     m.lm.eval()
     with engine.accelerator.autocast():
         responses = models.generate(
-            m.lm, query, query_mask, max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            m.lm, query, query_mask, max_new_tokens=cfg.rollout.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
             top_p=cfg.rollout.top_p)
     m.lm.train()
@@ -224,7 +228,8 @@ def sample(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, prompts: lis
     return query, query_mask, responses, mask, has_eos
 
 
-def scores_and_reference(m: PPOModels, cfg: PPOConfig, tokenizer, input_ids, attention_mask, query, responses):
+def scores_and_reference(m: PPOModels, cfg: PPOConfig, tokenizer, input_ids, attention_mask, query,
+                         responses):
     """The reward of each whole response [B] and the reference's log-probs of its tokens [B, Tr]."""
     pos, q = position_ids(attention_mask), query.shape[1]
     with m.reference.model() as ref:
@@ -276,12 +281,14 @@ def rollout(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, controller,
 
 def ppo_step(m: PPOModels, cfg: PPOConfig, engine: Engine, ro: Rollout, ptx: Iterator[dict] | None,
              idx: torch.Tensor, ctx: StepContext) -> StepOutput:
-    """Clipped policy loss + vf_coef x clipped value loss (+ ptx.coef x the LM loss) on the rollouts ``idx``."""
+    """Clipped policy loss + vf_coef x clipped value loss (+ ptx.coef x the LM loss) on the rollouts
+    ``idx``."""
     mask = ro.mask[idx]
     logprobs, values, ptx_nll, _ = policy_forward(m, engine, ro.input_ids[idx], ro.attention_mask[idx],
                                                   ro.query_len, cfg.rollout.temperature,
                                                   next(ptx) if ptx is not None else None)
-    pg, pg_clipped = ppo_policy_loss(logprobs, ro.logprobs[idx], ro.advantages[idx], clip_range=cfg.ppo.clip_range)
+    pg, pg_clipped = ppo_policy_loss(logprobs, ro.logprobs[idx], ro.advantages[idx],
+                                     clip_range=cfg.ppo.clip_range)
     vf, vf_clipped = ppo_value_loss(values.float(), ro.values[idx], ro.returns[idx],
                                     clip_range=cfg.ppo.value_clip_range)
     policy_loss, value_loss = rl.masked_mean(pg, mask), rl.masked_mean(vf, mask)
@@ -292,7 +299,8 @@ def ppo_step(m: PPOModels, cfg: PPOConfig, engine: Engine, ro: Rollout, ptx: Ite
         loss = loss + cfg.ptx.coef * ptx_loss
     log_ratio = logprobs.detach() - ro.logprobs[idx]
     metrics = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
-               "clipfrac": rl.masked_mean(pg_clipped, mask), "value_clipfrac": rl.masked_mean(vf_clipped, mask),
+               "clipfrac": rl.masked_mean(pg_clipped, mask),
+               "value_clipfrac": rl.masked_mean(vf_clipped, mask),
                "approx_kl": rl.masked_mean(0.5 * log_ratio**2, mask), "ptx_loss": ptx_loss.detach()}
     return StepOutput(loss, metrics, units=len(idx))
 
@@ -347,9 +355,10 @@ def mean_over_processes(engine: Engine, stats: dict[str, float]) -> dict[str, fl
 
 
 def run(cfg: PPOConfig) -> dict:
-    """Set up models and data, then ppo.iterations of rollout + update, then save; returns the summary (also in
-    summary.json)."""
-    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+    """Set up models and data, then ppo.iterations of rollout + update, then save; returns the summary (also
+    in summary.json)."""
+    engine = Engine(cfg, seed=cfg.optim.seed,
+                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
                     unit="rollouts", name="ppo", run_files=(DATA_STATS, VALUE_DIR))
     cfg = engine.cfg
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
@@ -370,7 +379,8 @@ def run(cfg: PPOConfig) -> dict:
         ro, stats = rollout(m, cfg, engine, tokenizer, controller, next(prompts))
         t1 = time.perf_counter()
         stats |= update(m, cfg, engine, optimizer, scheduler, ro, iteration, ptx)
-        stats = mean_over_processes(engine, stats | {"rollout_s": t1 - t0, "update_s": time.perf_counter() - t1})
+        stats = mean_over_processes(engine, stats | {"rollout_s": t1 - t0,
+                                                     "update_s": time.perf_counter() - t1})
         stats |= {"lr": scheduler.get_last_lr()[0], "nonfinite_steps": engine.nonfinite_steps}
         controller.update(stats["kl"], n_steps=len(ro.mask) * engine.world)
         history.append(stats)

@@ -1,5 +1,5 @@
-"""The configuration of ``diffusion-dpo llm ppo`` (``diffusion_dpo.recipes.llm_ppo``): prompts, reward, critic,
-KL penalty, sampling, PPO updates, PPO-ptx and the KL reference, each key with its check."""
+"""The configuration of ``diffusion-dpo llm ppo`` (``diffusion_dpo.recipes.llm_ppo``): prompts, reward,
+critic, KL penalty, sampling, PPO updates, PPO-ptx and the KL reference, each key with its check."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def _non_negative(v) -> bool:
 
 @dataclass
 class PromptData:
-    source: str = option("trl-lib/ultrafeedback-prompt", "prompts: hub dataset id or local parquet/JSON/JSONL "
+    source: str = option("trl-lib/ultrafeedback-prompt",
+                         "prompts: hub dataset id or local parquet/JSON/JSONL "
                          "file or folder (a preference set gives its shared prompts)")
     subset: str | None = option(None, "hub dataset configuration name; null = default")
     split: str = option("train", "split of the prompts")
@@ -33,12 +34,14 @@ class PromptData:
 
 @dataclass
 class RewardSection:
-    model: str | None = option(None, "reward model folder or hub id (as written by `llm reward`); its score at "
+    model: str | None = option(None,
+                               "reward model folder or hub id (as written by `llm reward`); its score at "
                                "the last token is the reward")
     function: str | None = option(None, "rule-based reward instead: 'package.module:name' or "
-                                  "'path/file.py:name', called as name(prompts: list[str], responses: list[str]) "
-                                  "-> floats")
-    no_eos_penalty: float = option(1.0, "subtracted from the score of a response that never emits EOS (0 = off)")
+                                  "'path/file.py:name', called as name(prompts: list[str], responses: "
+                                  "list[str]) -> floats")
+    no_eos_penalty: float = option(1.0,
+                                   "subtracted from the score of a response that never emits EOS (0 = off)")
 
 
 @dataclass
@@ -53,10 +56,12 @@ class ValueSection:
 @dataclass
 class KLSection:
     coef: float = option(0.05, "initial KL penalty coefficient beta", _non_negative, "0 or more")
-    estimator: Literal["k1", "k3"] = option("k1", "per-token KL estimator: k1 = log p - log ref; k3 = (r - 1) - "
+    estimator: Literal["k1", "k3"] = option("k1",
+                                            "per-token KL estimator: k1 = log p - log ref; k3 = (r - 1) - "
                                             "log r with r = ref / p (never negative)")
     adaptive: bool = option(False, "adapt beta towards kl.target (Ziegler et al.'s proportional controller)")
-    target: float = option(6.0, "adaptive: target KL per response, nats", lambda v: v > 0, "a positive number")
+    target: float = option(6.0, "adaptive: target KL per response, nats", lambda v: v > 0,
+                           "a positive number")
     horizon: int = option(10000, "adaptive: controller horizon, in rollouts", at_least_one, "at least 1")
 
 
@@ -84,12 +89,14 @@ class PPOSection:
 
 @dataclass
 class PtxSection:
-    coef: float = option(0.0, "PPO-ptx: weight gamma of the language-modelling loss on pre-training text (0 = "
-                         "off)", _non_negative, "0 (off) or more")
+    coef: float = option(0.0,
+                         "PPO-ptx: weight gamma of the language-modelling loss on pre-training text "
+                         "(0 = off)", _non_negative, "0 (off) or more")
     source: str | None = option(None, "pre-training text: hub dataset id or local file/folder")
     split: str = option("train", "split of the pre-training text")
     text_column: str = option("text", "column of the text")
-    max_length: int = option(512, "tokens per text (the start is kept)", lambda v: v >= 2, "at least 2 tokens")
+    max_length: int = option(512, "tokens per text (the start is kept)", lambda v: v >= 2,
+                             "at least 2 tokens")
     batch_size: int = option(4, "texts per PPO micro-batch", at_least_one, "at least 1 text")
     max_rows: int | None = option(10000, "read at most this many texts", lambda v: v is None or v >= 1,
                                   "null or at least 1 row")
@@ -106,7 +113,8 @@ class PPOReference:
 class PPOConfig(TrainingRunOptions):
     output_dir: str = option("runs/llm-ppo", "config.yaml, metrics.jsonl, final/ (policy) and value/ go here")
     log_every: int = option(1, "iterations between metrics.jsonl rows", at_least_one, "at least 1 iteration")
-    checkpoint_every: int = option(0, "PPO writes no checkpoints", lambda v: v == 0, "0 (PPO has no checkpoints)")
+    checkpoint_every: int = option(0, "PPO writes no checkpoints", lambda v: v == 0,
+                                   "0 (PPO has no checkpoints)")
     model: models.ModelConfig = option(models.ModelConfig, "the policy (usually the SFT model)")
     reference: PPOReference = option(PPOReference, "the KL anchor")
     reward: RewardSection = option(RewardSection, "the reward: a reward model or a function")
@@ -123,18 +131,20 @@ class PPOConfig(TrainingRunOptions):
 
     def check(self) -> None:
         if (self.reward.model is None) == (self.reward.function is None):
-            raise ConfigError("config key 'reward.model': set exactly one of reward.model (a reward model) and "
-                              "reward.function (a rule)")
+            raise ConfigError("config key 'reward.model': set exactly one of reward.model (a reward model) "
+                              "and reward.function (a rule)")
         if self.reference.kind == "adapter" and not self.model.lora.enabled:
             raise ConfigError("config key 'reference.kind': 'adapter' needs model.lora.enabled=true")
         if self.ptx.coef > 0 and self.ptx.source is None:
             raise ConfigError("config key 'ptx.source': ptx.coef > 0 needs pre-training text, got null")
         if self.resume is not None:
-            raise ConfigError(f"config key 'resume': expected null (PPO writes no checkpoints), got {self.resume!r}")
+            raise ConfigError(f"config key 'resume': expected null (PPO writes no checkpoints), got "
+                              f"{self.resume!r}")
         if self.optim.max_steps is not None or self.optim.epochs != 1.0:
             raise ConfigError("config key 'optim.max_steps': PPO runs ppo.iterations x ppo.epochs; leave "
                               "optim.max_steps null and optim.epochs 1")
         per_step = self.optim.batch_size * self.optim.gradient_accumulation_steps
         if self.rollout.batch_size % per_step:
             raise ConfigError(f"config key 'rollout.batch_size': expected a multiple of optim.batch_size x "
-                              f"optim.gradient_accumulation_steps = {per_step}, got {self.rollout.batch_size}")
+                              f"optim.gradient_accumulation_steps = {per_step}, got "
+                              f"{self.rollout.batch_size}")

@@ -68,11 +68,13 @@ class RewardConfig(llm_common.HeldOutRunOptions):
     model: models.ModelConfig = option(
         models.ModelConfig, "the model to start from (a causal LM gets a new one-output score head)")
     data: RewardData = option(RewardData, "comparisons")
-    center_coef: float = option(0.0, "weight of the centering term (r_chosen + r_rejected)^2 (e.g. 0.01); 0: off",
+    center_coef: float = option(0.0,
+                                "weight of the centering term (r_chosen + r_rejected)^2 (e.g. 0.01); 0: off",
                                 lambda v: v >= 0, "0 (off) or a positive weight")
     normalize: NormalizeSection = option(NormalizeSection, "post-training reward normalisation")
     optim: OptimSection = option(OptimSection(learning_rate=1e-5, warmup_ratio=0.1),
-                                 "optimizer and schedule (learning_rate 1e-5 suits a full fine-tune; ~1e-4 LoRA)")
+                                 "optimizer and schedule (learning_rate 1e-5 suits a full fine-tune; ~1e-4 "
+                                 "LoRA)")
 
 
 def sequence_rewards(scorer, batch: dict) -> torch.Tensor:
@@ -134,12 +136,13 @@ def held_out_stats(engine: Engine, scorer, loader, cfg: RewardConfig) -> dict[st
         sums += torch.tensor([float(x) for x in parts], dtype=torch.float64, device=engine.device)
     scorer.train()
     loss, rows, correct, margin, pairs, best = engine.accelerator.reduce(sums, reduction="sum").tolist()
-    return {"loss": loss / max(rows, 1), "accuracy": correct / max(pairs, 1), "margin": margin / max(pairs, 1),
-            "best_mean": best / max(rows, 1)}
+    return {"loss": loss / max(rows, 1), "accuracy": correct / max(pairs, 1),
+            "margin": margin / max(pairs, 1), "best_mean": best / max(rows, 1)}
 
 
 def evaluation(engine: Engine, scorer, loader, cfg: RewardConfig) -> dict[str, float]:
-    """The held-out row of metrics.jsonl: eval/loss, eval/accuracy, eval/margin (empty without held-out rows)."""
+    """The held-out row of metrics.jsonl: eval/loss, eval/accuracy, eval/margin (empty without held-out
+    rows)."""
     if loader is None:
         return {}
     out = held_out_stats(engine, scorer, loader, cfg)
@@ -159,9 +162,10 @@ def normalize(engine: Engine, scorer, cfg: RewardConfig, train: list[dict], held
     mean = held_out_stats(engine, scorer, llm_common.eval_loader(engine, rows, cfg.optim.batch_size, collate),
                           cfg)["best_mean"]
     engine.accelerator.print(
-        f"normalisation: chosen completions of {len(rows)} {'eval' if use_eval else 'train'} rows scored mean "
-        f"{mean:.4f}; bias {-mean:.4f} stored in final/{models.NORMALIZATION_FILE}")
-    return {"bias": -mean, "mean_before": mean, "reference": "eval" if use_eval else "train", "rows": len(rows)}
+        f"normalisation: chosen completions of {len(rows)} {'eval' if use_eval else 'train'} rows scored "
+        f"mean {mean:.4f}; bias {-mean:.4f} stored in final/{models.NORMALIZATION_FILE}")
+    return {"bias": -mean, "mean_before": mean, "reference": "eval" if use_eval else "train",
+            "rows": len(rows)}
 
 
 def write_final(folder: Path, policy: models.TokenScorer, tokenizer, normalization: dict | None) -> None:
@@ -181,19 +185,22 @@ def tokenizer_and_collate(cfg: RewardConfig, tokenizer):
     else:
         tokenize = partial(tokenize_rankings, responses_column=d.responses_column)
         collate = RankingCollator(tokenizer.pad_token_id)
-    return partial(tokenize, tokenizer=tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+    return partial(tokenize, tokenizer=tokenizer, max_length=d.max_length,
+                   max_prompt_length=d.max_prompt_length,
                    prompt_column=d.prompt_column), collate
 
 
 def run(cfg: RewardConfig) -> dict:
     """Train as ``cfg`` says: data, scorer, optimizer (resumed if asked), the engine's loop with held-out
     evaluations, final/ and its normalisation; returns the summary (also in summary.json)."""
-    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+    engine = Engine(cfg, seed=cfg.optim.seed,
+                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
                     unit="tokens", name="reward", run_files=(llm_common.DATA_STATS,))
     cfg = engine.cfg
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
     tokenize, collate = tokenizer_and_collate(cfg, tokenizer)
-    train, held, data_report = common.load_examples(cfg.data, tokenize, cfg.optim.seed, engine.accelerator.print)
+    train, held, data_report = common.load_examples(cfg.data, tokenize, cfg.optim.seed,
+                                                    engine.accelerator.print)
 
     model, _ = models.load_score_model(cfg.model.name_or_path, tokenizer.pad_token_id, torch.float32,
                                        cfg.model.attn_implementation)

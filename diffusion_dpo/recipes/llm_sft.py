@@ -43,7 +43,8 @@ class SFTConfig(llm_common.HeldOutRunOptions):
     model: models.ModelConfig = option(models.ModelConfig, "the model to tune")
     data: DemoData = option(DemoData, "demonstrations")
     optim: OptimSection = option(OptimSection(learning_rate=2e-5, warmup_ratio=0.1),
-                                 "optimizer and schedule (learning_rate 2e-5 suits a full fine-tune; ~2e-4 LoRA)")
+                                 "optimizer and schedule (learning_rate 2e-5 suits a full fine-tune; ~2e-4 "
+                                 "LoRA)")
 
 
 def completion_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +83,8 @@ def held_out_loss(engine: Engine, model, loader) -> dict[str, float]:
 def run(cfg: SFTConfig) -> dict:
     """Train as ``cfg`` says: data, model, optimizer (resumed if asked), the engine's loop with held-out
     evaluations, final/; returns the summary (also in summary.json)."""
-    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+    engine = Engine(cfg, seed=cfg.optim.seed,
+                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
                     unit="tokens", name="sft", run_files=(llm_common.DATA_STATS,))
     cfg = engine.cfg
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
