@@ -31,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_dpo.config import load_config  # noqa: E402
-from diffusion_dpo.llm import common, dpo, ppo, tiny  # noqa: E402
+from diffusion_dpo.llm import common, tiny  # noqa: E402
+from diffusion_dpo.recipes import llm_dpo as dpo  # noqa: E402
+from diffusion_dpo.recipes import llm_ppo as ppo  # noqa: E402
 
 PRESETS = {
     # name: (architecture, vocab words, prompt words, completion words, DPO batch, PPO batch, new tokens)
@@ -177,7 +179,7 @@ def bench_ppo(model: Path, data: Path, out: Path, batch: int, new_tokens: int, i
             "value.kind=model",
             f"rollout.batch_size={batch}",
             f"rollout.max_new_tokens={new_tokens}",
-            f"ppo.minibatch_size={max(1, batch // 4)}",
+            f"optim.batch_size={max(1, batch // 4)}",
             "ppo.epochs=4",
             f"ppo.iterations={iterations}",
             "data.max_prompt_length=512",

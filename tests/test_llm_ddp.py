@@ -41,8 +41,11 @@ def dpo_overrides(world: dict, out: Path, batch_size: int) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_keep_identical_weights(tmp_path):
+    from diffusion_dpo.checkpointing import trainable_state_dict
     from diffusion_dpo.config import load_config
-    from diffusion_dpo.llm import common, dpo, models, tiny
+    from diffusion_dpo.engine import weights_digest
+    from diffusion_dpo.llm import models, tiny
+    from diffusion_dpo.recipes import llm_dpo as dpo
 
     world = {k: str(v) for k, v in tiny.write_world(tmp_path / "world").items()}
     out = tmp_path / "ddp"
@@ -73,9 +76,10 @@ def test_two_processes_keep_identical_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["process_index"] for r in ranks] == [0, 1] and {r["num_processes"] for r in ranks} == {2}
-    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    assert ranks[0]["weight_digests"] == ranks[1]["weight_digests"]
+    assert len(set(ranks[0]["weight_digests"])) == 1  # every process holds the same weights
     saved = models.load_causal_lm(str(out / "final"))
-    assert common.weights_checksum(saved) == ranks[0]["weights_checksum"]
+    assert weights_digest(trainable_state_dict(saved)) == ranks[0]["weight_digests"][0]
     # Two ranks of 8 pairs average their gradients: the same steps as one process with 16 pairs per batch.
     torch.set_num_threads(1)
     single = dpo.run(load_config(dpo.DPOConfig, [], dpo_overrides(world, tmp_path / "one", 16)))
@@ -87,7 +91,7 @@ def test_two_processes_keep_identical_weights(tmp_path):
 
 if __name__ == "__main__":
     from diffusion_dpo.config import load_config
-    from diffusion_dpo.llm import dpo
+    from diffusion_dpo.recipes import llm_dpo as dpo
 
     world, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     summary = dpo.run(load_config(dpo.DPOConfig, [], dpo_overrides(world, out, 8)))

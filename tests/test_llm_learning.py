@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from diffusion_dpo.config import load_config
-from diffusion_dpo.llm import common, data, dpo, models, ppo, reward, rl, tiny
+from diffusion_dpo.llm import common, data, models, rl, tiny
+from diffusion_dpo.recipes import llm_dpo as dpo
+from diffusion_dpo.recipes import llm_ppo as ppo
+from diffusion_dpo.recipes import llm_reward as reward
 
 
 @pytest.fixture(autouse=True)
@@ -113,11 +116,11 @@ def test_ppo_raises_reward_with_bounded_kl(world, tmp_path):
             "reward.no_eos_penalty=0",
             "value.kind=head",
             "kl.coef=0.3",
-            "ppo.learning_rate=0.003",
+            "optim.learning_rate=0.003",
             "ppo.iterations=30",
             "rollout.batch_size=32",
             "rollout.max_new_tokens=6",
-            "ppo.minibatch_size=16",
+            "optim.batch_size=16",
             "ppo.epochs=2",
             "tensorboard=false",
             f"output_dir={tmp_path / 'ppo'}",

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_dpo.config import load_config
-from diffusion_dpo.llm import data, dpo, models, tiny
+from diffusion_dpo.llm import data, models, tiny
 from diffusion_dpo.llm.logprobs import forward_logps, position_ids, sequence_logps
+from diffusion_dpo.recipes import llm_dpo as dpo
+from diffusion_dpo.reference import FrozenCopy
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +87,7 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference(lm, batch):
     for loss_type, expected in (("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2)):
         cfg = load_config(dpo.DPOConfig, [], [f"model.name_or_path={path}", f"loss.loss_type={loss_type}"])
         with torch.no_grad():
-            losses, metrics = dpo.dpo_batch(model, b, cfg, reference=model)
+            losses, metrics = dpo.dpo_batch(model, b, cfg, reference=FrozenCopy.of(model))
         assert torch.allclose(losses, torch.full_like(losses, expected), atol=1e-5)
         assert float(metrics["rewards/margins"].abs().max()) < 1e-5
         assert set(metrics) == {

@@ -13,7 +13,11 @@ import yaml
 from diffusion_dpo import cli
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.llm import common, data, dpo, models, ppo, reward, rl, sft, tiny
+from diffusion_dpo.llm import common, data, models, rl, tiny
+from diffusion_dpo.recipes import llm_dpo as dpo
+from diffusion_dpo.recipes import llm_ppo as ppo
+from diffusion_dpo.recipes import llm_reward as reward
+from diffusion_dpo.recipes import llm_sft as sft
 
 
 @pytest.fixture(autouse=True)
@@ -106,11 +110,11 @@ def test_dpo_reference_modes(world, tmp_path, monkeypatch):
         assert common.read_metrics(tmp_path / run_dir)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # Cached reference log-probs give the same training as the frozen copy.
     assert pre["eval"]["eval/loss"] == pytest.approx(copy["eval"]["eval/loss"], abs=1e-5)
-    assert pre["weights_checksum"] == copy["weights_checksum"]
+    assert pre["weight_digests"] == copy["weight_digests"]
     cache = tmp_path / "pre" / "reference_logps.pt"
     assert cache.is_file()
     again = dpo_run(world, tmp_path / "again", "reference.kind=precomputed", f"reference.cache={cache}")
-    assert again["weights_checksum"] == pre["weights_checksum"]
+    assert again["weight_digests"] == pre["weight_digests"]
     lora = dpo_run(
         world, tmp_path / "lora", "reference.kind=adapter", "model.lora.enabled=true", "model.lora.r=4"
     )
@@ -180,9 +184,9 @@ def test_ppo_options_run(world, tmp_path):
         f"data.source={world['prompts']}",
         "rollout.batch_size=8",
         "rollout.max_new_tokens=4",
-        "ppo.minibatch_size=4",
+        "optim.batch_size=4",
         "ppo.epochs=2",
-        "ppo.learning_rate=0.001",
+        "optim.learning_rate=0.001",
     ]
     summary = ppo.run(
         cfg_of(
@@ -284,7 +288,8 @@ def test_cli(world, tmp_path, capsys):
 
 
 def test_gradient_accumulation_equals_the_larger_batch(world, tmp_path):
-    # Two micro-batches of 8 pairs accumulated = one batch of 16 (the loss is a mean, accelerate divides by 2).
+    # Two micro-batches of 8 pairs accumulated = one batch of 16 (the loss is a mean; accelerate divides
+    # by 2).
     big = dpo_run(
         world, tmp_path / "big", "reference.kind=precomputed", "optim.batch_size=16", "optim.max_steps=3"
     )

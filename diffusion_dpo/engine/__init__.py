@@ -1,5 +1,7 @@
-"""The training engine: the run folder and its rule, the step loop, optimizer construction, checkpoints."""
+"""The training engine: the run folder and its rule, the step loop, optimizer construction, checkpoints, a
+resumable feed."""
 
+from diffusion_dpo.engine.feed import ExampleFeed
 from diffusion_dpo.engine.optim import build_optimizer, peak_learning_rate
 from diffusion_dpo.engine.run_folder import claim_output_dir, holds_run, parse_resume
 from diffusion_dpo.engine.trainer import (
@@ -13,6 +15,6 @@ from diffusion_dpo.engine.trainer import (
     weights_digest,
 )
 
-__all__ = ["DTYPES", "Engine", "Feed", "NonFiniteError", "StepContext", "StepOutput", "build_optimizer",
-           "claim_output_dir", "holds_run", "parse_resume", "peak_learning_rate", "resolve_mixed_precision",
-           "weights_digest"]
+__all__ = ["DTYPES", "Engine", "ExampleFeed", "Feed", "NonFiniteError", "StepContext", "StepOutput",
+           "build_optimizer", "claim_output_dir", "holds_run", "parse_resume", "peak_learning_rate",
+           "resolve_mixed_precision", "weights_digest"]

@@ -96,10 +96,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class Engine:
     """One training run. ``cfg`` is the recipe's config (a :class:`TrainingRunOptions`); ``seed`` seeds every
-    generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens)."""
+    generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens);
+    ``run_files``: what the recipe writes into output_dir besides RUN_FILES (removed too by overwrite=true)."""
 
     def __init__(self, cfg: TrainingRunOptions, *, seed: int, gradient_accumulation_steps: int = 1,
-                 unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None):
+                 unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None,
+                 run_files: tuple[str, ...] = ()):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -120,7 +122,8 @@ class Engine:
         self.is_main = acc.is_main_process
         self.compute_dtype = DTYPES[mixed]
         if self.is_main:
-            claim_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES)
+            claim_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite,
+                             run_files=RUN_FILES + run_files)
         acc.wait_for_everyone()
         mode = parse_resume(cfg.resume)
         self.resume_from = checkpointing.latest_checkpoint(self.out) if mode == "auto" else (

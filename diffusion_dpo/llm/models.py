@@ -261,12 +261,8 @@ def generate(
     return out[:, input_ids.shape[1] :]
 
 
-def save_model(accelerator, model: nn.Module, tokenizer, path: Path) -> None:
-    """save_pretrained of the unwrapped model (a LoRA adapter for a peft model) and its tokenizer, from the
-    main process; every process waits for it."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
-    accelerator.wait_for_everyone()
+def save_pretrained(model: nn.Module, tokenizer, path: Path) -> None:
+    """save_pretrained of ``model`` (unwrapped; a LoRA adapter for a peft model) and its tokenizer into
+    ``path``."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,79 @@
+"""What the LLM SFT, reward and DPO recipes share around the engine: the run options they add (held-out
+evaluation), the step count, the training feed, the optimizer built, prepared and resumed, held-out loaders,
+and the end of a run (data_stats.json, summary.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffusion_dpo.config import OptimSection, TrainingRunOptions, option
+from diffusion_dpo.engine import Engine, ExampleFeed, build_optimizer
+
+DATA_STATS = "data_stats.json"
+
+
+@dataclass
+class HeldOutRunOptions(TrainingRunOptions):
+    eval_every: int | None = option(None,
+                                    "optimizer steps between held-out evaluations (null: at the end only)",
+                                    lambda v: v is None or v >= 1, "null or at least 1 step")
+
+
+def total_steps(optim: OptimSection, batches_per_epoch: int) -> int:
+    """optim.max_steps, or the optimizer steps of optim.epochs passes of ``batches_per_epoch``
+    micro-batches."""
+    if optim.max_steps is not None:
+        return optim.max_steps
+    return max(1, math.ceil(optim.epochs * batches_per_epoch / optim.gradient_accumulation_steps))
+
+
+def training_feed(engine: Engine, examples: list[dict], collate: Callable, seed: int) -> ExampleFeed:
+    return ExampleFeed(examples, collate, seed=seed, rank=engine.rank, world=engine.world,
+                       device=engine.device)
+
+
+def eval_loader(engine: Engine, examples: list[dict], batch_size: int,
+                collate: Callable) -> DataLoader | None:
+    """Held-out examples split over the processes (None when there are none)."""
+    if not examples:
+        return None
+    return engine.accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size,
+                                                             collate_fn=collate))
+
+
+class Remembered:
+    """``engine.fit``'s evaluate: runs ``evaluate()`` and keeps its last result (the summary's held-out
+    figures)."""
+
+    def __init__(self, evaluate: Callable[[], dict[str, float]]):
+        self.evaluate, self.last = evaluate, {}
+
+    def __call__(self, step: int) -> dict[str, float]:
+        self.last = self.evaluate()
+        return self.last
+
+
+def prepare_training(engine: Engine, module: torch.nn.Module, optim: OptimSection, feed: ExampleFeed):
+    """AdamW/Adafactor and the schedule over the run's steps; the module prepared (DDP) with its optimizer;
+    the checkpoint this run continues from, if any, restored. Returns (model, optimizer, scheduler, steps)."""
+    steps = total_steps(optim, feed.batches_per_epoch(optim.batch_size))
+    optimizer, scheduler = build_optimizer(module.parameters(), optim, steps, engine.world)
+    model, optimizer = engine.prepare(module, optimizer)
+    engine.resume(module, optimizer, scheduler, feed)
+    return model, optimizer, scheduler, steps
+
+
+def finish(engine: Engine, module: torch.nn.Module, final, data_report: dict, summary: dict[str, Any],
+           last: dict[str, float]) -> dict[str, Any]:
+    """data_stats.json and summary.json written, the trackers closed; the summary (with every process's weight
+    digest and this process's rank) returned."""
+    if engine.is_main:
+        (engine.out / DATA_STATS).write_text(json.dumps(data_report, indent=2) + "\n")
+    return engine.finish({"final": str(final), "metrics": str(engine.metrics_path), "data": data_report,
+                          "last_metrics": last, "weight_digests": engine.digests(module)} | summary)
