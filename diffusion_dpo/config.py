@@ -238,18 +238,19 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: ``name (type, default X): help``. Sub-dataclasses are listed with dotted names."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per key: ``name (type, default X): help``. Sub-dataclasses are listed with dotted names, with
+    the defaults the recipe gives that section (``option(OptimSection(learning_rate=...))``)."""
     lines = []
     hints = _hints(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = prefix + f.name
         help_text = f.metadata.get("help", "")
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines.append(f"  {name}.*: {help_text}")
-            lines.extend(describe(tp, prefix=name + "."))
+            lines.extend(describe(tp, prefix=name + ".", defaults=getattr(defaults, f.name)))
         else:
             default = getattr(defaults, f.name)
             lines.append(f"  {name} ({_type_name(tp)}, default {default!r}): {help_text}")

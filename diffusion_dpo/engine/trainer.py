@@ -33,6 +33,7 @@ from diffusion_dpo import checkpointing
 from diffusion_dpo.config import TrainingRunOptions, save_config, to_dict, validate
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import RunError
+from diffusion_dpo.fileio import atomic_write_text
 
 Tensor = torch.Tensor
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -171,7 +172,10 @@ class Engine:
             kept = [line for line in (self.metrics_path.read_text().splitlines()
                                       if self.metrics_path.exists() and self.step else [])
                     if json.loads(line)["step"] <= self.step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            # Atomic: a kill while trimming must not lose the rows up to the checkpoint.
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+            # A run killed after publishing a checkpoint but before pruning left one too many.
+            checkpointing.prune_checkpoints(self.out, self.cfg.checkpoints_keep)
         return self.step
 
     # -------------------------------------------------------------------------------------------- step
