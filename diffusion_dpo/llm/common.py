@@ -38,7 +38,12 @@ class DataSection:
         "rows whose prompt fills it are dropped",
     )
     max_prompt_length: int | None = option(
-        512, "prompts longer than this keep their first tokens (null = no separate prompt limit)"
+        512, "prompts longer than this are cut on the prompt_truncation side (null = no separate prompt limit)"
+    )
+    prompt_truncation: Literal["left", "right"] = option(
+        "left",
+        "side of a prompt longer than max_prompt_length that is cut: left drops its oldest tokens and keeps the "
+        "end (a chat prompt's latest turns and the assistant's generation header); right keeps its start",
     )
     prompt_column: str = option(
         "prompt",
