@@ -4,6 +4,11 @@ Every field is declared with :func:`option`, which carries its help text, so ``-
 with its type, default and meaning. Unknown keys and values of the wrong type are errors that name the key;
 nothing is silently coerced except an int given where a float is expected.
 
+Values are read as YAML 1.1 (files and overrides alike), which turns ``no``/``on`` into booleans and ``0.5``
+into a number. The declared type decides instead: a key typed ``str`` or a Literal of strings takes an
+unquoted value's text as written (``mixed_precision: no`` is ``"no"``), every other key YAML's reading of it
+(``flag: no`` is false).
+
     @dataclass
     class TrainConfig:
         model: ModelConfig = option(ModelConfig, "which checkpoint to tune")
@@ -33,6 +38,54 @@ _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 class ConfigError(InputError):
     """A config file or override that does not fit the recipe's dataclass."""
+
+
+class _Plain(typing.NamedTuple):
+    """An unquoted YAML scalar: YAML 1.1's reading of it (``value``) and the text as written (``text``)."""
+
+    value: Any
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """A safe loader that keeps the text of every unquoted scalar, so the declared type can pick its reading."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        value = super().construct_object(node, deep=deep)
+        if isinstance(node, yaml.ScalarNode) and node.style is None:
+            return _Plain(value, node.value)
+        return value
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Keys are names (config keys, scorer names): an unquoted key such as `on` is the word, not True.
+        mapping = super().construct_mapping(node, deep=deep)
+        return {k.text if isinstance(k, _Plain) else k: v for k, v in mapping.items()}
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML text -> Python values, with each unquoted scalar as a :class:`_Plain`."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: builds plain data only
+
+
+def _resolved(value: Any) -> Any:
+    """``value`` with every :class:`_Plain` replaced by YAML's reading of it (for keys with no declared type)."""
+    if isinstance(value, _Plain):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _resolved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    return value
+
+
+def _mismatch(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}': expected {expected}, got {_resolved(value)!r}")
+
+
+def _wants_text(tp: Any) -> bool:
+    return tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
+
+
 
 
 def option(default: Any, help: str, check: Callable[[Any], bool] | None = None, expected: str = "") -> Any:
@@ -88,58 +141,68 @@ def _type_name(tp: Any) -> str:
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` if it fits type ``tp`` (int is accepted for float), else raise naming ``key``."""
+    """Return ``value`` if it fits type ``tp`` (int is accepted for float), else raise naming ``key``.
+
+    An unquoted scalar (:class:`_Plain`) is taken as its text where ``tp`` wants a string, else as YAML's
+    reading of it; in a union, YAML's reading is tried on every arm first, so ``null`` for ``Optional[str]``
+    is None while ``no`` is ``"no"``.
+    """
     origin = get_origin(tp)
-    if tp is Any:
-        return value
     if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            try:
-                return _check(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        readings = [value.value, value] if isinstance(value, _Plain) else [value]
+        for reading in readings:
+            for arg in get_args(tp):
+                try:
+                    return _check(reading, arg, key)
+                except ConfigError:
+                    pass
+        raise _mismatch(key, _type_name(tp), value.text if isinstance(value, _Plain) else value)
+    if isinstance(value, _Plain):
+        # An error below then quotes what the user wrote (`No`, `maybe`), not YAML's reading of it.
+        value = value.text if _wants_text(tp) else value.value
+    if tp is Any:
+        return _resolved(value)
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"config key '{key}': expected one of {_type_name(tp)}, got {value!r}")
+            raise _mismatch(key, f"one of {_type_name(tp)}", value)
         return value
     if tp in (dict, list):
         return _check(value, dict[str, Any] if tp is dict else list[Any], key)
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"config key '{key}': expected null, got {value!r}")
+            raise _mismatch(key, "null", value)
         return None
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise _mismatch(key, "a list", value)
         (item_tp,) = get_args(tp)[:1] or (Any,)
         return [_check(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise _mismatch(key, "a mapping", value)
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {_check(k, key_tp, key): _check(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} keys, got {value!r}")
+            raise _mismatch(key, f"a mapping of {tp.__name__} keys", value)
         return _build(tp, value, prefix=f"{key}.")
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value):
             return float(value)  # YAML 1.1 reads 1e-8 (no dot) as a string; it is the number the user meant
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+            raise _mismatch(key, "a number", value)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+            raise _mismatch(key, "an integer", value)
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+            raise _mismatch(key, "true or false", value)
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise _mismatch(key, "a string", value)
         return value
     raise ConfigError(f"config key '{key}': unsupported type {tp!r}")
 
@@ -203,7 +266,7 @@ def _parse_override(cls: type, item: str) -> dict[str, Any]:
         value: Any = raw  # a path or prompt stays exactly what the user typed
     else:
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"config key '{key}': cannot parse value {raw!r}: {e}") from None
     nested: dict[str, Any] = value
@@ -220,11 +283,13 @@ def load_config(cls: type[T], config_files: list[str] | tuple[str, ...] = (), ov
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _load_yaml(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        loaded = {} if loaded is None else loaded  # an empty file sets nothing
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+            found = type(_resolved(loaded)).__name__
+            raise ConfigError(f"config file {path}: expected a mapping at the top level, got {found}")
         values = _merge(values, loaded)
     for item in overrides:
         values = _merge(values, _parse_override(cls, item))

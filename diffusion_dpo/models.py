@@ -25,6 +25,7 @@ import torch
 
 from diffusion_dpo.denoising import PairInputs
 from diffusion_dpo.errors import InputError
+from scorers.hub import from_hub, looks_local
 
 Tensor = torch.Tensor
 
@@ -61,9 +62,17 @@ class TextConditioning:
 
 
 def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
-    """The pipeline's ``model_index.json`` (component name -> [library, class]), from a folder or the hub."""
+    """The pipeline's ``model_index.json`` (component name -> [library, class]), from a folder or the hub.
+
+    A hub id that is neither cached nor fetchable (offline, hub unreachable, no such repo) is an error saying
+    so; the components are then fetched by their own loaders.
+    """
     from diffusers import DiffusionPipeline
 
+    if not looks_local(pretrained):
+        return dict(from_hub(lambda local_only: DiffusionPipeline.load_config(
+            pretrained, revision=revision, local_files_only=local_only), "diffusers pipeline",
+            f"hub id {pretrained!r}", "model.pretrained"))
     try:
         return dict(DiffusionPipeline.load_config(pretrained, revision=revision))
     except (OSError, ValueError) as e:

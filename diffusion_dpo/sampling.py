@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from diffusion_dpo.errors import InputError
+from scorers.hub import from_hub, looks_local
 
 
 def default_device() -> torch.device:
@@ -32,21 +33,29 @@ def precision_dtype(mixed_precision: str, device: torch.device | str) -> torch.d
 
 
 def load_pipeline(pretrained: str, *, unet: str | None = None, lora: str | None = None,
-                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  option: str = "model.pretrained"):
     """A diffusers text-to-image pipeline for ``pretrained`` (hub id or local folder).
 
     ``unet``: a UNet folder (``UNet2DConditionModel.from_pretrained``), such as a full fine-tune's
     ``final/``, replacing the base UNet. ``lora``: LoRA weights (a folder or .safetensors file from
-    ``pipe.save_lora_weights``, such as a LoRA run's ``final/``), fused into the UNet.
+    ``pipe.save_lora_weights``, such as a LoRA run's ``final/``), fused into the UNet. ``option``: the
+    config key ``pretrained`` came from, named in the error when it cannot be loaded.
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=dtype)
-    except OSError as e:
-        raise InputError(f"cannot load pipeline {pretrained!r} (a hub id or a local diffusers folder): {e}") from None
+    if looks_local(pretrained):
+        try:
+            pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=dtype)
+        except OSError as e:
+            raise InputError(f"cannot load pipeline {pretrained!r} (option {option}=, a local diffusers "
+                             f"folder): {e}") from None
+    else:
+        pipe = from_hub(lambda local_only: DiffusionPipeline.from_pretrained(
+            pretrained, dtype=dtype, local_files_only=local_only), "diffusers pipeline",
+            f"hub id {pretrained!r}", option)
     if unet:
         try:
             tuned = UNet2DConditionModel.from_pretrained(unet, dtype=dtype)

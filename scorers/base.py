@@ -16,7 +16,6 @@ wants, so a tensor and the PIL images it rounds to get the same score.
 
 from __future__ import annotations
 
-import os
 import pickle
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,12 @@ from typing import Any, Sequence
 import torch
 
 from diffusion_dpo.errors import InputError
+
+# Re-exported for the scorers, which import them from here; they live in scorers.hub, shared with diffusion_dpo.
+from scorers.hub import hub_file as hub_file
+from scorers.hub import hub_offline as hub_offline
+from scorers.hub import load_pretrained as load_pretrained
+from scorers.hub import why
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -245,93 +250,6 @@ def to_pil(images) -> list:
 # ------------------------------------------------------------------------------------------------ weights
 
 
-def hub_offline() -> bool:
-    """Whether the user asked for offline mode now (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE).
-
-    Read from the environment at each call: huggingface_hub reads it once at import, so a variable set
-    later (a test, a notebook) would otherwise still let it retry the network for half a minute.
-    """
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub import errors
-
-    return (OSError, ValueError, errors.HfHubHTTPError)
-
-
-def _why(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def load_pretrained(cls, name: str, *, option: str, what: str, **kwargs):
-    """``cls.from_pretrained(name)`` for a local folder or a hub id; failure -> InputError naming the id
-    tried and the ``option`` that takes a local folder instead."""
-    local = Path(name).expanduser()
-    if not local.exists() and name.startswith((".", "/", "~")):
-        raise InputError(f"cannot load the {what}: local folder {name} (option {option}=) does not exist")
-    if local.exists():
-        try:
-            return cls.from_pretrained(str(local), **kwargs)
-        except _hub_errors() as e:
-            raise InputError(f"cannot load the {what} from local folder {name} (option {option}=): {_why(e)}") from None
-    return _from_hub(lambda local_only: cls.from_pretrained(name, local_files_only=local_only, **kwargs),
-                     what, f"hub id {name!r}", option, "a local folder")
-
-
-def hub_file(repo_id: str, filename: str, *, option: str, what: str) -> str:
-    """Local path of ``filename`` from hub repo ``repo_id`` (downloaded once, then cached)."""
-    from huggingface_hub import hf_hub_download
-
-    return _from_hub(lambda local_only: hf_hub_download(repo_id, filename, local_files_only=local_only),
-                     what, f"hub file {repo_id}/{filename}", option, "a local file")
-
-
-def _from_hub(load, what: str, tried: str, option: str, local: str):
-    """``load(local_only)`` from the hub cache, else (unless offline) from the hub; InputError otherwise.
-
-    The cache comes first so a cached scorer loads without any request. Before going online, one TCP
-    connection to the hub's host tells within seconds whether it can be reached at all; without that,
-    the hub client retries every file for minutes on a machine without network before failing.
-    """
-    try:
-        return load(True)
-    except _hub_errors():
-        pass
-    reason = "offline mode is on (HF_HUB_OFFLINE is set)" if hub_offline() else _hub_unreachable()
-    if reason:
-        raise InputError(f"cannot load the {what}: tried {tried}, which is not in the local hub cache, and "
-                         f"{reason}. Download it where the hub is reachable, or pass {local} with "
-                         f"{option}=PATH") from None
-    try:
-        return load(False)
-    except _hub_errors() as e:
-        raise InputError(f"cannot load the {what}: tried {tried}, which could not be fetched from the hub: "
-                         f"{_why(e)}. Check the id, or pass {local} with {option}=PATH") from None
-
-
-def _hub_unreachable() -> str | None:
-    """Why the hub cannot be reached (its host does not resolve or refuses a connection within 5 s), or
-    None when it can. With a proxy configured only the hub client can tell, so this says None."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-    if any(os.environ.get(var) for var in proxies):
-        return None
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=5):
-            return None
-    except OSError as e:
-        return f"the hub ({host}) cannot be reached from here: {e}"
-
-
 def load_state_dict(path: str | Path, *, option: str, what: str) -> dict[str, Any]:
     """The tensors of a torch checkpoint file (loaded with ``weights_only=True``, on the CPU)."""
     path = Path(path).expanduser()
@@ -340,7 +258,7 @@ def load_state_dict(path: str | Path, *, option: str, what: str) -> dict[str, An
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise InputError(f"{what} file {path} (option {option}=) is not a readable torch checkpoint: {_why(e)}") from None
+        raise InputError(f"{what} file {path} (option {option}=) is not a readable torch checkpoint: {why(e)}") from None
     if not isinstance(state, dict):
         raise InputError(f"{what} file {path} (option {option}=) holds a {type(state).__name__}; expected a dict "
                          "of tensors (a state dict)")

@@ -99,8 +99,8 @@ def test_truncation_keeps_starts_and_counts(tok):
     assert out[0]["chosen"] == ids(tok, "good dog") + [tok.eos_token_id]
     assert out[1]["chosen"] == ids(tok, "good dog sun tree")  # the start is kept, the EOS was cut
     assert out[2]["chosen"] == ids(tok, "good") and out[2]["rejected"] == ids(tok, "bad")
-    # With a prompt limit of 4 the long prompts keep their first 4 tokens instead of being dropped.
-    out, stats = data.tokenize_pairs(rows, tok, max_length=8, max_prompt_length=4)
+    # With a prompt limit of 4 the long prompts keep their first 4 tokens (side "right") instead of being dropped.
+    out, stats = data.tokenize_pairs(rows, tok, max_length=8, max_prompt_length=4, prompt_truncation="right")
     assert stats.as_dict() == {"rows": 4, "kept": 4, "truncated": 2, "dropped": 0}
     assert out[2]["prompt"] == ids(tok, "red cat dog fish")
     assert out[1]["chosen"] == ids(tok, "good dog sun tree") + [tok.eos_token_id]
@@ -110,7 +110,13 @@ def test_truncation_keeps_starts_and_counts(tok):
 def test_fit_directly():
     assert data.fit([1, 2, 3], [[4, 5], [6]], max_length=4) == ([1, 2, 3], [[4], [6]], True)
     assert data.fit([1, 2, 3, 4], [[5]], max_length=4) is None
-    assert data.fit([1, 2, 3, 4], [[5]], max_length=4, max_prompt_length=2) == ([1, 2], [[5]], True)
+    assert data.fit([1, 2, 3, 4], [[5]], max_length=4, max_prompt_length=2, prompt_truncation="right") == (
+        [1, 2], [[5]], True
+    )
+    # The default side drops the oldest prompt tokens.
+    assert data.fit([1, 2, 3, 4], [[5]], max_length=4, max_prompt_length=2) == ([3, 4], [[5]], True)
+    with pytest.raises(InputError, match="'left' or 'right', got 'start'"):
+        data.fit([1, 2, 3, 4], [[5]], max_length=4, max_prompt_length=2, prompt_truncation="start")
 
 
 def test_rankings_demos_and_prompts(tok):
@@ -126,7 +132,8 @@ def test_rankings_demos_and_prompts(tok):
     (demo2,), _ = data.tokenize_demos([{"prompt": "red", "completion": "good dog"}], tok, max_length=32)
     assert demo2["completion"] == demo["completion"]
     prompts, stats = data.tokenize_prompts(
-        [{"prompt": "red cat dog"}, {"chosen": "red good", "rejected": "red bad"}], tok, max_prompt_length=2
+        [{"prompt": "red cat dog"}, {"chosen": "red good", "rejected": "red bad"}], tok, max_prompt_length=2,
+        prompt_truncation="right",
     )
     assert [p["prompt"] for p in prompts] == [ids(tok, "red cat"), ids(tok, "red")]
     assert stats.truncated == 1
@@ -199,3 +206,37 @@ def test_collators():
     assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert torch.equal(data.pad([[1], [2, 3]], 0)[0], torch.tensor([[1, 0], [2, 3]]))
+
+
+def test_long_chat_prompt_keeps_its_latest_turns_and_generation_header(tok):
+    turns = ["red cat", "good dog", "blue fish", "good sun", "green tree"]
+    prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    row = {"prompt": prompt, "chosen": "good", "rejected": "bad"}
+    full = ids(tok, "user: red cat assistant: good dog user: blue fish assistant: good sun user: green tree "
+                    "assistant:")
+    header = ids(tok, "assistant:")
+    assert len(full) == 16 and len(header) == 1
+    (ex,), stats = data.tokenize_pairs([row], tok, max_length=32, max_prompt_length=4)
+    # 4 tokens kept from the end: the last user turn and the header the model answers after.
+    assert ex["prompt"] == full[-4:] == ids(tok, "user: green tree assistant:")
+    assert ex["prompt"][-len(header):] == header and stats.truncated == 1
+    (old,), _ = data.tokenize_pairs([row], tok, max_length=32, max_prompt_length=5, prompt_truncation="right")
+    assert old["prompt"] == full[:5] and old["prompt"][-1:] != header  # the start kept: no header at the end
+    (demo,), _ = data.tokenize_demos([{"messages": prompt + [{"role": "assistant", "content": "good"}]}],
+                                     tok, max_length=32, max_prompt_length=3)
+    assert demo["prompt"] == ids(tok, "green tree assistant:")
+    (ranked,), _ = data.tokenize_rankings([{"prompt": prompt, "responses": ["good", "bad"]}], tok,
+                                          max_length=32, max_prompt_length=5)
+    assert ranked["prompt"] == full[-5:] == ids(tok, "sun user: green tree assistant:")
+    (rollout,), _ = data.tokenize_prompts([{"prompt": prompt}], tok, max_prompt_length=2)
+    assert rollout["prompt"] == ids(tok, "tree assistant:")
+
+
+def test_prompt_truncation_is_a_data_key_defaulting_to_the_end():
+    from diffusion_dpo.config import ConfigError, load_config
+    from diffusion_dpo.llm.common import DataSection
+
+    assert DataSection().prompt_truncation == "left"
+    assert load_config(DataSection, [], ["prompt_truncation=right"]).prompt_truncation == "right"
+    with pytest.raises(ConfigError, match="'prompt_truncation'"):
+        load_config(DataSection, [], ["prompt_truncation=start"])

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_dpo import checkpointing
-from diffusion_dpo.config import TrainingRunOptions, save_config, to_dict, validate
+from diffusion_dpo.config import ConfigError, TrainingRunOptions, save_config, to_dict, validate
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import RunError
 from diffusion_dpo.fileio import atomic_write_text
@@ -68,6 +68,10 @@ class StepOutput:
 
 
 def resolve_mixed_precision(value: str) -> str:
+    """auto -> bf16 on a CUDA GPU, no (fp32) otherwise; fp16 needs a GPU (its loss scaling is CUDA's)."""
+    if value == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("config key 'mixed_precision': expected fp16 only on a CUDA GPU (use no or bf16 on "
+                          "CPU), got 'fp16'")
     return ("bf16" if torch.cuda.is_available() else "no") if value == "auto" else value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from diffusion_dpo.config import option
 from diffusion_dpo.errors import InputError
@@ -36,8 +37,13 @@ class DataSection:
                              "kept), rows whose prompt fills it are dropped", lambda v: v >= 2,
                              "at least 2 tokens")
     max_prompt_length: int | None = option(
-        512, "prompts longer than this keep their first tokens (null = no separate prompt limit)",
+        512, "prompts longer than this are cut on the prompt_truncation side (null = no separate prompt limit)",
         _none_or_positive, "null or at least 1 token")
+    prompt_truncation: Literal["left", "right"] = option(
+        "left",
+        "side of a prompt longer than max_prompt_length that is cut: left drops its oldest tokens and keeps the "
+        "end (a chat prompt's latest turns and the assistant's generation header); right keeps its start",
+    )
     prompt_column: str = option(
         "prompt",
         "column of the prompt (text or conversation); may be absent when the completions share their "

@@ -11,10 +11,11 @@ with the tokenizer's chat template):
 The prompt column may be missing when chosen and rejected are whole conversations or texts sharing their start
 (Anthropic/hh-rlhf, trl-lib/ultrafeedback_binarized): the shared start is the prompt.
 
-Tokenisation keeps prompt and completion ids apart, ends every completion with EOS, keeps the start of a
-prompt that is too long (``max_prompt_length``) and the start of a completion that does not fit
-(``max_length``), and drops a row whose prompt alone fills ``max_length``. ``TokenStats`` counts what was cut
-and dropped.
+Tokenisation keeps prompt and completion ids apart, ends every completion with EOS, keeps the end of a prompt
+that is too long (``max_prompt_length``; ``prompt_truncation="left"`` drops its oldest tokens, so a chat
+prompt keeps its latest turns and the assistant's generation header) and the start of a completion that does
+not fit (``max_length``), and drops a row whose prompt alone fills ``max_length``. ``TokenStats`` counts what
+was cut and dropped.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 
 from diffusion_dpo.errors import InputError
 
 Message = dict[str, str]
+# Which side of a too-long prompt loses tokens: "left" keeps the end (latest turns, generation header),
+# "right" keeps the start.
+Truncation = Literal["left", "right"]
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
@@ -257,15 +261,30 @@ class TokenStats:
         return {"rows": self.rows, "kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
 
 
+def cut_prompt(prompt: list[int], max_prompt_length: int, side: Truncation = "left") -> list[int]:
+    """The ``max_prompt_length`` tokens of ``prompt`` that are kept: its last ones when ``side`` is "left" (the
+    oldest tokens are dropped), its first ones when "right"."""
+    if side not in ("left", "right"):
+        raise InputError(f"prompt truncation side must be 'left' or 'right', got {side!r}")
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    return prompt[len(prompt) - max_prompt_length :] if side == "left" else prompt[:max_prompt_length]
+
+
 def fit(
-    prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None = None
+    prompt: list[int],
+    completions: list[list[int]],
+    max_length: int,
+    max_prompt_length: int | None = None,
+    prompt_truncation: Truncation = "left",
 ) -> tuple[list[int], list[list[int]], bool] | None:
-    """Cut one row to the token budget, keeping starts: the prompt to ``max_prompt_length``, then each
-    completion to ``max_length - len(prompt)``. None when the prompt alone fills ``max_length`` (no completion
-    token would fit). Returns (prompt, completions, cut)."""
+    """Cut one row to the token budget: the prompt to ``max_prompt_length`` (on the ``prompt_truncation``
+    side, see :func:`cut_prompt`), then each completion to ``max_length - len(prompt)``, keeping its start.
+    None when the prompt alone fills ``max_length`` (no completion token would fit). Returns
+    (prompt, completions, cut)."""
     cut = False
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt, cut = prompt[:max_prompt_length], True
+        prompt, cut = cut_prompt(prompt, max_prompt_length, prompt_truncation), True
     room = max_length - len(prompt)
     if room <= 0:
         return None
@@ -288,6 +307,7 @@ def tokenize_pairs(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    prompt_truncation: Truncation = "left",
     prompt_column: str = "prompt",
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
@@ -309,6 +329,7 @@ def tokenize_pairs(
             [enc.completion(prompt, chosen, where), enc.completion(prompt, rejected, where)],
             max_length,
             max_prompt_length,
+            prompt_truncation,
         )
         if fitted is None:
             stats.dropped += 1
@@ -331,6 +352,7 @@ def tokenize_rankings(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    prompt_truncation: Truncation = "left",
     prompt_column: str = "prompt",
     responses_column: str = "responses",
     source: str = "data",
@@ -351,6 +373,7 @@ def tokenize_rankings(
             [enc.completion(prompt, r, where) for r in responses],
             max_length,
             max_prompt_length,
+            prompt_truncation,
         )
         if fitted is None:
             stats.dropped += 1
@@ -367,6 +390,7 @@ def tokenize_demos(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    prompt_truncation: Truncation = "left",
     prompt_column: str = "prompt",
     completion_column: str = "completion",
     messages_column: str = "messages",
@@ -392,6 +416,7 @@ def tokenize_demos(
             [enc.completion(prompt, completion, where)],
             max_length,
             max_prompt_length,
+            prompt_truncation,
         )
         if fitted is None:
             stats.dropped += 1
@@ -407,13 +432,14 @@ def tokenize_prompts(
     tokenizer,
     *,
     max_prompt_length: int,
+    prompt_truncation: Truncation = "left",
     prompt_column: str = "prompt",
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
     source: str = "data",
 ) -> tuple[list[dict], TokenStats]:
-    """Prompts for rollouts -> examples {"prompt": ids}; a prompt longer than ``max_prompt_length`` keeps its
-    start and is counted as truncated. Rows of a preference set (no prompt column) give their shared start."""
+    """Prompts for rollouts -> examples {"prompt": ids}; a prompt longer than ``max_prompt_length`` is cut on
+    the ``prompt_truncation`` side (see :func:`cut_prompt`) and counted as truncated. Rows of a preference set (no prompt column) give their shared start."""
     enc, stats, out = Encoder(tokenizer), TokenStats(), []
     for i, row in enumerate(rows):
         where = f"{source}, row {i}"
@@ -432,7 +458,7 @@ def tokenize_prompts(
             stats.dropped += 1
             continue
         if len(ids) > max_prompt_length:
-            ids = ids[:max_prompt_length]
+            ids = cut_prompt(ids, max_prompt_length, prompt_truncation)
             stats.truncated += 1
         out.append({"prompt": ids})
     return out, stats

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffusion_dpo.config import option
 from diffusion_dpo.errors import InputError
+from scorers.hub import from_hub, load_pretrained, looks_local
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -71,14 +72,12 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_tokenizer(path: str):
-    """The model's tokenizer, right padding; a tokenizer without a pad token pads with EOS."""
+def load_tokenizer(path: str, option: str = "model.name_or_path"):
+    """The model's tokenizer, right padding; a tokenizer without a pad token pads with EOS. ``option``: the
+    config key ``path`` came from, named in the error when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise InputError(f"cannot load a tokenizer from {path}: {e}") from None
+    tok = load_pretrained(AutoTokenizer, path, option=option, what="tokenizer")
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise InputError(f"the tokenizer of {path} has neither a pad nor an EOS token")
@@ -91,34 +90,58 @@ def _is_adapter(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def _load(auto_cls, path: str, dtype: torch.dtype, attn: str | None, **kwargs):
-    extra = {"attn_implementation": attn} if attn else {}
+def _from_pretrained(auto_cls, name: str, option: str, what: str, kwargs: dict):
+    """``auto_cls.from_pretrained(name, **kwargs)`` for a folder or a hub id, with the errors of scorers.hub."""
+    if looks_local(name):
+        return load_pretrained(auto_cls, name, option=option, what=what, **kwargs)
+    # transformers 5 does not hand local_files_only on to its look-up of a hub adapter, which then retries an
+    # unreachable hub for half a minute before the cache-only attempt can fail.
+    return from_hub(lambda local_only: auto_cls.from_pretrained(
+        name, local_files_only=local_only, adapter_kwargs={"local_files_only": local_only}, **kwargs),
+        what, f"hub id {name!r}", option)
+
+
+def _load(auto_cls, path: str, dtype: torch.dtype, attn: str | None, option: str, **kwargs):
+    """``auto_cls`` from a hub id or folder (an adapter folder: its base, with the adapter merged in)."""
+    kwargs = {"dtype": dtype, **({"attn_implementation": attn} if attn else {}), **kwargs}
+    if not _is_adapter(path):
+        return _from_pretrained(auto_cls, path, option, "model", kwargs)
+    from peft import PeftConfig, PeftModel
+
     try:
-        if _is_adapter(path):
-            from peft import PeftConfig, PeftModel
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the LoRA adapter folder {path} (option {option}=): {e}") from None
+    model = _from_pretrained(auto_cls, base, f"base_model_name_or_path in {path}/adapter_config.json",
+                             f"base model of the adapter {path}", kwargs)
+    try:
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the LoRA adapter {path} (option {option}=) onto its base: {e}") from None
 
-            base = PeftConfig.from_pretrained(path).base_model_name_or_path
-            model = auto_cls.from_pretrained(base, dtype=dtype, **extra, **kwargs)
-            return PeftModel.from_pretrained(model, path).merge_and_unload()
-        return auto_cls.from_pretrained(path, dtype=dtype, **extra, **kwargs)
-    except OSError as e:
-        raise InputError(f"cannot load a model from {path}: {e}") from None
 
-
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, attn: str | None = None):
+def load_causal_lm(
+    path: str, dtype: torch.dtype = torch.float32, attn: str | None = None, option: str = "model.name_or_path"
+):
+    """A causal LM from a hub id or folder; ``option`` is the config key ``path`` came from (for errors)."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, path, dtype, attn)
+    return _load(AutoModelForCausalLM, path, dtype, attn, option)
 
 
 def load_score_model(
-    path: str, pad_token_id: int, dtype: torch.dtype = torch.float32, attn: str | None = None
+    path: str,
+    pad_token_id: int,
+    dtype: torch.dtype = torch.float32,
+    attn: str | None = None,
+    option: str = "model.name_or_path",
 ) -> tuple[nn.Module, float]:
     """A sequence-classification model with one output (a new, randomly initialised head when ``path`` is a
-    causal LM), and the bias from reward-model normalisation (0.0 when the folder has none)."""
+    causal LM), and the bias from reward-model normalisation (0.0 when the folder has none). ``option`` is
+    the config key ``path`` came from (for errors)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification, path, dtype, attn, num_labels=1)
+    model = _load(AutoModelForSequenceClassification, path, dtype, attn, option, num_labels=1)
     model.config.pad_token_id = pad_token_id
     norm = Path(path) / NORMALIZATION_FILE
     bias = json.loads(norm.read_text())["bias"] if norm.is_file() else 0.0

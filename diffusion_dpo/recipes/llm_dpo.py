@@ -235,7 +235,7 @@ def run(cfg: DPOConfig) -> dict:
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
     d = cfg.data
     tokenize = partial(tokenize_pairs, tokenizer=tokenizer, max_length=d.max_length,
-                       max_prompt_length=d.max_prompt_length, prompt_column=d.prompt_column,
+                       max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation, prompt_column=d.prompt_column,
                        chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     train, held, data_report = common.load_examples(d, tokenize, cfg.optim.seed, engine.accelerator.print)
 

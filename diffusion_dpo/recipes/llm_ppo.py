@@ -185,7 +185,7 @@ def setup_data(cfg: PPOConfig, engine: Engine, tokenizer) -> tuple[Iterator[list
     d = cfg.data
     name = f"{d.source}[{d.split}]"
     prompts, stats = tokenize_prompts(read_rows(d.source, d.split, subset=d.subset, max_rows=d.max_rows),
-                                      tokenizer, max_prompt_length=d.max_prompt_length,
+                                      tokenizer, max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation,
                                       prompt_column=d.prompt_column, source=name)
     engine.accelerator.print(f"{name}: {stats.describe('prompts')}")
     if len(prompts) < cfg.rollout.batch_size * engine.world:

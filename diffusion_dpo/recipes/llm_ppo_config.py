@@ -28,8 +28,11 @@ class PromptData:
     max_rows: int | None = option(None, "read at most this many prompts (null = all)",
                                   lambda v: v is None or v >= 1, "null or at least 1 row")
     prompt_column: str = option("prompt", "column of the prompt (text or conversation)")
-    max_prompt_length: int = option(256, "prompts longer than this keep their first tokens (counted as "
-                                    "truncated)", at_least_one, "at least 1 token")
+    max_prompt_length: int = option(256, "prompts longer than this are cut on the prompt_truncation side "
+                                    "(counted as truncated)", at_least_one, "at least 1 token")
+    prompt_truncation: Literal["left", "right"] = option(
+        "left", "side of a too-long prompt that is cut: left drops its oldest tokens and keeps the end (the "
+        "latest turns and the generation header); right keeps its start")
 
 
 @dataclass

@@ -186,7 +186,7 @@ def tokenizer_and_collate(cfg: RewardConfig, tokenizer):
         tokenize = partial(tokenize_rankings, responses_column=d.responses_column)
         collate = RankingCollator(tokenizer.pad_token_id)
     return partial(tokenize, tokenizer=tokenizer, max_length=d.max_length,
-                   max_prompt_length=d.max_prompt_length,
+                   max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation,
                    prompt_column=d.prompt_column), collate
 
 

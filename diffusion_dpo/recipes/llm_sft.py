@@ -90,7 +90,7 @@ def run(cfg: SFTConfig) -> dict:
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
     d = cfg.data
     tokenize = partial(tokenize_demos, tokenizer=tokenizer, max_length=d.max_length,
-                       max_prompt_length=d.max_prompt_length, prompt_column=d.prompt_column,
+                       max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation, prompt_column=d.prompt_column,
                        completion_column=d.completion_column, messages_column=d.messages_column)
     train, held, data_report = common.load_examples(d, tokenize, cfg.optim.seed, engine.accelerator.print)
 

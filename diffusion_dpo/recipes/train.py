@@ -95,9 +95,6 @@ class TrainConfig(TrainingRunOptions):
     def check(self) -> None:
         if self.optim.max_steps is None:
             raise ConfigError("config key 'optim.max_steps': expected a number of steps (a stream has no epochs)")
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("config key 'mixed_precision': expected fp16 only on a CUDA GPU (use no or bf16 on "
-                             "CPU), got 'fp16'")
 
 
 @dataclass
