@@ -91,4 +91,5 @@ def test_checks():
     with pytest.raises(InputError, match="predict returned shape"):
         sample_trajectory(lambda x, i: x[:, :1], schedule, torch.zeros(1, 3), generators(1))
     with pytest.raises(InputError, match="out of range"):
-        transition_logprob(schedule, torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([3]))
+        zeros = torch.zeros(1, 3)
+        transition_logprob(schedule, zeros, zeros, zeros, torch.tensor([3]))

@@ -31,7 +31,8 @@ def test_ddim_transition_hand_worked_epsilon_and_v():
     # abar_t 0.64, abar_prev 0.81, eta 1, x 1, model output 0.5
     # std^2 = (0.19 / 0.36) * (1 - 0.64 / 0.81) = 0.1107682, std = 0.3328185; sqrt(0.19 - std^2) = 0.2814815
     # epsilon: x0 = (1 - 0.6 * 0.5) / 0.8 = 0.875, mean = 0.9 * 0.875 + 0.2814815 * 0.5 = 0.9282407
-    # v:       x0 = 0.8 * 1 - 0.6 * 0.5 = 0.5, eps = 0.8 * 0.5 + 0.6 * 1 = 1, mean = 0.45 + 0.2814815 = 0.7314815
+    # v:       x0 = 0.8 * 1 - 0.6 * 0.5 = 0.5, eps = 0.8 * 0.5 + 0.6 * 1 = 1,
+    #          mean = 0.45 + 0.2814815 = 0.7314815
     x, out, a, a_prev = T([[1.0]]), T([[0.5]]), T(0.64), T(0.81)
     mean, std = tr.ddim_transition(x, out, a, a_prev, 1.0, "epsilon")
     assert mean.item() == pytest.approx(0.9282407, abs=1e-6)

@@ -1,4 +1,5 @@
-"""Components of online reward tuning for diffusion models (GRPO, online DPO), independent of the model family.
+"""Components of online reward tuning for diffusion models (GRPO, online DPO), independent of the
+model family.
 
     transitions   Gaussian denoising transitions with log-probs: DDIM with eta > 0, the flow-matching SDE
     trajectory    sampling a trajectory with per-step log-probs; recomputing a recorded step's log-prob

@@ -53,8 +53,8 @@ def sample_trajectory(predict: Callable[[Tensor, int], Tensor], schedule: Schedu
     elements of each transition's log-prob. Returns a :class:`Trajectory`; runs without gradients.
     """
     if len(generators) != latents.shape[0]:
-        raise InputError(f"{len(generators)} generators for {latents.shape[0]} starting latents; expected one "
-                         "per sample")
+        raise InputError(f"{len(generators)} generators for {latents.shape[0]} starting latents; expected "
+                         "one per sample")
     x = latents.float()
     batch = x.shape[0]
     states, logprobs = [x], []
@@ -90,8 +90,8 @@ def transition_logprob(schedule: Schedule, latents: Tensor, next_latents: Tensor
     """
     step_index = torch.as_tensor(step_index, dtype=torch.long)
     if step_index.shape != (latents.shape[0],):
-        raise InputError(f"step_index has shape {tuple(step_index.shape)}; expected [{latents.shape[0]}], one "
-                         "step per row")
+        raise InputError(f"step_index has shape {tuple(step_index.shape)}; expected [{latents.shape[0]}], "
+                         "one step per row")
     if int(step_index.min()) < 0 or int(step_index.max()) >= schedule.num_steps:
         raise InputError(f"step_index {step_index.tolist()} out of range for a schedule of "
                          f"{schedule.num_steps} steps")

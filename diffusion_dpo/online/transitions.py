@@ -81,7 +81,8 @@ class DDIMSchedule:
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise InputError(f"DDIM prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
+            raise InputError(f"DDIM prediction_type {self.prediction_type!r} is not one of "
+                             f"{PREDICTION_TYPES}")
         if self.eta < 0:
             raise InputError(f"DDIM eta must be >= 0, got {self.eta}")
         n = len(self.timesteps)
@@ -110,8 +111,9 @@ class DDIMSchedule:
 
     def mean_std(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [B, ...] and std [B, 1, ...] of p(x_prev | x_t) for each sample's step, in fp32."""
-        return ddim_transition(x, model_output, _per_sample(self.alpha_bars, step_index, x),
-                               _per_sample(self.alpha_bars_prev, step_index, x), self.eta, self.prediction_type)
+        alpha_bar = _per_sample(self.alpha_bars, step_index, x)
+        alpha_bar_prev = _per_sample(self.alpha_bars_prev, step_index, x)
+        return ddim_transition(x, model_output, alpha_bar, alpha_bar_prev, self.eta, self.prediction_type)
 
 
 def ddim_transition(x: Tensor, model_output: Tensor, alpha_bar: Tensor, alpha_bar_prev: Tensor, eta: float,
@@ -120,8 +122,9 @@ def ddim_transition(x: Tensor, model_output: Tensor, alpha_bar: Tensor, alpha_ba
 
     x, model_output: [B, ...]; alpha_bar, alpha_bar_prev: abar_t and abar_{t-1}, broadcastable to x.
         x0_hat  = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)                  (epsilon-prediction)
-        for v-prediction: x0_hat = sqrt(abar_t) x - sqrt(1 - abar_t) v, eps = sqrt(abar_t) v + sqrt(1 - abar_t) x
-        std     = eta * sqrt((1 - abar_{t-1}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t-1})   ([DDIM] eq. 16)
+        for v-prediction: x0_hat = sqrt(abar_t) x - sqrt(1 - abar_t) v,
+                      eps    = sqrt(abar_t) v + sqrt(1 - abar_t) x
+        std     = eta * sqrt((1 - abar_{t-1}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t-1})  ([DDIM] eq. 16)
         mean    = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - std^2) eps
     With eta = 0 this is the deterministic DDIM step (std 0). No clipping of x0_hat (Stable Diffusion's
     schedulers do not clip). Returns (mean [B, ...], std broadcastable) in fp32.
@@ -221,8 +224,8 @@ def flow_sde_transition(x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, 
     return mean, sde_sigma * torch.sqrt(-dt)
 
 
-def flow_sde_logprob(x_next: Tensor, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, sde_sigma: Tensor,
-                     reduction: str = "mean") -> Tensor:
+def flow_sde_logprob(x_next: Tensor, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor,
+                     sde_sigma: Tensor, reduction: str = "mean") -> Tensor:
     """log p(x_{t+dt} | x_t) [B] of one [Flow-GRPO] SDE step: :func:`flow_sde_transition`'s Gaussian evaluated
     at the recorded x_{t+dt}, reduced as in :func:`gaussian_logprob`."""
     mean, std = flow_sde_transition(x, velocity, t, t_next, sde_sigma)
@@ -233,6 +236,7 @@ def draw_transition(mean: Tensor, std: Tensor, generators: list[torch.Generator]
     """x_next = mean + std * z, with z [B, ...] drawn on the CPU from each sample's own generator (so a
     sample's trajectory depends only on its seed, not on its batch or device), in fp32."""
     if len(generators) != mean.shape[0]:
-        raise InputError(f"{len(generators)} generators for a batch of {mean.shape[0]}; expected one per sample")
+        raise InputError(f"{len(generators)} generators for a batch of {mean.shape[0]}; expected one per "
+                         "sample")
     z = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=torch.float32) for g in generators])
     return mean.float() + std.float() * z.to(mean.device)
