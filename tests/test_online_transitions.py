@@ -113,3 +113,15 @@ def test_draw_transition_uses_each_samples_generator():
     assert torch.equal(x[1], 2 * torch.randn(3, generator=torch.Generator().manual_seed(6)))
     with pytest.raises(InputError, match="one per sample"):
         tr.draw_transition(mean, std, [torch.Generator()])
+
+
+def test_flow_sde_mean_equals_the_expanded_form():
+    # the same drift written per coefficient: x (1 + s^2 dt / (2t)) + v (1 + s^2 (1 - t) / (2t)) dt
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    t, t_next, s = T([[0.8], [0.3]]), T([[0.6], [0.1]]), T([[0.9], [0.4]])
+    dt = t_next - t
+    expanded = x * (1 + s**2 * dt / (2 * t)) + v * (1 + s**2 * (1 - t) / (2 * t)) * dt
+    mean, std = tr.flow_sde_transition(x, v, t, t_next, s)
+    assert torch.allclose(mean, expanded, atol=1e-6)
+    assert torch.allclose(std, s * torch.sqrt(t - t_next))
