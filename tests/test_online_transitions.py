@@ -1,0 +1,127 @@
+"""DDIM (eta > 0) and flow-SDE transitions: hand-worked means and stds, log-probs against
+torch.distributions.Normal, the deterministic limits against diffusers' own schedulers."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from torch.distributions import Normal
+
+from diffusion_dpo.errors import InputError
+from diffusion_dpo.online import transitions as tr
+
+T = torch.tensor
+
+
+def test_gaussian_logprob_matches_normal_mean_and_sum():
+    g = torch.Generator().manual_seed(0)
+    x, mean = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    std = T([0.5, 1.0, 2.0]).view(3, 1, 1, 1)
+    by_hand = Normal(mean, std.expand_as(mean)).log_prob(x)
+    assert torch.allclose(tr.gaussian_logprob(x, mean, std), by_hand.mean(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(tr.gaussian_logprob(x, mean, std, "sum"), by_hand.sum(dim=(1, 2, 3)), atol=1e-4)
+    with pytest.raises(InputError, match="reduction"):
+        tr.gaussian_logprob(x, mean, std, "max")
+    with pytest.raises(InputError, match="std 0"):
+        tr.gaussian_logprob(x, mean, torch.zeros(3, 1, 1, 1))
+
+
+def test_ddim_transition_hand_worked_epsilon_and_v():
+    # abar_t 0.64, abar_prev 0.81, eta 1, x 1, model output 0.5
+    # std^2 = (0.19 / 0.36) * (1 - 0.64 / 0.81) = 0.1107682, std = 0.3328185; sqrt(0.19 - std^2) = 0.2814815
+    # epsilon: x0 = (1 - 0.6 * 0.5) / 0.8 = 0.875, mean = 0.9 * 0.875 + 0.2814815 * 0.5 = 0.9282407
+    # v:       x0 = 0.8 * 1 - 0.6 * 0.5 = 0.5, eps = 0.8 * 0.5 + 0.6 * 1 = 1,
+    #          mean = 0.45 + 0.2814815 = 0.7314815
+    x, out, a, a_prev = T([[1.0]]), T([[0.5]]), T(0.64), T(0.81)
+    mean, std = tr.ddim_transition(x, out, a, a_prev, 1.0, "epsilon")
+    assert mean.item() == pytest.approx(0.9282407, abs=1e-6)
+    assert std.item() == pytest.approx(0.3328185, abs=1e-6)
+    mean_v, std_v = tr.ddim_transition(x, out, a, a_prev, 1.0, "v_prediction")
+    assert mean_v.item() == pytest.approx(0.7314815, abs=1e-6)
+    assert std_v.item() == pytest.approx(0.3328185, abs=1e-6)
+    # eta 0: std 0 and mean = 0.9 * 0.875 + sqrt(0.19) * 0.5 = 1.0054446 (the deterministic DDIM step)
+    mean0, std0 = tr.ddim_transition(x, out, a, a_prev, 0.0)
+    assert (mean0.item(), std0.item()) == (pytest.approx(0.7875 + math.sqrt(0.19) * 0.5, abs=1e-6), 0.0)
+    # the log-prob of x_prev = 1.2 under N(0.9282407, 0.3328185^2)
+    logp = tr.ddim_logprob(T([[1.2]]), x, out, a, a_prev, 1.0)
+    assert logp.item() == pytest.approx(Normal(0.9282407, 0.3328185).log_prob(T(1.2)).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_schedule_matches_diffusers_step(prediction_type, eta):
+    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
+    schedule = tr.DDIMSchedule.from_scheduler(scheduler, 4, eta=eta)
+    assert schedule.timesteps.tolist() == [750, 500, 250, 0]
+    g = torch.Generator().manual_seed(1)
+    x, out, z = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    for i, t in enumerate(scheduler.timesteps):
+        mean, std = schedule.mean_std(x, out, torch.full((2,), i))
+        expected = scheduler.step(out, t, x, eta=eta, variance_noise=z).prev_sample
+        assert torch.allclose(mean + std * z, expected, atol=1e-5), (i, int(t))
+
+
+def test_ddim_schedule_checks():
+    with pytest.raises(InputError, match="prediction_type"):
+        tr.DDIMSchedule(T([0.5]), T([0.9]), T([500]), 1.0, "sample")
+    with pytest.raises(InputError, match=r"\(0, 1\]"):
+        tr.DDIMSchedule(T([0.5]), T([1.5]), T([500]))
+
+
+def test_flow_sde_transition_hand_worked():
+    # t 0.5 -> 0.25 (dt = -0.25), a 0.7: sigma_t = 0.7 * sqrt(0.5 / 0.5) = 0.7
+    # x 1, v 2: mean = 1 + [2 + 0.49 / 1 * (1 + 0.5 * 2)] * -0.25 = 1 - 2.98 / 4 = 0.255
+    # std = 0.7 * sqrt(0.25) = 0.35
+    mean, std = tr.flow_sde_transition(T([[1.0]]), T([[2.0]]), T(0.5), T(0.25), T(0.7))
+    assert (mean.item(), std.item()) == (pytest.approx(0.255, abs=1e-6), pytest.approx(0.35, abs=1e-6))
+    logp = tr.flow_sde_logprob(T([[0.4]]), T([[1.0]]), T([[2.0]]), T(0.5), T(0.25), T(0.7))
+    assert logp.item() == pytest.approx(Normal(0.255, 0.35).log_prob(T(0.4)).item(), abs=1e-6)
+    # sigma_t = 0 is the Euler step of the ODE: 1 + 2 * -0.25 = 0.5
+    mean0, std0 = tr.flow_sde_transition(T([[1.0]]), T([[2.0]]), T(0.5), T(0.25), T(0.0))
+    assert (mean0.item(), std0.item()) == (0.5, 0.0)
+
+
+def test_flow_schedule_sde_sigmas_and_diffusers_euler_limit():
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    schedule = tr.FlowSDESchedule.from_scheduler(scheduler, 4, noise_level=0.5)
+    s = schedule.sigmas.tolist()
+    assert len(s) == 5 and s[0] == 1.0 and s[-1] == 0.0
+    # at t = 1 the denominator 1 - t uses the second sigma (0.667): 0.5 * sqrt(1 / 0.333)
+    expected = [0.5 * math.sqrt(1 / (1 - s[1]))] + [0.5 * math.sqrt(t / (1 - t)) for t in s[1:4]]
+    assert schedule.sde_sigmas().tolist() == pytest.approx(expected, rel=1e-5)
+    euler = tr.FlowSDESchedule(schedule.sigmas, schedule.timesteps, noise_level=0.0)
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    for i, t in enumerate(scheduler.timesteps):
+        mean, _ = euler.mean_std(x, v, torch.full((2,), i))
+        assert torch.allclose(mean, scheduler.step(v, t, x).prev_sample, atol=1e-6), i
+
+
+def test_flow_schedule_checks():
+    with pytest.raises(InputError, match="decrease strictly"):
+        tr.FlowSDESchedule(T([1.0, 0.5, 0.6, 0.0]), T([1.0, 0.5, 0.6]))
+    with pytest.raises(InputError, match="exactly 0"):
+        tr.FlowSDESchedule(T([1.0, 0.5]), T([1.0]))
+    with pytest.raises(InputError, match=r"\[T \+ 1\]"):
+        tr.FlowSDESchedule(T([1.0, 0.5, 0.0]), T([1.0]))
+
+
+def test_draw_transition_uses_each_samples_generator():
+    mean, std = torch.zeros(2, 3), T([[1.0], [2.0]])
+    x = tr.draw_transition(mean, std, [torch.Generator().manual_seed(s) for s in (5, 6)])
+    assert torch.equal(x[1], 2 * torch.randn(3, generator=torch.Generator().manual_seed(6)))
+    with pytest.raises(InputError, match="one per sample"):
+        tr.draw_transition(mean, std, [torch.Generator()])
+
+
+def test_flow_sde_mean_equals_the_expanded_form():
+    # the same drift written per coefficient: x (1 + s^2 dt / (2t)) + v (1 + s^2 (1 - t) / (2t)) dt
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    t, t_next, s = T([[0.8], [0.3]]), T([[0.6], [0.1]]), T([[0.9], [0.4]])
+    dt = t_next - t
+    expanded = x * (1 + s**2 * dt / (2 * t)) + v * (1 + s**2 * (1 - t) / (2 * t)) * dt
+    mean, std = tr.flow_sde_transition(x, v, t, t_next, s)
+    assert torch.allclose(mean, expanded, atol=1e-6)
+    assert torch.allclose(std, s * torch.sqrt(t - t_next))
