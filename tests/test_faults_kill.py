@@ -145,8 +145,8 @@ def kill_points(calls: list[str], start: int, end: int, torn: bool = True) -> li
 
 def train_overrides(world, out, *extra):
     return [f"model.pretrained={world['sd']}", f"data.source={world['pairs']}", "data.resolution=32",
-            f"output_dir={out}", "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_warmup_steps=0",
-            "train.batch_size=2", "train.max_steps=4", "log_every=1", "checkpoint_every=2",
+            f"output_dir={out}", "optim.learning_rate=1e-3", "optim.scale_lr=false", "optim.warmup_steps=0",
+            "optim.batch_size=2", "optim.max_steps=4", "log_every=1", "checkpoint_every=2",
             "data.random_flip=true", *extra]
 
 
