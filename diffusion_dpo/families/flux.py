@@ -65,7 +65,7 @@ class FluxFamily(Family):
         n, _, h, w = noisy.shape
         hidden = text["hidden"]
         guidance = None
-        if denoiser.config.guidance_embeds:
+        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
             guidance = torch.full((n,), self.guidance, device=noisy.device, dtype=torch.float32)
         out = denoiser(hidden_states=pack_latents(noisy), timestep=timestep / 1000, guidance=guidance,
                        pooled_projections=text["pooled"], encoder_hidden_states=hidden,

@@ -236,12 +236,13 @@ def setup_models(cfg: TrainConfig, pretrained: str, engine: Engine) -> Models:
 
 
 def setup_data(cfg: TrainConfig, source: str, pretrained: str, comps: models.Components, engine: Engine):
-    """The feed of PairBatches: online encoding, or the latent cache (built once) when ``precompute``."""
+    """The feed of PairBatches: online encoding, or the latent cache (built once) when ``precompute``; and
+    the bytes of frozen parameters (VAE, text encoders) the cache let the run free (0 online)."""
     data_cfg = dataclasses.replace(cfg.data, source=source)
     seed = cfg.optim.seed
     data = PreferencePairs(data_cfg, seed=seed, process_index=engine.rank, num_processes=engine.world)
     if not cfg.precompute:
-        return OnlinePairs(data, comps, engine.device)
+        return OnlinePairs(data, comps, engine.device), 0
     fingerprint = {"pretrained": pretrained, "family": comps.family.name, "revision": cfg.model.revision, "variant": cfg.model.variant,
                    "vae": cfg.model.vae, "dtype": str(engine.compute_dtype), "world_size": engine.world,
                    "seed": seed, "data": {k: v for k, v in to_dict(data_cfg).items()
@@ -251,10 +252,11 @@ def setup_data(cfg: TrainConfig, source: str, pretrained: str, comps: models.Com
                        progress=engine.is_main)
     feed = CachedPairs(engine.out / "latent_cache", data, seed=seed, caption_dropout=data_cfg.caption_dropout,
                        random_flip=data_cfg.random_flip, device=engine.device)
-    comps.vae, comps.text_encoders = None, []  # the cache replaces them: free their memory
+    freed = sum(p.numel() * p.element_size() for m in [comps.vae, *comps.text_encoders] for p in m.parameters())
+    comps.vae, comps.text_encoders = None, []  # the cache replaces them (T5 included): free their memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return feed
+    return feed, freed
 
 
 def make_step(cfg: TrainConfig, unet, built: Models, vae_config, engine: Engine):
@@ -298,7 +300,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     optimizer, scheduler = build_optimizer(built.policy.parameters(), cfg.optim, cfg.optim.max_steps, engine.world)
     unet, optimizer = engine.prepare(built.policy, optimizer)  # the schedule steps once per optimizer step
     precompute_start = time.perf_counter()
-    feed = setup_data(cfg, source, pretrained, built.components, engine)
+    feed, freed_bytes = setup_data(cfg, source, pretrained, built.components, engine)
     precompute_s = time.perf_counter() - precompute_start
     engine.resume(built.policy, optimizer, scheduler, feed)
     if cfg.log_rows:
@@ -318,6 +320,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                          learning_rate=peak_learning_rate(cfg.optim, engine.world), last_metrics=last,
                          data=feed.stats(), weight_digests=engine.digests(built.policy), num_processes=engine.world)
     summary = engine.finish(dataclasses.asdict(result) | {"precompute_s": precompute_s,
+                                                          "precompute_freed_bytes": freed_bytes,
                                                           "metrics": str(engine.metrics_path)})
     return dataclasses.replace(result, process_index=summary["process_index"])
 
