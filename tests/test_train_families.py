@@ -161,3 +161,16 @@ def test_two_processes_agree(worlds, tmp_path, name):
     assert summary["num_processes"] == 2 and summary["format"] == "lora"
     digests = summary["weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_flow_example_configs_parse_and_name_their_command():
+    from diffusion_dpo import ASSETS
+    from diffusion_dpo.config import validate
+
+    for name in ("sd35_medium_lora", "flux_dev_lora"):
+        path = ASSETS / "configs" / f"{name}.yaml"
+        first = path.read_text().split("\n")[0]
+        assert first.startswith("# diffusion-dpo train --config assets/configs/") and f"{name}.yaml" in first
+        cfg = load_config(train.TrainConfig, [str(path)])
+        validate(cfg)
+        assert cfg.loss.beta == 100 and cfg.noise.timestep_sampling == "logit_normal" and cfg.model.lora_rank > 0
