@@ -174,3 +174,11 @@ def test_flow_example_configs_parse_and_name_their_command():
         cfg = load_config(train.TrainConfig, [str(path)])
         validate(cfg)
         assert cfg.loss.beta == 100 and cfg.noise.timestep_sampling == "logit_normal" and cfg.model.lora_rank > 0
+
+
+def test_describe_data_adds_up_a_cache_of_several_processes():
+    data = {"cached_pairs": 16, "caching_pass": [
+        {"pairs_used": 8, "ties_dropped": 1, "bad_rows": {"undecodable image": 1}, "first_bad": "row 3 of x"},
+        {"pairs_used": 8, "ties_dropped": 0, "bad_rows": {"undecodable image": 2}, "first_bad": None}]}
+    assert train.describe_data(data) == ("data: 16 pairs used, 1 ties dropped, bad rows: 3 undecodable image "
+                                         "(first: row 3 of x)")

@@ -328,6 +328,11 @@ def run(cfg: TrainConfig) -> TrainResult:
 def describe_data(data: dict[str, Any]) -> str:
     """What the data did, as a sentence: pairs used, ties dropped, bad rows by reason and the first one."""
     counts = data.get("caching_pass") or data  # a latent-cache feed reports the pass that read the rows
+    if isinstance(counts, list):  # ... one dict per process that cached: add them up
+        counts = {"ties_dropped": sum(c.get("ties_dropped", 0) for c in counts),
+                  "bad_rows": {r: sum(c.get("bad_rows", {}).get(r, 0) for c in counts)
+                               for c in counts for r in c.get("bad_rows", {})},
+                  "first_bad": next((c["first_bad"] for c in counts if c.get("first_bad")), None)}
     used = data.get("cached_pairs", counts.get("pairs_used", 0))
     text = f"data: {used} pairs used, {counts.get('ties_dropped', 0)} ties dropped"
     bad = counts.get("bad_rows") or {}
