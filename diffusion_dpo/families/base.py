@@ -27,6 +27,7 @@ import torch
 from diffusion_dpo.config import ConfigError, option
 from diffusion_dpo.denoising import uniform_timestep
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.models import DEFAULT_LORA_TARGETS
 
 Tensor = torch.Tensor
 
@@ -136,7 +137,7 @@ class Family(ABC):
     denoiser_name = "unet"  # the component that trains: "unet" or "transformer"
     denoiser_class = ""
     text_components: tuple[tuple[str, str], ...] = ()
-    lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] = tuple(DEFAULT_LORA_TARGETS)  # the attention projections
     flow = False  # flow matching (FlowNoise) or DDPM (DDPMNoise)
 
     @classmethod
