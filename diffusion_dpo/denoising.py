@@ -1,86 +1,64 @@
 """Per-sample denoising errors, the quantity Diffusion-DPO compares between policy and reference.
 
-For an image latent x0, noise eps and timestep t, the UNet sees x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-and predicts the scheduler's target (eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for v-prediction).
-The error of one image is the mean squared error over (C, H, W), computed in fp32.
+For clean latents x0, noise eps and a time, the denoiser sees the noised latent of its family's noise
+process (``families.base``: DDPM for SD1.x/2.x/SDXL, rectified flow for SD3/FLUX) and predicts that
+process's target; the error of one image is the squared error reduced over (C, H, W), in fp32.
 
-In Diffusion-DPO the winner and the loser of a pair are noised with the **same** eps and t (Wallace et al.
-2023, eq. 14), so their errors differ only because of the images. :func:`pair_denoising_errors` does that
-for a batch of pairs; :func:`draw_pair_noise` makes the shared randomness from per-pair seeds, so a pair's
-noise depends only on (seed, step, rank, position), which makes resumed and accumulated runs exact.
+In Diffusion-DPO the winner and the loser of a pair are noised with the **same** eps and time (Wallace et
+al. 2023, eq. 14), so their errors differ only because of the images. :func:`pair_errors` does that for a
+batch of pairs; :func:`draw_pair_noise` makes the shared randomness from per-pair seeds, so a pair's noise
+depends only on (seed, step, rank, position), which makes resumed and accumulated runs exact.
 
-Evaluation (implicit reward accuracy) uses the same two functions:
-
-    noise = draw_pair_noise(pair_seeds(seed, 0, 0, B), latent_shape, scheduler.config.num_train_timesteps)
-    mse_w, mse_l = pair_denoising_errors(policy, lat_w, lat_l, text.hidden, noise.noise, noise.timesteps,
-                                         scheduler, added_cond_kwargs)
-    ref_w, ref_l = pair_denoising_errors(reference, ...same inputs...)
-    accuracy = implicit_accuracy(*diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta_dpo=5000)[1:])
+    process = family.noise_process(comps.noise_scheduler, NoiseConfig())
+    noise = draw_pair_noise(pair_seeds(seed, 0, 0, B), latent_shape, process.draw_time)
+    x = models.pair_inputs(comps.vae.config, batch, noise)
+    mse_w, mse_l = pair_errors(policy, x, process, family.forward)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from diffusion_dpo.errors import InputError
-
 Tensor = torch.Tensor
 
 
-def _epsilon_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    return noise
+def unet_forward(unet, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor], image: dict[str, Tensor]) -> Tensor:
+    """A conditional UNet's prediction: cross-attention on text["hidden"] [N, L, D]; with SDXL's per-image
+    ``image["time_ids"]`` [N, 6], the added conditions take ``text["pooled"]`` [N, D2] as text_embeds."""
+    added = {"text_embeds": text["pooled"], "time_ids": image["time_ids"]} if "time_ids" in image else None
+    return unet(noisy, timestep, text["hidden"], added_cond_kwargs=added).sample
 
 
-def _v_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    return scheduler.get_velocity(latents, noise, timesteps)
+def as_process(noise):
+    """A noise process; a bare diffusers scheduler means its DDPM process with mean reduction."""
+    from diffusion_dpo.families.base import DDPMNoise
+
+    return noise if hasattr(noise, "draw_time") else DDPMNoise(noise)
 
 
-def _sample_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    return latents
+def denoising_errors(model, latents: Tensor, noise: Tensor, times: Tensor, process, text: dict[str, Tensor],
+                     image: dict[str, Tensor] | None = None, forward: Callable = unet_forward) -> Tensor:
+    """Per-image denoising error of ``model`` on N images.
 
-
-# The scheduler's prediction_type names what the UNet was trained to output.
-TARGETS: dict[str, Callable[..., Tensor]] = {
-    "epsilon": _epsilon_target,
-    "v_prediction": _v_target,
-    "sample": _sample_target,
-}
-
-
-def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """The regression target of the UNet for clean ``latents`` noised with ``noise`` at ``timesteps``."""
-    kind = scheduler.config.prediction_type
-    if kind not in TARGETS:
-        raise InputError(f"scheduler prediction_type {kind!r} is not one of {sorted(TARGETS)}")
-    return TARGETS[kind](scheduler, latents, noise, timesteps)
-
-
-def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over every axis but the first, in fp32: [N, ...] -> [N]."""
-    diff = prediction.float() - target.float()
-    return diff.pow(2).mean(dim=tuple(range(1, diff.ndim)))
-
-
-def denoising_errors(unet, latents: Tensor, encoder_hidden_states: Tensor, noise: Tensor, timesteps: Tensor,
-                     scheduler, added_cond_kwargs: dict[str, Tensor] | None = None) -> Tensor:
-    """Per-image denoising error of ``unet`` on N images.
-
-    latents, noise: [N, C, h, w] (scaled VAE latents and standard normal noise); timesteps: long [N];
-    encoder_hidden_states: [N, L, D]; added_cond_kwargs (SDXL): {"text_embeds": [N, D2], "time_ids": [N, 6]}.
-    Returns the fp32 MSE [N] between the UNet's output and the scheduler's target. Run it under
-    ``torch.autocast`` when the UNet's weights are in half precision; gradients flow unless under no_grad.
+    latents, noise: [N, C, h, w] (scaled VAE latents and standard normal noise); times: [N] (DDPM: long
+    timesteps; flow: sigma); text, image: conditioning tensors [N, ...] that ``forward`` reads. Returns the
+    fp32 error [N] between the prediction and the process's target. Run it under ``torch.autocast`` when
+    the weights are in half precision; gradients flow unless under no_grad.
     """
+    from diffusion_dpo.families.base import reduce_error
+
+    process = as_process(process)
     latents = latents.float()
     noise = noise.to(latents)
-    timesteps = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = prediction_target(scheduler, latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
-    return per_sample_mse(prediction, target)
+    times = times.to(latents.device)
+    noisy = process.noisy(latents, noise, times)
+    target = process.target(latents, noise, times)
+    prediction = forward(model, noisy, process.model_timestep(times), text, image or {})
+    return reduce_error(prediction, target, process.reduction)
 
 
 def _both_images(value: Tensor, n_pairs: int) -> Tensor:
@@ -92,47 +70,39 @@ def _both_images(value: Tensor, n_pairs: int) -> Tensor:
     raise ValueError(f"conditioning has leading size {value.shape[0]}, expected {n_pairs} or {2 * n_pairs}")
 
 
-def pair_denoising_errors(unet, latents_w: Tensor, latents_l: Tensor, encoder_hidden_states: Tensor,
-                          noise: Tensor, timesteps: Tensor, scheduler,
-                          added_cond_kwargs: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Denoising errors of winner and loser of B pairs under the same noise and timestep per pair.
-
-    latents_w, latents_l: [B, C, h, w]; noise: [B, C, h, w]; timesteps: long [B] (one per pair, shared by
-    its two images); encoder_hidden_states: [B, L, D] (the pair's caption). Each value of
-    added_cond_kwargs is per pair [B, ...] or per image [2B, ...] with the B winners first (SDXL's
-    ``time_ids`` differ between the two images when their original sizes or crops do).
-    Both images go through the UNet in one batch of 2B. Returns (mse_w [B], mse_l [B]) in fp32.
-    """
-    n = latents_w.shape[0]
-    added = None if added_cond_kwargs is None else {k: _both_images(v, n) for k, v in added_cond_kwargs.items()}
-    errors = denoising_errors(unet, torch.cat([latents_w, latents_l]), _both_images(encoder_hidden_states, n),
-                              torch.cat([noise, noise]), torch.cat([timesteps, timesteps]), scheduler, added)
-    return errors[:n], errors[n:]
-
-
 @dataclass
 class PairInputs:
-    """The UNet inputs of B pairs under shared noise (see :func:`pair_denoising_errors` for the shapes)."""
+    """The denoiser inputs of B pairs under shared noise.
+
+    latents_w, latents_l, noise: [B, C, h, w]; timesteps: [B] (one per pair, shared by its two images);
+    text: per-pair conditioning {name: [B, ...]} (the caption's); image: per-image conditioning
+    {name: [2B, ...]}, the B winners first (SDXL's time ids differ when the images' sizes or crops do).
+    """
 
     latents_w: Tensor
     latents_l: Tensor
-    encoder_hidden_states: Tensor
     noise: Tensor
     timesteps: Tensor
-    added_cond_kwargs: dict[str, Tensor] | None = None
+    text: dict[str, Tensor]
+    image: dict[str, Tensor] = field(default_factory=dict)
 
 
-def pair_errors(unet, x: PairInputs, scheduler) -> tuple[Tensor, Tensor]:
-    """:func:`pair_denoising_errors` on a :class:`PairInputs`: (mse_w [B], mse_l [B])."""
-    return pair_denoising_errors(unet, x.latents_w, x.latents_l, x.encoder_hidden_states, x.noise, x.timesteps,
-                                 scheduler, x.added_cond_kwargs)
-
-
-def winner_errors(unet, x: PairInputs, scheduler) -> Tensor:
-    """Denoising errors of the winners alone [B] (the SFT baseline trains on these): one UNet pass of B."""
+def pair_errors(model, x: PairInputs, process, forward: Callable = unet_forward) -> tuple[Tensor, Tensor]:
+    """Errors of winner and loser of B pairs under the same noise and time per pair, in one batch of 2B.
+    ``process``: a noise process (or a DDPM scheduler). Returns (mse_w [B], mse_l [B]) in fp32."""
     n = x.latents_w.shape[0]
-    added = None if x.added_cond_kwargs is None else {k: v[:n] for k, v in x.added_cond_kwargs.items()}
-    return denoising_errors(unet, x.latents_w, x.encoder_hidden_states, x.noise, x.timesteps, scheduler, added)
+    errors = denoising_errors(model, torch.cat([x.latents_w, x.latents_l]), torch.cat([x.noise, x.noise]),
+                              torch.cat([x.timesteps, x.timesteps]), process,
+                              {k: _both_images(v, n) for k, v in x.text.items()},
+                              {k: _both_images(v, n) for k, v in x.image.items()}, forward)
+    return errors[:n], errors[n:]
+
+
+def winner_errors(model, x: PairInputs, process, forward: Callable = unet_forward) -> Tensor:
+    """Denoising errors of the winners alone [B] (the SFT baseline trains on these): one pass of B."""
+    n = x.latents_w.shape[0]
+    return denoising_errors(model, x.latents_w, x.noise, x.timesteps, process,
+                            {k: v[:n] for k, v in x.text.items()}, {k: v[:n] for k, v in x.image.items()}, forward)
 
 
 # ---------------------------------------------------------------------------------------- shared noise
@@ -142,7 +112,7 @@ class PairNoise:
     """The randomness of B pairs: one timestep and one noise per pair (shared by winner and loser), and
     the standard normal draws that sample each image's latent from its VAE posterior."""
 
-    timesteps: Tensor  # long [B]
+    timesteps: Tensor  # [B]: long DDPM timesteps, or flow sigmas
     noise: Tensor  # [B, C, h, w]
     latent_eps: Tensor  # [B, 2, C, h, w], index 0 winner
 
@@ -157,14 +127,23 @@ def pair_seeds(seed: int, step: int, rank: int, n_pairs: int, offset: int = 0) -
             for i in range(n_pairs)]
 
 
-def draw_pair_noise(seeds: list[int], latent_shape: tuple[int, int, int], num_train_timesteps: int,
+def draw_pair_noise(seeds: list[int], latent_shape: tuple[int, int, int],
+                    draw_time: int | Callable[[torch.Generator], Tensor],
                     device: torch.device | str = "cpu") -> PairNoise:
-    """Draw each pair's timestep (uniform in [0, num_train_timesteps)), noise and latent draws from a CPU
-    generator seeded with that pair's seed, so the values are the same on any device and batch size."""
+    """Draw each pair's time, noise and latent draws from a CPU generator seeded with that pair's seed, so
+    the values are the same on any device and batch size. ``draw_time``: a noise process's ``draw_time``
+    (generator -> [1]), or an int T for DDPM timesteps uniform in [0, T)."""
+    if isinstance(draw_time, int):
+        draw_time = uniform_timestep(draw_time)
     timesteps, noise, eps = [], [], []
     for s in seeds:
         g = torch.Generator("cpu").manual_seed(s)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        timesteps.append(draw_time(g))
         noise.append(torch.randn(latent_shape, generator=g))
         eps.append(torch.randn((2, *latent_shape), generator=g))
     return PairNoise(torch.cat(timesteps).to(device), torch.stack(noise).to(device), torch.stack(eps).to(device))
+
+
+def uniform_timestep(num_train_timesteps: int) -> Callable[[torch.Generator], Tensor]:
+    """DDPM's time draw for T timesteps: long [1], uniform in [0, T)."""
+    return lambda g: torch.randint(0, num_train_timesteps, (1,), generator=g)

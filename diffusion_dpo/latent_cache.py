@@ -1,12 +1,12 @@
 """Where a training step's encoded pairs come from: encoded as they arrive, or from a pre-computed cache.
 
-Both yield :class:`~diffusion_dpo.models.PairBatch` (VAE posterior moments, text encodings, SDXL time ids)
+Both yield :class:`~diffusion_dpo.models.PairBatch` (VAE posterior moments, text and per-image conditioning)
 and resume exactly through ``state_dict()`` / ``load_state_dict()``.
 
 * :class:`OnlinePairs` runs the frozen VAE and text encoder(s) on each batch of ``PreferencePairs``.
 * ``precompute``: :func:`build_latent_cache` encodes every pair once (each process its epoch-0 share
   of the rows, all processes in parallel) into ``<output_dir>/latent_cache/``; :class:`CachedPairs` then
-  trains from it without the VAE or text encoders in memory. The cache holds the VAE posterior (mean and
+  trains from it without the VAE or text encoders (T5 included) in memory. The cache holds the VAE posterior (mean and
   log-variance), not one sample, so every step still draws a fresh latent; with ``data.random_flip`` it
   holds both orientations of each pair. It visits the rows in the same per-epoch order and applies the same
   per-pair flip and caption-dropout draws as ``PreferencePairs`` (``data.pair_draws``), so a cached run sees
@@ -79,8 +79,9 @@ def build_latent_cache(components: Components, data_cfg: DataConfig, folder: str
     depend on). Written into ``folder.tmp`` and renamed when complete. Returns the caching pass's stats.
 
     Layout: ``rank-R-K.safetensors`` shards with row_ids [n], moments [n, 2, F, 2C, h, w] (F = 2 with
-    random_flip: unflipped, flipped), hidden [n, L, D], is_tie [n], and for SDXL pooled [n, D2] and
-    time_ids [n, 2, 6]; ``empty.safetensors`` with the encoding of the empty caption; ``meta.json``.
+    random_flip: unflipped, flipped), is_tie [n], the family's text conditioning as ``text.<name>`` [n, ...]
+    and its per-image conditioning as ``image.<name>`` [n, 2, ...] (SDXL: text.hidden, text.pooled,
+    image.time_ids); ``empty.safetensors`` with the text conditioning of the empty caption; ``meta.json``.
     """
     from safetensors.torch import save_file
 
@@ -106,9 +107,9 @@ def build_latent_cache(components: Components, data_cfg: DataConfig, folder: str
                                                    else batch["pixel_values"]}) for f in flips]
         first = per_flip[0]
         shard = {"row_ids": batch["row_indices"], "is_tie": batch["is_tie"],
-                 "moments": torch.stack([p.moments for p in per_flip], dim=2).cpu(), "hidden": first.hidden.cpu()}
-        if first.pooled is not None:
-            shard |= {"pooled": first.pooled.cpu(), "time_ids": first.time_ids}
+                 "moments": torch.stack([p.moments for p in per_flip], dim=2).cpu()}
+        shard |= {f"text.{k}": v.cpu() for k, v in first.text.items()}
+        shard |= {f"image.{k}": v.cpu() for k, v in first.image.items()}
         save_file({key: v.contiguous() for key, v in shard.items()}, tmp / f"rank-{rank}-{k:05d}.safetensors")
         bar.update(len(batch["captions"]))
         pending.clear()
@@ -133,9 +134,7 @@ def build_latent_cache(components: Components, data_cfg: DataConfig, folder: str
     (tmp / f"stats-{rank}.json").write_text(json.dumps(stats))
     if rank == 0:
         empty = encode_prompts(components, [""])
-        save_file({"hidden": empty.hidden[0].cpu().contiguous()}
-                  | ({"pooled": empty.pooled[0].cpu().contiguous()} if empty.pooled is not None else {}),
-                  tmp / "empty.safetensors")
+        save_file({f"text.{k}": v[0].cpu().contiguous() for k, v in empty.items()}, tmp / "empty.safetensors")
     barrier()
     if rank == 0:
         all_stats = [json.loads((tmp / f"stats-{r}.json").read_text()) for r in range(world_size)]
@@ -204,7 +203,7 @@ class CachedPairs:
                 stack = {key: torch.stack([p[key] for p in pairs]) for key in pairs[0]}
                 self._position += batch_size
                 self._batches_done += 1
-                yield PairBatch(stack["moments"], stack["hidden"], stack.get("pooled"), stack.get("time_ids"),
+                yield PairBatch(stack["moments"], _prefixed(stack, "text."), _prefixed(stack, "image."),
                                 stack["is_tie"].bool(), torch.tensor(chosen, dtype=torch.long)).to(self.device)
             self._epoch, self._position, self._batches_done = epoch + 1, 0, 0
 
@@ -221,3 +220,7 @@ class CachedPairs:
 
     def stats(self) -> dict[str, Any]:
         return {"cached_pairs": len(self), "epoch": self._epoch, "caching_pass": self._caching_stats}
+
+
+def _prefixed(values: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}

@@ -1,16 +1,17 @@
-"""Stable Diffusion components for training: loading, text and image encoding, SDXL conditioning, LoRA.
+"""Diffusion components for training, whatever the model family: loading, image encoding, pair batches, LoRA.
 
     comps = load_components("runwayml/stable-diffusion-v1-5")     # or a local diffusers pipeline folder
-    comps.is_sdxl                                                  # True when the pipeline has text_encoder_2
-    text = encode_prompts(comps, ["a red dog", ""])                # TextConditioning
+    comps.family                                                   # SDFamily, SDXLFamily, SD3Family, FluxFamily
+    text = encode_prompts(comps, ["a red dog", ""])                # {name: [B, ...]} the denoiser reads
     moments = encode_latent_moments(comps.vae, pixel_values)       # VAE posterior parameters, no grad
-    latents = sample_latents(comps.vae.config, moments, eps)       # scaled latents the UNet sees
+    latents = sample_latents(comps.vae.config, moments, eps)       # scaled latents the denoiser sees
     batch = encode_pair_batch(comps, data_batch)                   # a PreferencePairs batch, encoded
-    x = pair_inputs(comps.vae.config, batch, noise)                # UNet inputs under shared noise
+    x = pair_inputs(comps.vae.config, batch, noise)                # denoiser inputs under shared noise
 
-The reference model of Diffusion-DPO is the starting UNet, held either as a frozen copy (full fine-tune,
-:func:`frozen_copy`) or as the policy UNet with its LoRA adapter switched off (:func:`reference_unet`), so a
-LoRA run holds one UNet.
+What differs between families (components, text encoding, conditioning, noise process, denoiser call, LoRA
+targets, final/ format) lives in ``diffusion_dpo.families``. The reference model of Diffusion-DPO is the
+starting denoiser, held either as a frozen copy (full fine-tune, :func:`frozen_copy`) or as the policy with
+its LoRA adapter switched off (:func:`reference_unet`), so a LoRA run holds one denoiser.
 """
 
 from __future__ import annotations
@@ -33,32 +34,31 @@ Tensor = torch.Tensor
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-@dataclass
 class Components:
-    """Everything a training step needs from a pipeline. Only ``unet`` is ever trained."""
+    """Everything a training step needs from a pipeline. Only ``denoiser`` is ever trained.
 
-    unet: Any  # UNet2DConditionModel
-    vae: Any  # AutoencoderKL
-    text_encoders: list  # [CLIPTextModel] or, for SDXL, [CLIPTextModel, CLIPTextModelWithProjection]
-    tokenizers: list
-    noise_scheduler: Any  # DDPMScheduler with the pipeline's betas and prediction_type
-    is_sdxl: bool
+    denoiser: UNet2DConditionModel or a transformer; vae: AutoencoderKL; text_encoders / tokenizers in the
+    family's order; noise_scheduler: DDPMScheduler (DDPM families) or the pipeline's flow-matching scheduler;
+    family: the :class:`~diffusion_dpo.families.base.Family`. ``unet=`` and ``is_sdxl=`` construct an SD or
+    SDXL set as callers from before the families did (``comps.unet`` is the denoiser).
+    """
+
+    def __init__(self, denoiser=None, vae=None, text_encoders=(), tokenizers=(), noise_scheduler=None,
+                 family=None, *, unet=None, is_sdxl: bool = False):
+        from diffusion_dpo.families import SDFamily, SDXLFamily
+
+        self.denoiser = denoiser if denoiser is not None else unet
+        self.vae, self.noise_scheduler = vae, noise_scheduler
+        self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
+        self.family = family if family is not None else (SDXLFamily() if is_sdxl else SDFamily())
+
+    @property
+    def unet(self):
+        return self.denoiser
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-
-@dataclass
-class TextConditioning:
-    """Text encodings of B captions.
-
-    hidden: [B, L, D] cross-attention states (SDXL: both encoders' penultimate layers concatenated on D).
-    pooled: [B, D2] pooled output of the second encoder (SDXL only, else None).
-    """
-
-    hidden: Tensor
-    pooled: Tensor | None = None
+        return self.noise_scheduler.config.get("prediction_type") or "flow"
 
 
 def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
@@ -92,39 +92,28 @@ def _component_class(index: dict[str, Any], name: str, pretrained: str):
 
 def load_components(pretrained: str, *, revision: str | None = None, variant: str | None = None,
                     vae: str | None = None) -> Components:
-    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler, all in fp32 on CPU.
+    """Load the family's denoiser, VAE, text encoder(s), tokenizer(s) and training scheduler, in fp32 on CPU.
 
-    ``pretrained``: hub id or local diffusers pipeline folder. SDXL is recognised by a ``text_encoder_2``
-    component in its ``model_index.json``. ``vae``: an optional separate VAE (hub id or folder holding the
-    VAE itself, e.g. ``madebyollin/sdxl-vae-fp16-fix``, which the paper's SDXL run used so fp16 does not
-    overflow). The frozen modules are returned with ``requires_grad`` off and in eval mode.
+    ``pretrained``: hub id or local diffusers pipeline folder; its family is detected from model_index.json.
+    ``vae``: an optional separate VAE (hub id or folder holding the VAE itself, e.g.
+    ``madebyollin/sdxl-vae-fp16-fix``, which the paper's SDXL run used so fp16 does not overflow). The
+    frozen modules are returned with ``requires_grad`` off and in eval mode.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusion_dpo.families import detect_index
 
     index = pipeline_index(pretrained, revision)
-    is_sdxl = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
-    names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if is_sdxl else [])
-    where = dict(revision=revision)
+    family = detect_index(index, pretrained)
+
+    def load(name: str, weights: bool = True, cls=None):
+        """The component ``name`` (the class model_index.json names, or ``cls``) from its subfolder."""
+        component_class = cls or _component_class(index, name, pretrained)
+        kwargs = {"variant": variant} if weights else {}
+        return component_class.from_pretrained(pretrained, subfolder=name, revision=revision, **kwargs)
+
     try:
-        tokenizers = [_component_class(index, tok, pretrained).from_pretrained(pretrained, subfolder=tok, **where)
-                      for tok, _ in names]
-        text_encoders = [
-            _component_class(index, enc, pretrained).from_pretrained(pretrained, subfolder=enc, variant=variant,
-                                                                     **where)
-            for _, enc in names
-        ]
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **where)
-        image_vae = (AutoencoderKL.from_pretrained(vae) if vae else
-                     AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **where))
-        # Training samples timesteps from the DDPM forward process of the pipeline's schedule, whatever
-        # sampler the pipeline ships with (the betas and prediction_type are what carry over).
-        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **where)
+        return family.load(pretrained, load, vae)
     except OSError as e:
         raise InputError(f"cannot load the components of {pretrained!r}: {e}") from None
-    for module in [image_vae, *text_encoders]:
-        module.requires_grad_(False).eval()
-    return Components(unet=unet, vae=image_vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                      noise_scheduler=noise_scheduler, is_sdxl=is_sdxl)
 
 
 def move(module, device: torch.device | str, dtype: torch.dtype = torch.float32):
@@ -143,35 +132,9 @@ def freeze_to(components: Components, device: torch.device, dtype: torch.dtype) 
 
 # --------------------------------------------------------------------------------------------- encoding
 
-@torch.no_grad()
-def encode_prompts(components: Components, captions: list[str]) -> TextConditioning:
-    """Encode B captions with the frozen text encoder(s).
-
-    SD1.x/2.x: the encoder's last hidden state [B, L, D], as StableDiffusionPipeline conditions on.
-    SDXL: each encoder's penultimate hidden state, concatenated on the feature axis ([B, L, D1 + D2]), and
-    the second encoder's pooled (projected) output [B, D2], as StableDiffusionXLPipeline.encode_prompt does.
-    """
-    hidden_states, pooled = [], None
-    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
-        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-        if components.is_sdxl:
-            out = encoder(ids, output_hidden_states=True)
-            hidden_states.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's pooled output is the one SDXL's add_embedding takes
-        else:
-            hidden_states.append(encoder(ids)[0])
-    return TextConditioning(hidden=torch.cat(hidden_states, dim=-1), pooled=pooled)
-
-
-def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, target_size: tuple[int, int]) -> Tensor:
-    """SDXL micro-conditioning per image: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
-
-    original_sizes, crop_top_lefts: [..., 2] (h, w) and (top, left) of each image before/at cropping.
-    Returns float [..., 6], the ``time_ids`` that SDXL's UNet embeds (Podell et al. 2023, sec. 2.2).
-    """
-    target = torch.tensor(target_size, dtype=torch.float32).expand(*original_sizes.shape[:-1], 2)
-    return torch.cat([original_sizes.float(), crop_top_lefts.float(), target], dim=-1)
+def encode_prompts(components: Components, captions: list[str]) -> dict[str, Tensor]:
+    """Encode B captions with the frozen text encoder(s) as the family conditions on: {name: [B, ...]}."""
+    return components.family.encode_text(components, list(captions))
 
 
 @torch.no_grad()
@@ -201,62 +164,51 @@ def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
 class PairBatch:
     """B encoded pairs, what a training step consumes (online from images, or from the latent cache).
 
-    moments: [B, 2, 2C, h, w] VAE posterior parameters, index 0 winner; hidden: [B, L, D] caption states;
-    pooled: [B, D2] (SDXL) or None; time_ids: [B, 2, 6] (SDXL, per image) or None; is_tie: bool [B];
-    row_indices: long [B] (the data's row ids).
+    moments: [B, 2, 2C, h, w] VAE posterior parameters, index 0 winner; text: the caption's conditioning
+    {name: [B, ...]}; image: per-image conditioning {name: [B, 2, ...]} (SDXL's time_ids [B, 2, 6]);
+    is_tie: bool [B]; row_indices: long [B] (the data's row ids).
     """
 
     moments: Tensor
-    hidden: Tensor
-    pooled: Tensor | None
-    time_ids: Tensor | None
+    text: dict[str, Tensor]
+    image: dict[str, Tensor]
     is_tie: Tensor
     row_indices: Tensor
 
     def to(self, device: torch.device | str) -> "PairBatch":
-        def move(t):
-            return None if t is None else t.to(device)
-
-        return PairBatch(move(self.moments), move(self.hidden), move(self.pooled), move(self.time_ids),
-                         move(self.is_tie), self.row_indices)
+        return PairBatch(self.moments.to(device), {k: v.to(device) for k, v in self.text.items()},
+                         {k: v.to(device) for k, v in self.image.items()}, self.is_tie.to(device), self.row_indices)
 
 
 @torch.no_grad()
 def encode_pair_batch(components: Components, batch: dict[str, Any]) -> PairBatch:
     """Encode a data batch (``PreferencePairs.batches``: pixel_values [B, 2, 3, H, W] in [-1, 1], winner
     first; captions; original_sizes and crop_top_lefts [B, 2, 2]; is_tie; row_indices) with the frozen VAE
-    and text encoder(s). SDXL's time ids use each image's own original size and crop, and (H, W) as target.
-    """
+    and text encoder(s), and the family's per-image conditioning at target size (H, W)."""
     pixels = batch["pixel_values"]
     n = pixels.shape[0]
     moments = encode_latent_moments(components.vae, pixels.flatten(0, 1)).unflatten(0, (n, 2))
     text = encode_prompts(components, batch["captions"])
-    time_ids = None
-    if components.is_sdxl:
-        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], tuple(pixels.shape[-2:]))
-    return PairBatch(moments, text.hidden, text.pooled, time_ids, batch["is_tie"], batch["row_indices"])
+    image = components.family.image_conditioning(batch, tuple(pixels.shape[-2:]))
+    return PairBatch(moments, text, image, batch["is_tie"], batch["row_indices"])
 
 
 def pair_inputs(vae_config, batch: PairBatch, noise) -> PairInputs:
-    """The UNet inputs of a pair batch under its shared noise (a ``denoising.PairNoise``): latents sampled
-    from each image's posterior with ``noise.latent_eps``; SDXL's added conditions with the pooled text
-    embedding per pair and the time ids per image, winners first."""
+    """The denoiser inputs of a pair batch under its shared noise (a ``denoising.PairNoise``): latents
+    sampled from each image's posterior with ``noise.latent_eps``; per-image conditioning winners first."""
     n = batch.moments.shape[0]
     latents = sample_latents(vae_config, batch.moments.flatten(0, 1), noise.latent_eps.flatten(0, 1))
     latents = latents.unflatten(0, (n, 2))
-    added = None
-    if batch.time_ids is not None:
-        time_ids = torch.cat([batch.time_ids[:, 0], batch.time_ids[:, 1]]).to(batch.hidden.device)
-        added = {"text_embeds": batch.pooled, "time_ids": time_ids}
-    return PairInputs(latents[:, 0], latents[:, 1], batch.hidden, noise.noise, noise.timesteps, added)
+    image = {k: torch.cat([v[:, 0], v[:, 1]]).to(batch.moments.device) for k, v in batch.image.items()}
+    return PairInputs(latents[:, 0], latents[:, 1], noise.noise, noise.timesteps, batch.text, image)
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
 
 def attach_lora(unet, rank: int, alpha: float | None = None, targets: list[str] | None = None) -> None:
-    """Add a trainable LoRA adapter (peft) to the UNet's ``targets`` and freeze everything else.
+    """Add a trainable LoRA adapter (peft) to the denoiser's ``targets`` and freeze everything else.
 
-    The adapter's B matrices start at zero ("gaussian" init), so the adapted UNet equals the base UNet at
+    The adapter's B matrices start at zero ("gaussian" init), so the adapted denoiser equals the base at
     step 0 and the first Diffusion-DPO loss is ln 2. ``alpha`` None means alpha = rank (scale 1).
     """
     from peft import LoraConfig
@@ -269,7 +221,7 @@ def attach_lora(unet, rank: int, alpha: float | None = None, targets: list[str] 
     try:
         unet.add_adapter(config)
     except ValueError as e:
-        raise InputError(f"model.lora_targets {targets!r} do not name modules of this UNet: {e}") from None
+        raise InputError(f"model.lora_targets {targets!r} do not name modules of this denoiser: {e}") from None
 
 
 def has_lora(unet) -> bool:
@@ -310,8 +262,8 @@ def lora_state_dict(unet) -> dict[str, Tensor]:
 
 
 def save_lora(unet, path, is_sdxl: bool) -> None:
-    """Write ``path/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(path)`` works."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """Write an SD or SDXL UNet's adapter to ``path/pytorch_lora_weights.safetensors`` for
+    ``pipe.load_lora_weights(path)`` (other families: ``family.save_lora``)."""
+    from diffusion_dpo.families import SDFamily, SDXLFamily
 
-    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    pipeline_class.save_lora_weights(str(path), unet_lora_layers=lora_state_dict(unet))
+    (SDXLFamily() if is_sdxl else SDFamily()).save_lora(unet, path)

@@ -1,11 +1,14 @@
 """Tiny Stable Diffusion pipelines and preference-pair sets built from configs, offline.
 
 They have the exact layout of the real checkpoints (a diffusers pipeline folder with unet/, vae/,
-text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/) at a size that trains
-in seconds on a CPU. The tests, the README's first command and the benchmarks use them.
+text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/; SD3 a transformer/ and
+three text encoders, CLIP-L, CLIP-G and T5; FLUX.1 a transformer/, CLIP-L and T5) at a size that trains in
+seconds on a CPU. The tests, the README's first command and the benchmarks use them.
 
-    path = build_tiny_pipeline("tiny-sd")                 # SD1.5 layout, 32 px images, 16 px latents
-    path = build_tiny_pipeline("tiny-sdxl", sdxl=True)    # SDXL layout
+    path = build_tiny_pipeline("tiny-sd")                    # SD1.5 layout, 32 px images, 16 px latents
+    path = build_tiny_pipeline("tiny-sdxl", sdxl=True)       # SDXL layout (or family="sdxl")
+    path = build_tiny_pipeline("tiny-sd3", family="sd3")     # SD3 layout, FlowMatchEulerDiscreteScheduler
+    path = build_tiny_pipeline("tiny-flux", family="flux")   # FLUX.1-dev layout (guidance embedding)
     write_tiny_pairs("pairs/", n_pairs=16)                # Pick-a-Pic schema parquet shard
 """
 
@@ -54,30 +57,43 @@ def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = 
     return Path(path)
 
 
+def write_t5_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
+                       max_length: int = 16) -> Path:
+    """Save a T5 tokenizer (a SentencePiece-style Unigram) whose pieces are ``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2, the word-start marker, each of ``words`` as one piece and every lower-case letter and digit
+    (so any text tokenizes); ``</s>`` is appended, as T5 tokenizes."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w.lower(), -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(str(path))
+    return Path(path)
+
+
 def build_tiny_pipeline(
     path: str | Path,
     *,
     sdxl: bool = False,
+    family: str | None = None,
     resolution: int = 32,
     prediction_type: str = "epsilon",
     words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
     unet_channels: tuple[int, ...] = (32, 64),
     seed: int = 0,
 ) -> Path:
-    """Write a randomly initialised SD1.5- (or SDXL-) layout pipeline folder and return its path.
-
-    The VAE downsamples by 2 (two blocks), so ``resolution`` px images have ``resolution // 2`` px latents.
+    """Write a randomly initialised pipeline folder of ``family`` ("sd", "sdxl", "sd3" or "flux"; default
+    "sdxl" if ``sdxl`` else "sd") and return its path. The VAE downsamples by 2 (two blocks), so
+    ``resolution`` px images have ``resolution // 2`` px latents. ``prediction_type`` and ``unet_channels``
+    apply to the UNet families.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
+    family = family or ("sdxl" if sdxl else "sd")
+    if family not in ("sd", "sdxl", "sd3", "flux"):
+        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3 or flux")
     path = Path(path)
     torch.manual_seed(seed)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_build", words)
@@ -87,12 +103,48 @@ def build_tiny_pipeline(
         num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
         max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    vae = AutoencoderKL(
+    if family in ("sd", "sdxl"):
+        pipe = _tiny_unet_pipeline(family, tokenizer, text_config, resolution, prediction_type, unet_channels)
+    else:
+        t5_tokenizer = _t5_tokenizer(path / "_t5_tokenizer_build", words)
+        pipe = (_tiny_sd3_pipeline if family == "sd3" else _tiny_flux_pipeline)(
+            tokenizer, t5_tokenizer, text_config, resolution)
+    pipe.save_pretrained(str(path))
+    for folder in path.glob("_*tokenizer_build"):
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    return path
+
+
+def _t5_tokenizer(folder: Path, words):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(folder, words)))
+
+
+def _tiny_vae(resolution: int, **kwargs):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(32, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=resolution,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=resolution, **kwargs,
     )
+
+
+def _tiny_unet_pipeline(family, tokenizer, text_config, resolution, prediction_type, unet_channels):
+    """SD1.5 or SDXL layout. The modules are created in a fixed order, so a seed gives the same weights."""
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    vae = _tiny_vae(resolution)
     unet_kwargs = dict(
         sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=unet_channels, norm_num_groups=16, attention_head_dim=4,
@@ -103,28 +155,74 @@ def build_tiny_pipeline(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
-    if sdxl:
+    if family == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
         unet = UNet2DConditionModel(
             **unet_kwargs, cross_attention_dim=64, addition_embed_type="text_time",
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
             transformer_layers_per_block=1,
         )
-        pipe = StableDiffusionXLPipeline(
+        return StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
         )
-    else:
-        unet = UNet2DConditionModel(**unet_kwargs, cross_attention_dim=32)
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.save_pretrained(str(path))
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return path
+    unet = UNet2DConditionModel(**unet_kwargs, cross_attention_dim=32)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _tiny_t5(t5_tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=d_model, d_ff=64, d_kv=8, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def _tiny_sd3_pipeline(tokenizer, t5_tokenizer, text_config, resolution):
+    """SD3 layout: CLIP-L and CLIP-G with projection (32 + 32 wide: pooled 64), T5 80 wide (so the CLIP
+    states are zero-padded as in the real model), a 4-channel VAE with SD3.5's shift and scale, shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    t5 = _tiny_t5(t5_tokenizer, 80)
+    vae = _tiny_vae(resolution, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(
+        sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=80, caption_projection_dim=32,
+        pooled_projection_dim=64, pos_embed_max_size=resolution // 2,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+
+
+def _tiny_flux_pipeline(tokenizer, t5_tokenizer, text_config, resolution):
+    """FLUX.1-dev layout: CLIP-L (pooled 32), T5 48 wide, a 4-channel VAE with FLUX's shift and scale (so
+    16 features per packed 2x2 token), a guidance embedding, and FLUX's resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip_l = CLIPTextModel(CLIPTextConfig(**text_config))
+    t5 = _tiny_t5(t5_tokenizer, 48)
+    vae = _tiny_vae(resolution, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
 
 
 def _pattern_image(rng: random.Random, size: int, color: tuple[int, int, int]):

@@ -7,12 +7,15 @@ Two modes:
 
     python scripts/bench_train.py --config assets/configs/tiny.yaml --steps 30 --compare-precompute
 
-  A synthetic Diffusion-DPO step on an SD1.5-sized UNet (the default ``UNet2DConditionModel()`` config,
-  860M parameters, random weights) at 512 px, bf16 autocast with fp32 master weights, on a GPU; reports
-  pairs/s, peak GiB and model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode, against the GPU's
-  dense bf16 peak):
+  A synthetic Diffusion-DPO step (full fine-tune, frozen copy as reference) on a real-sized denoiser with
+  random weights: SD1.5's UNet at 512 px, or the SD3.5-medium / FLUX.1-dev transformers at 1024 px (their
+  published configs, flow matching), bf16 autocast with fp32 master weights, on a GPU; reports pairs/s,
+  peak GiB and model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode, against the GPU's dense
+  bf16 peak). --flops-only counts the FLOPs per pair on meta tensors, without a GPU:
 
-    python scripts/bench_train.py --sd15-unet --batch-size 4 --steps 10
+    python scripts/bench_train.py --model sd15 --batch-size 4 --steps 10
+    python scripts/bench_train.py --model sd35-medium --flops-only
+    python scripts/bench_train.py --model flux-dev --gradient-checkpointing --steps 5
 
 Pairs/s is measured after ``--skip`` warm-up steps. Peak memory is torch.cuda.max_memory_allocated on a GPU,
 else the process's peak resident set (which includes the Python/torch import, reported separately).
@@ -130,35 +133,74 @@ def config_mode(args, overrides: list[str]) -> list[dict]:
     return results
 
 
-# -------------------------------------------------------------------------------------- SD1.5 UNet mode
+# ------------------------------------------------------------------------------- synthetic denoiser mode
 
-def _unet_kwargs(args) -> dict:
-    # The default UNet2DConditionModel config is SD1.5's UNet except for the text width: SD1.5 cross-attends
-    # to CLIP ViT-L/14 states of 768 features (the default says 1280). 859.5M parameters.
-    kwargs = {"cross_attention_dim": 768}
-    if args.unet_channels:  # a smaller UNet of the same layout, to try the code path on a CPU
+# Real denoiser configs, written from the published config.json of each checkpoint (nothing is downloaded):
+#   sd15: the default UNet2DConditionModel config is SD1.5's UNet except for the text width: SD1.5
+#     cross-attends to CLIP ViT-L/14 states of 768 features (the default says 1280). 859.5M parameters.
+#   sd35-medium: stabilityai/stable-diffusion-3.5-medium, transformer/config.json (SD3Transformer2DModel,
+#     24 MMDiT-X layers, 13 with dual attention, 24 heads x 64, ~2.5B parameters).
+#   flux-dev: black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel, 19 double and
+#     38 single blocks, 24 heads x 128, guidance embedding, ~11.9B parameters).
+DENOISERS = {
+    "sd15": ("UNet2DConditionModel", {"cross_attention_dim": 768}),
+    "sd35-medium": ("SD3Transformer2DModel", {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+        "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
+        "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm"}),
+    "flux-dev": ("FluxTransformer2DModel", {
+        "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": True, "in_channels": 64,
+        "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+        "patch_size": 1, "pooled_projection_dim": 768}),
+}
+# Per model: family, latent channels, text conditioning shapes per caption (the real encoders' widths and
+# the pipelines' default sequence lengths: SD3 77 CLIP + 256 T5 tokens, FLUX 512 T5 tokens).
+SYNTHETIC = {
+    "sd15": ("sd", 4, {"hidden": (77, 768)}),
+    "sd35-medium": ("sd3", 16, {"hidden": (333, 4096), "pooled": (2048,)}),
+    "flux-dev": ("flux", 16, {"hidden": (512, 4096), "pooled": (768,)}),
+}
+
+
+def build_denoiser(args):
+    import diffusers
+
+    class_name, kwargs = DENOISERS[args.model]
+    kwargs = dict(kwargs)
+    if args.unet_channels and args.model == "sd15":  # a smaller UNet of the same layout, for a CPU try
         kwargs["block_out_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
-    return kwargs
+    return getattr(diffusers, class_name)(**kwargs)
 
 
-def _dpo_step(unet, reference, scheduler, batch: int, side: int, seed: int, device, autocast_dtype=None):
-    """One Diffusion-DPO forward/backward with the recipe's components on random latents and text states."""
+def _dpo_step(model_name, denoiser, reference, batch: int, resolution: int, seed: int, device, autocast_dtype=None):
+    """One Diffusion-DPO forward/backward with the recipe's components on random latents and text states:
+    the family's noise process (DDPM; or flow matching, logit-normal times) and denoiser call.
+    ``reference()``: a context manager yielding the reference model (a frozen copy, or adapter off)."""
     import torch
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from diffusion_dpo.denoising import PairInputs, draw_pair_noise, pair_errors, pair_seeds
+    from diffusion_dpo.families import NoiseConfig, by_name
     from diffusion_dpo.losses import diffusion_dpo_loss
 
+    family_name, channels, text_shapes = SYNTHETIC[model_name]
+    family = by_name(family_name)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if family.flow else DDPMScheduler()
+    sampling = "logit_normal" if family.flow else "uniform"
+    process = family.noise_process(scheduler, NoiseConfig(timestep_sampling=sampling))
+    side = resolution // 8
     g = torch.Generator().manual_seed(seed)
-    noise = draw_pair_noise(pair_seeds(0, seed, 0, batch), (4, side, side), 1000, device)
-    cross = unet.config.cross_attention_dim
-    x = PairInputs(torch.randn(batch, 4, side, side, generator=g).to(device),
-                   torch.randn(batch, 4, side, side, generator=g).to(device),
-                   torch.randn(batch, 77, cross, generator=g).to(device), noise.noise, noise.timesteps)
+    noise = draw_pair_noise(pair_seeds(0, seed, 0, batch), (channels, side, side), process.draw_time, device)
+    text = {k: torch.randn(batch, *shape, generator=g).to(device) for k, shape in text_shapes.items()}
+    x = PairInputs(torch.randn(batch, channels, side, side, generator=g).to(device),
+                   torch.randn(batch, channels, side, side, generator=g).to(device), noise.noise, noise.timesteps,
+                   text)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
-        with torch.no_grad():
-            ref_w, ref_l = pair_errors(reference, x, scheduler)
-        model_w, model_l = pair_errors(unet, x, scheduler)
+        with torch.no_grad(), reference() as ref:
+            ref_w, ref_l = pair_errors(ref, x, process, family.forward)
+        model_w, model_l = pair_errors(denoiser, x, process, family.forward)
         loss = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta_dpo=5000)[0].mean()
     loss.backward()
     return loss.detach()
@@ -169,27 +211,28 @@ def count_step_flops(args) -> float:
     and backward of 2B images), counted by FlopCounterMode on meta tensors: exact, and free without a GPU.
     Gradient-checkpointing recomputation is not counted (model FLOPs, not hardware FLOPs)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
     with meta:
-        unet = UNet2DConditionModel(**_unet_kwargs(args))
+        denoiser = build_denoiser(args)
     with FlopCounterMode(display=False) as counter:
-        _dpo_step(unet, unet, DDPMScheduler(), args.batch_size, args.resolution // 8, 0, meta)
+        _dpo_step(args.model, denoiser, lambda: contextlib.nullcontext(denoiser), args.batch_size, args.resolution,
+                  0, meta)
     return counter.get_total_flops()
 
 
-def sd15_mode(args) -> dict:
-    """Synthetic full fine-tune Diffusion-DPO steps on an SD1.5-sized UNet: fp32 master weights, bf16
-    autocast and a bf16 frozen reference on a GPU (fp32 on a CPU), AdamW, grad-norm clipping."""
+def synthetic_mode(args) -> dict:
+    """Synthetic Diffusion-DPO steps on a real-sized denoiser, full fine-tune (fp32 master weights, a bf16
+    frozen reference) or LoRA (--lora-rank), bf16 autocast on a GPU (fp32 on a CPU), AdamW, clipping.
+    FLOPs are those of a full fine-tune's step (LoRA's are slightly fewer: no weight gradients of the base)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from diffusion_dpo import models
 
     flops = count_step_flops(args)
-    result = {"resolution": args.resolution, "batch_pairs": args.batch_size, "tflop_per_step": flops / 1e12}
+    result = {"model": args.model, "resolution": args.resolution, "batch_pairs": args.batch_size,
+              "tflop_per_step": flops / 1e12, "tflop_per_pair": flops / args.batch_size / 1e12}
     if args.flops_only:
         print(json.dumps(result, indent=1))
         return result
@@ -198,17 +241,27 @@ def sd15_mode(args) -> dict:
     dtype = torch.bfloat16 if cuda else None
     if args.threads:
         torch.set_num_threads(args.threads)
+    from diffusion_dpo.families import by_name
+    from diffusion_dpo.reference import AdapterOff
+
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**_unet_kwargs(args)).to(device)
+    denoiser = build_denoiser(args).to(device)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    reference = models.frozen_copy(unet, dtype or torch.float32)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-    scheduler = DDPMScheduler()
+        denoiser.enable_gradient_checkpointing()
+    if args.lora_rank:  # as the recipe: the base frozen in bf16, the adapter in fp32, the reference adapter-off
+        models.move(denoiser, device, dtype or torch.float32)
+        models.attach_lora(denoiser, args.lora_rank, None, list(by_name(SYNTHETIC[args.model][0]).lora_targets))
+        for p in models.trainable_parameters(denoiser):
+            p.data = p.data.float()
+        reference = AdapterOff(denoiser).model
+    else:
+        frozen = models.frozen_copy(denoiser, dtype or torch.float32)
+        reference = lambda: contextlib.nullcontext(frozen)  # noqa: E731
+    optimizer = torch.optim.AdamW(models.trainable_parameters(denoiser), lr=1e-5)
 
     def step(i: int) -> None:
-        _dpo_step(unet, reference, scheduler, args.batch_size, args.resolution // 8, i, device, dtype)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        _dpo_step(args.model, denoiser, reference, args.batch_size, args.resolution, i, device, dtype)
+        torch.nn.utils.clip_grad_norm_(models.trainable_parameters(denoiser), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -225,7 +278,7 @@ def sd15_mode(args) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    result |= {"device": name, "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+    result |= {"device": name, "params_m": sum(p.numel() for p in denoiser.parameters()) / 1e6,
                "dtype": str(dtype or torch.float32), "gradient_checkpointing": args.gradient_checkpointing,
                "pairs_per_s": args.batch_size / seconds, "step_s": seconds,
                "achieved_tflops": flops / seconds / 1e12, "peak_gib": _peak_gib(),
@@ -244,22 +297,28 @@ def main() -> None:
     parser.add_argument("--compare-precompute", action="store_true", help="run both with and without it")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--sd15-unet", action="store_true", help="synthetic steps on an SD1.5-sized UNet")
-    parser.add_argument("--resolution", type=int, default=512, help="--sd15-unet: image side in pixels")
-    parser.add_argument("--batch-size", type=int, default=1, help="--sd15-unet: pairs per step")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="--sd15-unet: recompute activations")
+    parser.add_argument("--model", choices=sorted(DENOISERS), help="synthetic steps on a real-sized denoiser")
+    parser.add_argument("--sd15-unet", action="store_true", help="the same as --model sd15")
+    parser.add_argument("--resolution", type=int, default=0, help="--model: image side in pixels (0: 512 for "
+                        "sd15, 1024 for sd35-medium and flux-dev)")
+    parser.add_argument("--batch-size", type=int, default=1, help="--model: pairs per step")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="--model: recompute activations")
+    parser.add_argument("--lora-rank", type=int, default=0, help="--model: train a rank-r LoRA (the reference "
+                        "is the adapter off) instead of a full fine-tune (FLUX.1-dev's 12B do not fit one GPU in full)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak for MFU (0: from the GPU name)")
-    parser.add_argument("--flops-only", action="store_true", help="--sd15-unet: count the step's FLOPs only")
-    parser.add_argument("--unet-channels", default="", help="--sd15-unet: override block_out_channels, e.g. "
+    parser.add_argument("--flops-only", action="store_true", help="--model: count the step's FLOPs only")
+    parser.add_argument("--unet-channels", default="", help="--model sd15: override block_out_channels, e.g. "
                         "32,64,64,64, to try the code path on a CPU (not an SD1.5-sized measurement)")
     args, overrides = parser.parse_known_args()
     if args.child:
         print(json.dumps(run_config_child(json.loads(args.child))))
-    elif args.sd15_unet:
-        sd15_mode(args)
+    elif args.model or args.sd15_unet:
+        args.model = args.model or "sd15"
+        args.resolution = args.resolution or (512 if args.model == "sd15" else 1024)
+        synthetic_mode(args)
     else:
         if not args.config:
-            parser.error("give --config FILE (and key=value overrides) or --sd15-unet")
+            parser.error("give --config FILE (and key=value overrides) or --model NAME")
         config_mode(args, overrides)
 
 

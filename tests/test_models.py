@@ -8,6 +8,9 @@ import torch
 
 from diffusion_dpo import denoising, models
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.families import DDPMNoise
+from diffusion_dpo.families.base import reduce_error
+from diffusion_dpo.families.sd import sdxl_time_ids
 from diffusion_dpo.tiny import build_tiny_pipeline
 
 
@@ -32,8 +35,8 @@ def sdxl(tmp_path_factory):
 
 
 def test_loading_detects_sdxl_and_prediction_type(sd, sdxl, tmp_path):
-    assert not sd.is_sdxl and len(sd.text_encoders) == 1 and sd.prediction_type == "epsilon"
-    assert sdxl.is_sdxl and len(sdxl.text_encoders) == 2 and sdxl.prediction_type == "v_prediction"
+    assert sd.family.name == "sd" and len(sd.text_encoders) == 1 and sd.prediction_type == "epsilon"
+    assert sdxl.family.name == "sdxl" and len(sdxl.text_encoders) == 2 and sdxl.prediction_type == "v_prediction"
     assert type(sd.noise_scheduler).__name__ == "DDPMScheduler"
     assert not any(p.requires_grad for m in [sd.vae, *sd.text_encoders] for p in m.parameters())
     with pytest.raises(InputError, match="not a diffusers pipeline"):
@@ -45,26 +48,26 @@ def test_text_encoding_sd_and_sdxl(sd, sdxl):
     text = models.encode_prompts(sd, captions)
     ids = sd.tokenizers[0](captions, padding="max_length", max_length=16, truncation=True,
                            return_tensors="pt").input_ids
-    assert text.pooled is None
-    assert torch.equal(text.hidden, sd.text_encoders[0](ids)[0])  # the last hidden state, [2, 16, 32]
+    assert set(text) == {"hidden"}
+    assert torch.equal(text["hidden"], sd.text_encoders[0](ids)[0])  # the last hidden state, [2, 16, 32]
 
     text = models.encode_prompts(sdxl, captions)
-    assert text.hidden.shape == (2, 16, 64) and text.pooled.shape == (2, 32)
+    assert text["hidden"].shape == (2, 16, 64) and text["pooled"].shape == (2, 32)
     ids_1, ids_2 = (tok(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
                     for tok in sdxl.tokenizers)
     out_1 = sdxl.text_encoders[0](ids_1, output_hidden_states=True)
     out_2 = sdxl.text_encoders[1](ids_2, output_hidden_states=True)
     # penultimate layers concatenated on features; pooled (projected) output of encoder 2
-    assert torch.equal(text.hidden[..., :32], out_1.hidden_states[-2])
-    assert torch.equal(text.hidden[..., 32:], out_2.hidden_states[-2])
-    assert torch.equal(text.pooled, out_2.text_embeds)
+    assert torch.equal(text["hidden"][..., :32], out_1.hidden_states[-2])
+    assert torch.equal(text["hidden"][..., 32:], out_2.hidden_states[-2])
+    assert torch.equal(text["pooled"], out_2.text_embeds)
 
 
 def test_sdxl_time_ids_by_hand():
     """An image 600 high, 800 wide, cropped at (top 0, left 133) to 512 x 512: (600, 800, 0, 133, 512, 512)."""
     sizes = torch.tensor([[[600, 800], [512, 512]]])
     crops = torch.tensor([[[0, 133], [0, 0]]])
-    ids = models.sdxl_time_ids(sizes, crops, (512, 512))
+    ids = sdxl_time_ids(sizes, crops, (512, 512))
     assert ids.shape == (1, 2, 6) and ids.dtype == torch.float32
     assert ids[0, 0].tolist() == [600, 800, 0, 133, 512, 512]
     assert ids[0, 1].tolist() == [512, 512, 0, 0, 512, 512]
@@ -127,17 +130,18 @@ def test_frozen_copy_reference(sd):
 def test_targets_by_prediction_type(sd, sdxl):
     """epsilon: the noise; v_prediction: sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)."""
     x0, eps, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([10, 900])
-    assert torch.equal(denoising.prediction_target(sd.noise_scheduler, x0, eps, t), eps)
+    assert torch.equal(DDPMNoise(sd.noise_scheduler).target(x0, eps, t), eps)
     abar = sdxl.noise_scheduler.alphas_cumprod[t].view(2, 1, 1, 1)
     v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    assert torch.allclose(denoising.prediction_target(sdxl.noise_scheduler, x0, eps, t), v, atol=1e-6)
+    assert torch.allclose(DDPMNoise(sdxl.noise_scheduler).target(x0, eps, t), v, atol=1e-6)
 
 
 def test_per_sample_mse_by_hand():
     """Sample 0: errors (1, 1, 1, 1) -> 1; sample 1: (0, 2, 0, 0) -> 4 / 4 = 1... and (0, 0, 0, 2) -> 1."""
     pred = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[0.0, 2.0], [0.0, 0.0]]]], dtype=torch.bfloat16)
-    mse = denoising.per_sample_mse(pred, torch.zeros(2, 1, 2, 2))
+    mse = reduce_error(pred, torch.zeros(2, 1, 2, 2))
     assert mse.dtype == torch.float32 and mse.tolist() == [1.0, 1.0]
+    assert reduce_error(pred, torch.zeros(2, 1, 2, 2), "sum").tolist() == [4.0, 4.0]
 
 
 def test_pair_errors_share_noise_and_timestep(sdxl):
@@ -148,9 +152,8 @@ def test_pair_errors_share_noise_and_timestep(sdxl):
         # the winner's error alone, through the single-image path, is the same number
         assert torch.allclose(denoising.winner_errors(sdxl.unet, x, sched), mse_w, atol=1e-6)
         # the same image as winner and loser gives the same error: noise and timestep are shared
-        same = denoising.PairInputs(x.latents_w, x.latents_w, x.encoder_hidden_states, x.noise, x.timesteps,
-                                    {"text_embeds": x.added_cond_kwargs["text_embeds"],
-                                     "time_ids": x.added_cond_kwargs["time_ids"][:2]})
+        same = denoising.PairInputs(x.latents_w, x.latents_w, x.noise, x.timesteps, x.text,
+                                    {"time_ids": x.image["time_ids"][:2]})
         a, b = denoising.pair_errors(sdxl.unet, same, sched)
     assert mse_w.shape == (2,) and not torch.equal(mse_w, mse_l)
     assert torch.allclose(a, b, atol=1e-6)

@@ -186,7 +186,7 @@ def test_dpo_objective_counts_ties_as_half():
     sched = DDPMScheduler()
     g = torch.Generator().manual_seed(0)
     x = PairInputs(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g) * 3,
-                   torch.zeros(2, 1, 1), torch.randn(2, 4, 2, 2, generator=g), torch.tensor([500, 500]))
+                   torch.randn(2, 4, 2, 2, generator=g), torch.tensor([500, 500]), {"hidden": torch.zeros(2, 1, 1)})
     opts = PreferenceLossSection(beta=1.0)
     out = train.dpo_objective(_ScaledUNet(0.9), FrozenCopy(_ScaledUNet(1.0)), x, torch.tensor([False, True]),
                               sched, opts)

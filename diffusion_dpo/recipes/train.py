@@ -1,21 +1,24 @@
-"""``diffusion-dpo train``: Diffusion-DPO (or SFT) fine-tuning of a Stable Diffusion UNet on preference pairs.
+"""``diffusion-dpo train``: Diffusion-DPO (or SFT) fine-tuning of a text-to-image denoiser on preference pairs.
 
 Offline, on a tiny pipeline and pair set the package builds itself:
 
     diffusion-dpo train --config assets/configs/tiny.yaml
 
-Real checkpoints (SD1.x/2.x or SDXL, detected from the pipeline), full fine-tune or LoRA, one GPU or many, on
+Real checkpoints (SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1, detected from the pipeline), full fine-tune or LoRA,
+one GPU or many, on
 pairs that ``diffusion-dpo label`` wrote (or any preference set mapped with data.columns):
 
     diffusion-dpo train --config assets/configs/sd15_train.yaml
     accelerate launch --num_processes 8 -m diffusion_dpo train --config assets/configs/sdxl_train.yaml
 
 Writes into ``output_dir``: config.yaml (resolved), metrics.jsonl, tensorboard logs under logs/,
-checkpoints/step-N/ (exact resume), and final/ (a UNet folder, or LoRA weights for pipe.load_lora_weights).
+checkpoints/step-N/ (exact resume), and final/ (a UNet or transformer folder, or LoRA weights for
+pipe.load_lora_weights).
 
 The step, for B pairs (Wallace et al. 2023, eq. 14): encode both images with the frozen VAE and the caption
-with the frozen text encoder(s); draw one noise and one timestep per pair; the policy's and the reference's
-denoising errors of winner and loser give the loss -log sigmoid(-beta/2 [(e_w - e_ref_w) - (e_l - e_ref_l)]).
+with the frozen text encoder(s) as the model's family does; draw one noise and one time per pair (DDPM
+timestep, or flow-matching sigma); the policy's and the reference's denoising errors of winner and loser
+give the loss -log sigmoid(-beta/2 [(e_w - e_ref_w) - (e_l - e_ref_l)]).
 """
 
 from __future__ import annotations
@@ -42,35 +45,47 @@ from diffusion_dpo.config import (
     to_dict,
 )
 from diffusion_dpo.data import DataConfig, PreferencePairs
-from diffusion_dpo.denoising import PairInputs, draw_pair_noise, pair_errors, pair_seeds, winner_errors
+from diffusion_dpo.denoising import (
+    PairInputs,
+    draw_pair_noise,
+    pair_errors,
+    pair_seeds,
+    unet_forward,
+    winner_errors,
+)
 from diffusion_dpo.engine import Engine, StepContext, StepOutput
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.latent_cache import CachedPairs, OnlinePairs, build_latent_cache
 from diffusion_dpo.losses import diffusion_dpo_loss, implicit_accuracy
 from diffusion_dpo.reference import AdapterOff, FrozenCopy
 
 Tensor = torch.Tensor
-TINY = {"tiny": False, "tiny-sdxl": True}  # model.pretrained values that build a tiny pipeline (sdxl?)
+# model.pretrained values that build a tiny pipeline, and its family
+TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass
 class ModelConfig:
     pretrained: str = option("runwayml/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a local diffusers "
-                             "folder (SDXL recognised by its text_encoder_2); 'tiny' / 'tiny-sdxl': build a tiny "
-                             "random pipeline into <output_dir>/tiny/ (offline)")
+                             "folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from model_index.json); 'tiny' / "
+                             "'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
+                             "<output_dir>/tiny/ (offline)")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit) of model.pretrained")
     variant: Optional[str] = option(None, "weight-file variant to load, e.g. 'fp16' (null: the full files)")
     vae: Optional[str] = option(None, "a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
                                 "as the paper's SDXL run; null: the pipeline's own")
-    lora_rank: int = option(0, "0: full fine-tune of the UNet; r > 0: train a rank-r LoRA adapter instead",
+    lora_rank: int = option(0, "0: full fine-tune of the denoiser (UNet or transformer); r > 0: train a rank-r "
+                            "LoRA adapter instead",
                             non_negative, "0 (full fine-tune) or a positive LoRA rank")
     lora_alpha: Optional[float] = option(None, "LoRA alpha (scale alpha/rank); null: equal to lora_rank",
                                          lambda v: v is None or v > 0, "null or a positive number")
-    lora_targets: list[str] = option(list(models.DEFAULT_LORA_TARGETS), "UNet module names LoRA adapts", bool,
-                                     "at least one module name")
-    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, ~30% "
-                                          "slower; the paper's code turns it on for SDXL)")
+    lora_targets: Optional[list[str]] = option(None, "module names LoRA adapts; null: the family's (the "
+                                               "attention projections to_q, to_k, to_v, to_out.0)",
+                                               lambda v: v is None or bool(v), "null or at least one name")
+    gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward (less memory, "
+                                          "~30% slower; the paper's code turns it on for SDXL)")
 
 
 @dataclass
@@ -82,14 +97,16 @@ class TrainConfig(TrainingRunOptions):
     data: DataConfig = option(DataConfig, "preference pairs; 'tiny' builds a tiny pair set into <output_dir>/tiny/")
     loss: PreferenceLossSection = option(
         PreferenceLossSection(beta=5000.0), "the preference loss on the error margin; loss.beta is the paper's "
-        "beta_dpo, on the same scale as its code (5000 for SD1.5 and SDXL; larger stays closer to the reference)")
+        "beta_dpo, on the same scale as its code (5000 for SD1.5 and SDXL; larger stays closer to the reference; "
+        "flow-matching models: see docs/train.md, 'beta')")
+    noise: NoiseConfig = option(NoiseConfig, "the time draw of flow-matching models and the error's reduction")
     optim: OptimSection = option(
         OptimSection(learning_rate=1e-8, scale_lr=True, weight_decay=1e-2, scheduler="constant_with_warmup",
                      warmup_steps=500, batch_size=1, max_steps=2000),
         "optimizer and schedule; pairs per step = batch_size x gradient_accumulation_steps x processes (the "
         "paper: 1 x 128 x 16 = 2048, lr 1e-8 scaled by it = 2.048e-5)")
     precompute: bool = option(False, "encode every pair once (VAE posterior, text) into <output_dir>/"
-                              "latent_cache/ and train from it without the VAE and text encoders")
+                              "latent_cache/ and train from it without the VAE and text encoders (freed)")
     log_rows: bool = option(False, "append the data row ids each process trained on to output_dir/rows/")
 
     def check(self) -> None:
@@ -100,8 +117,8 @@ class TrainConfig(TrainingRunOptions):
 @dataclass
 class TrainResult:
     output_dir: str
-    final: str  # final/: a UNet folder or LoRA weights
-    format: Literal["unet", "lora"]
+    final: str  # final/: a denoiser folder or LoRA weights
+    format: Literal["unet", "transformer", "lora"]
     pretrained: str  # the pipeline that was tuned (a tiny one's folder when built)
     steps: int
     resumed_from: Optional[str]  # the checkpoint this run continued from
@@ -116,16 +133,17 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------------ objectives
 
-def dpo_objective(policy, reference, x: PairInputs, is_tie: Tensor, scheduler,
-                  loss: PreferenceLossSection) -> StepOutput:
+def dpo_objective(policy, reference, x: PairInputs, is_tie: Tensor, process, loss: PreferenceLossSection,
+                  forward=unet_forward) -> StepOutput:
     """Diffusion-DPO (Wallace et al. 2023, eq. 14) on B pairs: per-pair losses [B] and metrics.
 
-    A tie (kept with data.keep_ties) has no winner: its loss is the mean of the loss with either image as
-    winner (for the sigmoid loss, DPO with a preference probability of 1/2), and its accuracy counts 0.5.
+    ``process``: the family's noise process; ``forward``: its denoiser call. A tie (kept with
+    data.keep_ties) has no winner: its loss is the mean of the loss with either image as winner (for the
+    sigmoid loss, DPO with a preference probability of 1/2), and its accuracy counts 0.5.
     """
-    with torch.no_grad(), reference.model() as ref_unet:
-        ref_w, ref_l = pair_errors(ref_unet, x, scheduler)
-    model_w, model_l = pair_errors(policy, x, scheduler)
+    with torch.no_grad(), reference.model() as ref_model:
+        ref_w, ref_l = pair_errors(ref_model, x, process, forward)
+    model_w, model_l = pair_errors(policy, x, process, forward)
 
     def pair_loss(*errors):
         return diffusion_dpo_loss(*errors, beta_dpo=loss.beta, loss_type=loss.loss_type,
@@ -140,10 +158,10 @@ def dpo_objective(policy, reference, x: PairInputs, is_tie: Tensor, scheduler,
                                "ref_mse_l": ref_l}, units=len(losses))
 
 
-def sft_objective(policy, reference, x: PairInputs, is_tie: Tensor, scheduler,
-                  loss: PreferenceLossSection) -> StepOutput:
+def sft_objective(policy, reference, x: PairInputs, is_tie: Tensor, process, loss: PreferenceLossSection,
+                  forward=unet_forward) -> StepOutput:
     """Supervised fine-tuning on the winners (the paper's SFT baseline): the plain denoising loss [B]."""
-    model_w = winner_errors(policy, x, scheduler)
+    model_w = winner_errors(policy, x, process, forward)
     return StepOutput(model_w, {"model_mse_w": model_w}, units=len(model_w))
 
 
@@ -172,7 +190,7 @@ def build_tiny_inputs(cfg: TrainConfig, out: Path, build: bool) -> tuple[str, st
     if pretrained in TINY:
         folder = out / "tiny" / pretrained
         if build and not (folder / "model_index.json").is_file():
-            build_tiny_pipeline(folder, sdxl=TINY[pretrained], resolution=cfg.data.resolution)
+            build_tiny_pipeline(folder, family=TINY[pretrained], resolution=cfg.data.resolution)
         pretrained = str(folder)
     if source == "tiny":
         folder = out / "tiny" / "pairs"
@@ -185,21 +203,23 @@ def build_tiny_inputs(cfg: TrainConfig, out: Path, build: bool) -> tuple[str, st
 @dataclass
 class Models:
     components: models.Components
-    policy: torch.nn.Module  # the UNet being trained (unwrapped)
+    policy: torch.nn.Module  # the denoiser being trained (unwrapped)
     reference: Any  # FrozenCopy or AdapterOff (None for SFT of a full fine-tune)
     is_lora: bool
+    noise: Any  # the family's noise process (families.base.DDPMNoise or FlowNoise)
 
 
 def setup_models(cfg: TrainConfig, pretrained: str, engine: Engine) -> Models:
     """Frozen VAE and text encoders in the compute dtype; the trained weights in fp32; the reference."""
     m, device, dtype = cfg.model, engine.device, engine.compute_dtype
     comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
+    noise = comps.family.noise_process(comps.noise_scheduler, cfg.noise)
     models.freeze_to(comps, device, dtype)
-    unet = comps.unet
+    unet = comps.denoiser
     is_lora = m.lora_rank > 0
-    if is_lora:  # the base UNet is frozen in the compute dtype; only the adapter trains, in fp32
+    if is_lora:  # the base denoiser is frozen in the compute dtype; only the adapter trains, in fp32
         models.move(unet, device, dtype)
-        models.attach_lora(unet, m.lora_rank, m.lora_alpha, m.lora_targets)
+        models.attach_lora(unet, m.lora_rank, m.lora_alpha, m.lora_targets or list(comps.family.lora_targets))
         for p in models.trainable_parameters(unet):
             p.data = p.data.float()
         reference = AdapterOff(unet)
@@ -209,17 +229,18 @@ def setup_models(cfg: TrainConfig, pretrained: str, engine: Engine) -> Models:
     if m.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return Models(comps, unet, reference, is_lora)
+    return Models(comps, unet, reference, is_lora, noise)
 
 
 def setup_data(cfg: TrainConfig, source: str, pretrained: str, comps: models.Components, engine: Engine):
-    """The feed of PairBatches: online encoding, or the latent cache (built once) when ``precompute``."""
+    """The feed of PairBatches: online encoding, or the latent cache (built once) when ``precompute``; and
+    the bytes of frozen parameters (VAE, text encoders) the cache let the run free (0 online)."""
     data_cfg = dataclasses.replace(cfg.data, source=source)
     seed = cfg.optim.seed
     data = PreferencePairs(data_cfg, seed=seed, process_index=engine.rank, num_processes=engine.world)
     if not cfg.precompute:
-        return OnlinePairs(data, comps, engine.device)
-    fingerprint = {"pretrained": pretrained, "revision": cfg.model.revision, "variant": cfg.model.variant,
+        return OnlinePairs(data, comps, engine.device), 0
+    fingerprint = {"pretrained": pretrained, "family": comps.family.name, "revision": cfg.model.revision, "variant": cfg.model.variant,
                    "vae": cfg.model.vae, "dtype": str(engine.compute_dtype), "world_size": engine.world,
                    "seed": seed, "data": {k: v for k, v in to_dict(data_cfg).items()
                                           if k not in ("caption_dropout", "num_workers")}}
@@ -228,27 +249,28 @@ def setup_data(cfg: TrainConfig, source: str, pretrained: str, comps: models.Com
                        progress=engine.is_main)
     feed = CachedPairs(engine.out / "latent_cache", data, seed=seed, caption_dropout=data_cfg.caption_dropout,
                        random_flip=data_cfg.random_flip, device=engine.device)
-    comps.vae, comps.text_encoders = None, []  # the cache replaces them: free their memory
+    freed = sum(p.numel() * p.element_size() for m in [comps.vae, *comps.text_encoders] for p in m.parameters())
+    comps.vae, comps.text_encoders = None, []  # the cache replaces them (T5 included): free their memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return feed
+    return feed, freed
 
 
 def make_step(cfg: TrainConfig, unet, built: Models, vae_config, engine: Engine):
-    """The step function: shared noise and timesteps per pair (seeded by step, process and position, so a
-    resumed run draws the same), then the objective."""
-    scheduler = built.components.noise_scheduler
+    """The step function: shared noise and time per pair (seeded by step, process and position, so a
+    resumed run draws the same), then the objective through the family's denoiser call."""
+    process, forward = built.noise, built.components.family.forward
     objective, seed, batch_size = OBJECTIVES[cfg.method], cfg.optim.seed, cfg.optim.batch_size
 
     def step(batch, ctx: StepContext) -> StepOutput:
         latent_shape = (batch.moments.shape[2] // 2, *batch.moments.shape[3:])
         noise = draw_pair_noise(pair_seeds(seed, ctx.step, ctx.rank, batch_size, ctx.micro * batch_size),
-                                latent_shape, scheduler.config.num_train_timesteps, engine.device)
+                                latent_shape, process.draw_time, engine.device)
         if cfg.log_rows:
             with open(engine.out / "rows" / f"rank-{ctx.rank}.txt", "a") as f:
                 f.write(f"{ctx.step} {ctx.micro} {' '.join(map(str, batch.row_indices.tolist()))}\n")
         return objective(unet, built.reference, models.pair_inputs(vae_config, batch, noise), batch.is_tie,
-                         scheduler, cfg.loss)
+                         process, cfg.loss, forward)
 
     return step
 
@@ -275,7 +297,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     optimizer, scheduler = build_optimizer(built.policy.parameters(), cfg.optim, cfg.optim.max_steps, engine.world)
     unet, optimizer = engine.prepare(built.policy, optimizer)  # the schedule steps once per optimizer step
     precompute_start = time.perf_counter()
-    feed = setup_data(cfg, source, pretrained, built.components, engine)
+    feed, freed_bytes = setup_data(cfg, source, pretrained, built.components, engine)
     precompute_s = time.perf_counter() - precompute_start
     engine.resume(built.policy, optimizer, scheduler, feed)
     if cfg.log_rows:
@@ -285,16 +307,17 @@ def run(cfg: TrainConfig) -> TrainResult:
                       batch_size=cfg.optim.batch_size, step_fn=make_step(cfg, unet, built, vae_config, engine),
                       max_steps=cfg.optim.max_steps, max_grad_norm=cfg.optim.max_grad_norm)
 
-    is_sdxl = built.components.is_sdxl
-    final = engine.save_final(built.policy, lambda folder: models.save_lora(built.policy, folder, is_sdxl)
-                              if built.is_lora else built.policy.save_pretrained(str(folder)))
-    result = TrainResult(output_dir=str(out), final=str(final), format="lora" if built.is_lora else "unet",
+    family = built.components.family
+    final = engine.save_final(built.policy, lambda folder: family.save_final(built.policy, folder, built.is_lora))
+    result = TrainResult(output_dir=str(out), final=str(final),
+                         format="lora" if built.is_lora else family.denoiser_name,
                          pretrained=pretrained, steps=engine.step,
                          resumed_from=str(engine.resume_from) if engine.resume_from else None,
                          pairs_per_step=cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * engine.world,
                          learning_rate=peak_learning_rate(cfg.optim, engine.world), last_metrics=last,
                          data=feed.stats(), weight_digests=engine.digests(built.policy), num_processes=engine.world)
     summary = engine.finish(dataclasses.asdict(result) | {"precompute_s": precompute_s,
+                                                          "precompute_freed_bytes": freed_bytes,
                                                           "metrics": str(engine.metrics_path)})
     return dataclasses.replace(result, process_index=summary["process_index"])
 
@@ -302,6 +325,11 @@ def run(cfg: TrainConfig) -> TrainResult:
 def describe_data(data: dict[str, Any]) -> str:
     """What the data did, as a sentence: pairs used, ties dropped, bad rows by reason and the first one."""
     counts = data.get("caching_pass") or data  # a latent-cache feed reports the pass that read the rows
+    if isinstance(counts, list):  # ... one dict per process that cached: add them up
+        counts = {"ties_dropped": sum(c.get("ties_dropped", 0) for c in counts),
+                  "bad_rows": {r: sum(c.get("bad_rows", {}).get(r, 0) for c in counts)
+                               for c in counts for r in c.get("bad_rows", {})},
+                  "first_bad": next((c["first_bad"] for c in counts if c.get("first_bad")), None)}
     used = data.get("cached_pairs", counts.get("pairs_used", 0))
     text = f"data: {used} pairs used, {counts.get('ties_dropped', 0)} ties dropped"
     bad = counts.get("bad_rows") or {}

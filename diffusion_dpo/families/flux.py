@@ -1,0 +1,74 @@
+"""FLUX.1 [dev] / [schnell]: a rectified-flow transformer over 2x2-packed latent patches.
+
+Text conditioning as ``FluxPipeline.encode_prompt`` builds it: CLIP-L's pooled output and T5-XXL's last
+hidden state; the text tokens' positions (``txt_ids``) are zeros. The latent [C, h, w] enters the
+transformer as h/2 * w/2 tokens of 4C features, each with its (0, row, column) position (``img_ids``).
+The guidance-distilled [dev] embeds a guidance value (``guidance_embeds`` in the transformer config).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_dpo.families.base import Family, tokenize
+
+Tensor = torch.Tensor
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """[N, C, h, w] -> [N, h/2 * w/2, 4C]: each 2x2 patch one token, channels outermost within a token."""
+    n, c, h, w = latents.shape
+    patches = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of :func:`pack_latents`: [N, h/2 * w/2, 4C] -> [N, C, h, w]."""
+    n, _, features = tokens.shape
+    patches = tokens.view(n, h // 2, w // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(n, features // 4, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
+    """Position of each packed token [h/2 * w/2, 3]: (0, row, column) on the patch grid."""
+    rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)
+    cols = torch.arange(w // 2, device=device).repeat(h // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype)
+
+
+class FluxFamily(Family):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    denoiser_name = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
+    text_components = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    flow = True
+    t5_max_length = 512  # the pipeline's default max_sequence_length
+    # The guidance value [dev] sees in training: the pipeline's default guidance_scale, which diffusers'
+    # FLUX training examples also train with.
+    guidance = 3.5
+
+    @torch.no_grad()
+    def encode_text(self, comps, captions: list[str]) -> dict[str, Tensor]:
+        """{"hidden": [B, L5, D5] (T5), "pooled": [B, D_L] (CLIP-L's pooled output)}."""
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = comps.tokenizers, comps.text_encoders
+        ids = tokenize(clip_tokenizer, captions, clip_tokenizer.model_max_length, clip.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        length = min(self.t5_max_length, t5_tokenizer.model_max_length)
+        hidden = t5(tokenize(t5_tokenizer, captions, length, t5.device))[0]
+        return {"hidden": hidden, "pooled": pooled.to(hidden.dtype)}
+
+    def forward(self, denoiser, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
+                image: dict[str, Tensor]) -> Tensor:
+        """The velocity [N, C, h, w]. ``timestep`` is 1000 sigma; the transformer takes sigma, as the
+        pipeline passes ``timestep / 1000``."""
+        n, _, h, w = noisy.shape
+        hidden = text["hidden"]
+        guidance = None
+        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
+            guidance = torch.full((n,), self.guidance, device=noisy.device, dtype=torch.float32)
+        out = denoiser(hidden_states=pack_latents(noisy), timestep=timestep / 1000, guidance=guidance,
+                       pooled_projections=text["pooled"], encoder_hidden_states=hidden,
+                       txt_ids=torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                       img_ids=image_ids(h, w, noisy.device, noisy.dtype), return_dict=False)[0]
+        return unpack_latents(out, h, w)
