@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion_dpo.errors import InputError
+from scorers.errors import InputError
 
 _CHUNK = 64  # images (or pairs) read into memory at a time
 
