@@ -1,6 +1,7 @@
 """The package layout the design promises: ``scorers`` is a library that imports nothing of the trainer,
 and both packages raise and catch one and the same ``InputError``."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,18 @@ def test_one_input_error_class():
     assert InputError is ScorersInputError
     with pytest.raises(InputError, match="no-such-scorer"):  # raised by scorers, caught as the trainer's
         scorers.load_scorer("no-such-scorer")
+
+
+def test_one_dispatcher_whose_commands_are_recipes(capsys):
+    from diffusion_dpo import cli
+
+    targets = [t for t, _ in [*cli.COMMANDS.values(), *cli.LLM_METHODS.values()] if not isinstance(t, dict)]
+    assert len(targets) == len(cli.COMMANDS) - 1 + len(cli.LLM_METHODS)  # llm is the one group
+    for target in targets:
+        assert target.startswith("diffusion_dpo.recipes."), target
+        assert callable(importlib.import_module(target).main), target
+    assert cli.main(["llm", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: diffusion-dpo llm <method>" in out and all(f"\n  {m} " in out for m in cli.LLM_METHODS)
+    assert cli.main(["llm", "nope"]) == 2
+    assert "diffusion-dpo llm: unknown method 'nope'" in capsys.readouterr().err
