@@ -25,7 +25,7 @@ class ScorerConfig:
                        "jpeg_compressibility, combo, ...); a higher score means preferred")
     options: dict[str, Any] = option({}, "keyword options handed to scorers.load_scorer (weights path, "
                                      "dtype, batch_size, device, combo weights...); device defaults to "
-                                     "this process's device")
+                                     "the command's (label: this process's device; score: device)")
 
 def scorer_options(name: str, options: dict[str, Any], device) -> dict[str, Any]:
     """``options``, plus ``device`` (this process's device) when the scorer takes one and none was given (so
