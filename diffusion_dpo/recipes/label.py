@@ -71,8 +71,8 @@ class SamplingConfig:
 
 @dataclass
 class RelabelConfig:
-    source: str | None = option(None, "relabel mode when set: a pairs dataset (hub id such as "
-                                "yuvalkirstain/pickapic_v2, local parquet folder or file, or JSONL) whose "
+    source: str | None = option(None, "relabel mode when set: a pairs dataset (a hub id "
+                                "in the Pick-a-Pic schema, local parquet folder or file, or JSONL) whose "
                                 "pairs are scored and relabeled; null: generate mode")
     split: str = option("train", "split of relabel.source to read")
     streaming: bool = option(False, "stream relabel.source instead of loading it (for hub datasets too "

@@ -1,7 +1,7 @@
 """``diffusion-dpo score``: score image files, or measure how often a scorer agrees with preference labels.
 
     diffusion-dpo score scorer.name=pickscore prompt="a red dog" a.png b.png    # prints path<TAB>score
-    diffusion-dpo score scorer.name=pickscore data.source=yuvalkirstain/pickapic_v2 data.split=validation
+    diffusion-dpo score scorer.name=hpsv2.1 data.source=runs/sd15-pickscore-pairs     # agreement with labels
     diffusion-dpo score --config my_score.yaml scorer.options.batch_size=16 images/*.png
 
 Image paths are given as ``images=[a.png, b.png]`` or as plain arguments (appended to ``images``). With
