@@ -1,5 +1,10 @@
 """Preference losses: tensors in, unreduced per-pair tensors out. The caller reduces.
 
+Vocabulary, one per side: images are **winner / loser** (``_w`` / ``_l``: the diffusion losses and the image
+recipes), texts are **chosen / rejected** (the LLM losses and recipes); on both sides the model being tuned is
+the **policy** and the frozen anchor the **reference**. The two meet only here: ``diffusion_dpo_loss`` is
+``dpo_loss`` with log p = -mse, and hands back winner and loser rewards.
+
 References
     [DPO]  Rafailov et al., "Direct Preference Optimization", 2023, eq. 7 (loss) and sec. 5 (implicit reward).
     [cDPO] Mitchell, "A note on DPO with noisy preferences" (conservative DPO / label smoothing), 2023.
@@ -101,9 +106,9 @@ def diffusion_dpo_loss(
 
     Worked example: model (0.10, 0.20), reference (0.12, 0.18), beta_dpo 100
         (0.10 - 0.12) - (0.20 - 0.18) = -0.04, inside = -0.5 * 100 * -0.04 = 2
-        loss = -log sigma(2) = 0.126928; chosen reward 50 * 0.02 = 1.0, rejected 50 * -0.02 = -1.0
+        loss = -log sigma(2) = 0.126928; winner reward 50 * 0.02 = 1.0, loser reward 50 * -0.02 = -1.0
 
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with
+    Returns (losses [B], winner_rewards [B], loser_rewards [B]) with
     rewards = 0.5 * beta_dpo * (ref_mse - model_mse), detached.
     """
     return dpo_loss(
@@ -117,9 +122,9 @@ def diffusion_dpo_loss(
     )
 
 
-def implicit_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
-    """Per pair: 1 where the chosen reward is higher, 0.5 for a tie, 0 otherwise."""
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+def implicit_accuracy(preferred_rewards: Tensor, other_rewards: Tensor) -> Tensor:
+    """Per pair: 1 where the preferred (chosen, or winner) reward is higher, 0.5 for a tie, 0 otherwise."""
+    return (preferred_rewards > other_rewards).float() + 0.5 * (preferred_rewards == other_rewards).float()
 
 
 # ---------------------------------------------------------------------------------------------------------
