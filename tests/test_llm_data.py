@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.llm import data, models, tiny
+from diffusion_dpo.llm import collate, data, models, tiny
 
 
 @pytest.fixture(scope="module")
@@ -190,22 +190,22 @@ def test_holdout_is_seeded_and_disjoint():
 
 def test_collators():
     pairs = [{"prompt": [5, 6], "chosen": [7, 1], "rejected": [8, 9, 1], "margin": 0.5}]
-    batch = data.PairCollator(pad_id=0)(pairs)
+    batch = collate.PairCollator(pad_id=0)(pairs)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 0], [5, 6, 8, 9, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert batch["margin"].tolist() == [0.5]
-    ranks = data.RankingCollator(pad_id=0)(
+    ranks = collate.RankingCollator(pad_id=0)(
         [
             {"prompt": [5], "responses": [[7, 1], [8, 1], [9, 1]]},
             {"prompt": [6], "responses": [[7, 1], [8, 1]]},
         ]
     )
     assert ranks["input_ids"].shape == (5, 3) and ranks["num_responses"].tolist() == [3, 2]
-    left = data.PromptCollator(pad_id=0)([{"prompt": [5, 6, 7]}, {"prompt": [8]}])
+    left = collate.PromptCollator(pad_id=0)([{"prompt": [5, 6, 7]}, {"prompt": [8]}])
     assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert torch.equal(data.pad([[1], [2, 3]], 0)[0], torch.tensor([[1, 0], [2, 3]]))
+    assert torch.equal(collate.pad([[1], [2, 3]], 0)[0], torch.tensor([[1, 0], [2, 3]]))
 
 
 def test_long_chat_prompt_keeps_its_latest_turns_and_generation_header(tok):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusion_dpo.config import load_config
-from diffusion_dpo.llm import common, data, models, rl, tiny
+from diffusion_dpo.llm import collate, common, data, models, rl, tiny
 from diffusion_dpo.recipes import llm_dpo as dpo
 from diffusion_dpo.recipes import llm_ppo as ppo
 from diffusion_dpo.recipes import llm_reward as reward
@@ -21,7 +21,7 @@ def world(tmp_path_factory):
 def good_rate(model_path: str, tok, n: int = 128, seed: int = 0) -> float:
     """Share of sampled responses (6 tokens, temperature 1) to held-out prompts that contain "good"."""
     prompts, _ = data.tokenize_prompts(tiny.prompt_rows(n, seed=99), tok, max_prompt_length=16)
-    ids, mask = data.pad([p["prompt"] for p in prompts], tok.pad_token_id, side="left")
+    ids, mask = collate.pad([p["prompt"] for p in prompts], tok.pad_token_id, side="left")
     model = models.load_causal_lm(model_path).eval()
     torch.manual_seed(seed)
     out = models.generate(
@@ -89,7 +89,7 @@ def test_reward_model_learns_a_ranking_and_normalises(world, tmp_path):
     model, bias = models.load_score_model(summary["final"], tok.pad_token_id)
     assert bias == pytest.approx(-summary["normalization"]["mean_before"])
     examples, _ = data.tokenize_rankings(tiny.ranking_rows(48, k=4, seed=7), tok, max_length=1024)
-    batch = data.RankingCollator(tok.pad_token_id)(examples)
+    batch = collate.RankingCollator(tok.pad_token_id)(examples)
     with torch.no_grad():
         flat = reward.sequence_rewards(models.TokenScorer(model.eval(), bias), batch)
     best = reward.ranked_matrix(flat, batch["num_responses"])[:, 0]

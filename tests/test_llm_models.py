@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_dpo.config import load_config
-from diffusion_dpo.llm import data, models, tiny
+from diffusion_dpo.llm import collate, data, models, tiny
 from diffusion_dpo.llm.logprobs import forward_logps, position_ids, sequence_logps
 from diffusion_dpo.recipes import llm_dpo as dpo
 from diffusion_dpo.reference import FrozenCopy
@@ -28,7 +28,7 @@ def lm(request, tmp_path_factory):
 def batch(lm):
     _, tok, _ = lm
     examples, _ = data.tokenize_pairs(tiny.preference_rows(3, seed=2), tok, max_length=32)
-    return examples, data.PairCollator(tok.pad_token_id)(examples)
+    return examples, collate.PairCollator(tok.pad_token_id)(examples)
 
 
 def test_sequence_logps_equal_independent_sum_over_completion_tokens(lm, batch):
@@ -64,7 +64,7 @@ def test_concatenated_forward_equals_separate_forwards(lm, batch):
     examples, b = batch
     with torch.no_grad():
         both, _ = forward_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"])
-        chosen = data.collate_completions(
+        chosen = collate.collate_completions(
             [e["prompt"] for e in examples], [e["chosen"] for e in examples], tok.pad_token_id
         )
         alone, _ = forward_logps(
@@ -105,7 +105,7 @@ def test_token_scorer_reads_the_last_real_token(lm, batch):
         theirs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, 0]
         # left padding with position ids gives the same rewards
         rows = [r[m.bool()].tolist() for r, m in zip(b["input_ids"], b["attention_mask"])]
-        ids, mask = data.pad(rows, tok.pad_token_id, side="left")
+        ids, mask = collate.pad(rows, tok.pad_token_id, side="left")
         left = models.last_token(scorer(ids, mask, position_ids(mask)), mask)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert torch.allclose(ours, left, atol=1e-4)

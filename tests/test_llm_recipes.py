@@ -13,7 +13,7 @@ import yaml
 from diffusion_dpo import cli
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.llm import common, data, models, rl, tiny
+from diffusion_dpo.llm import collate, common, data, models, rl, tiny
 from diffusion_dpo.recipes import llm_dpo as dpo
 from diffusion_dpo.recipes import llm_ppo as ppo
 from diffusion_dpo.recipes import llm_reward as reward
@@ -34,7 +34,7 @@ def test_sft_loss_is_completion_only_and_run_writes_outputs(world, tmp_path):
     tok = models.load_tokenizer(str(world["model"]))
     model = models.load_causal_lm(str(world["model"]))
     examples, _ = data.tokenize_demos(tiny.demo_rows(4), tok, max_length=32)
-    batch = data.DemoCollator(tok.pad_token_id)(examples)
+    batch = collate.DemoCollator(tok.pad_token_id)(examples)
     nll, n = sft.completion_nll(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["input_ids"][:, 1:].clone()
@@ -139,7 +139,7 @@ def test_reward_batch_pairs_with_margin_and_rankings(world):
     scorer = models.TokenScorer(model.eval())
     rows = [{**r, "margin": 0.5} for r in tiny.preference_rows(3)]
     examples, _ = data.tokenize_pairs(rows, tok, max_length=32, margin_column="margin")
-    batch = data.PairCollator(tok.pad_token_id)(examples)
+    batch = collate.PairCollator(tok.pad_token_id)(examples)
     cfg = load_config(reward.RewardConfig, [], ["center_coef=0.1"])
     with torch.no_grad():
         losses, out = reward.reward_batch(scorer, batch, cfg)
@@ -148,7 +148,7 @@ def test_reward_batch_pairs_with_margin_and_rankings(world):
     expected = -F.logsigmoid(rc - rr - 0.5) + 0.1 * (rc + rr) ** 2
     assert torch.allclose(losses, expected, atol=1e-6)
     ranked, _ = data.tokenize_rankings(tiny.ranking_rows(2, k=3), tok, max_length=32)
-    rbatch = data.RankingCollator(tok.pad_token_id)(ranked)
+    rbatch = collate.RankingCollator(tok.pad_token_id)(ranked)
     with torch.no_grad():
         losses, out = reward.reward_batch(scorer, rbatch, cfg)
         flat = reward.sequence_rewards(scorer, rbatch)

@@ -3,7 +3,7 @@ accelerate, sharing ``diffusion_dpo.losses`` with the diffusion trainer.
 
     diffusion-dpo llm sft|reward|dpo|ppo [--config FILE.yaml] [key=value ...]
 
-Components: ``data`` (rows -> token ids), ``logprobs`` (sequence log-probs), ``rl`` (GAE, KL estimators,
+Components: ``data`` (rows -> token ids), ``collate`` (padded batches), ``logprobs`` (sequence log-probs), ``rl`` (GAE, KL estimators,
 whitening, KL controllers), ``models`` (loading, LoRA, reward/value scorers), ``common`` (the data section,
 training and held-out examples). The recipes are ``diffusion_dpo.recipes.llm_sft``, ``llm_reward``,
 ``llm_dpo`` and ``llm_ppo``, each with a config dataclass, ``run(cfg) -> dict`` and ``main(argv)``, on the

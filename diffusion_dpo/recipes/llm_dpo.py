@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from diffusion_dpo.config import ConfigError, OptimSection, PreferenceLossSection, option, parse_args
 from diffusion_dpo.engine import Engine, StepContext, StepOutput
 from diffusion_dpo.llm import common, models
-from diffusion_dpo.llm.data import PairCollator, tokenize_pairs
+from diffusion_dpo.llm.collate import PairCollator
+from diffusion_dpo.llm.data import tokenize_pairs
 from diffusion_dpo.llm.logprobs import forward_logps
 from diffusion_dpo.losses import dpo_loss, implicit_accuracy
 from diffusion_dpo.recipes import llm_common

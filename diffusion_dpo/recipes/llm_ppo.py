@@ -41,7 +41,8 @@ from diffusion_dpo.config import parse_args
 from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, build_optimizer
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.llm import models, rl
-from diffusion_dpo.llm.data import DemoCollator, pad, read_rows, tokenize_prompts
+from diffusion_dpo.llm.collate import DemoCollator, pad
+from diffusion_dpo.llm.data import read_rows, tokenize_prompts
 from diffusion_dpo.llm.logprobs import entropy_from_logits, position_ids, token_logps
 from diffusion_dpo.losses import ppo_policy_loss, ppo_value_loss
 from diffusion_dpo.recipes.llm_common import DATA_STATS

@@ -27,7 +27,8 @@ import torch
 from diffusion_dpo.config import OptimSection, option, parse_args
 from diffusion_dpo.engine import Engine, StepContext, StepOutput
 from diffusion_dpo.llm import common, models
-from diffusion_dpo.llm.data import PairCollator, RankingCollator, tokenize_pairs, tokenize_rankings
+from diffusion_dpo.llm.collate import PairCollator, RankingCollator
+from diffusion_dpo.llm.data import tokenize_pairs, tokenize_rankings
 from diffusion_dpo.losses import bradley_terry_loss, implicit_accuracy, ranking_loss, ranking_pairs
 from diffusion_dpo.recipes import llm_common
 

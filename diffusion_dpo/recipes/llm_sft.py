@@ -16,7 +16,8 @@ import torch
 from diffusion_dpo.config import OptimSection, option, parse_args
 from diffusion_dpo.engine import Engine, StepContext, StepOutput
 from diffusion_dpo.llm import common, models
-from diffusion_dpo.llm.data import DemoCollator, tokenize_demos
+from diffusion_dpo.llm.collate import DemoCollator
+from diffusion_dpo.llm.data import tokenize_demos
 from diffusion_dpo.llm.logprobs import token_logps
 from diffusion_dpo.recipes import llm_common
 
