@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("scorers.cli", "score images, or a pairs dataset, with a preference scorer"),
     "label": ("diffusion_dpo.recipes.label", "AI-feedback labeling: generate candidates, score, write pairs"),
     "evaluate": ("diffusion_dpo.recipes.evaluate", "tuned vs base on HPSv2-style prompts, per style"),
+    "grpo": ("diffusion_dpo.recipes.grpo", "online reward tuning against a scorer: GRPO or online DPO"),
     "demo": ("diffusion_dpo.recipes.demo", "the whole loop offline on a tiny world: label, train, evaluate"),
     "llm": ("diffusion_dpo.llm.cli", "language-model paths: sft, reward, dpo, ppo"),
 }
