@@ -7,7 +7,8 @@ for every model family (SD1.x/2.x and SDXL sample with DDIM at eta > 0, SD3 and 
 Each step, per process: a batch of prompts (a seeded order that resumes exactly); G images per prompt sampled by
 the current policy with classifier-free guidance, every transition's log-prob recorded; one reward per image
 from the scorer; advantages per prompt group (Flow-GRPO eq. 4) or over the batch. Then ``online.inner_epochs``
-optimizer steps, each accumulating over K of the T transitions of every image (chosen per image, seeded):
+passes over K of the T transitions of every image (chosen per image, seeded), each pass shuffled and cut into
+``online.updates_per_epoch`` optimizer steps that accumulate over micro-batches of ``optim.batch_size`` rows:
 
     grpo        the clipped importance-ratio loss per transition plus kl_coef x the KL of the policy's to the
                 reference's transition (Flow-GRPO eq. 6); the reference is the adapter switched off (LoRA) or
@@ -363,8 +364,8 @@ def run(cfg: GrpoConfig) -> GrpoResult:
 
     from diffusion_dpo.engine import build_optimizer
 
-    o, inner = cfg.online, cfg.online.inner_epochs
-    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.rows_per_step() // cfg.optim.batch_size,
+    o, inner = cfg.online, cfg.optimizer_steps_per_step()
+    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.rows_per_update() // cfg.optim.batch_size,
                     unit="rows", name="grpo", run_files=("eval", "tiny"))
     cfg = engine.cfg
     pretrained = resolve_pretrained(cfg, engine)
@@ -397,19 +398,21 @@ def run(cfg: GrpoConfig) -> GrpoResult:
         sampled = time.perf_counter()
         micro_batches, step_fn = make_update(cfg, engine, built, model, samples, step)
         sums, good = {}, 0
-        for epoch in range(inner):
-            metrics = engine.optimizer_step(model, params, optimizer, scheduler, micro_batches(epoch), step_fn,
-                                            cfg.optim.max_grad_norm)
-            if metrics is not None:
-                good += 1
-                sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items() if k != "units"}
+        for epoch in range(o.inner_epochs):
+            batches = micro_batches(epoch)
+            for _ in range(o.updates_per_epoch):
+                metrics = engine.optimizer_step(model, params, optimizer, scheduler, batches, step_fn,
+                                                cfg.optim.max_grad_norm)
+                if metrics is not None:
+                    good += 1
+                    sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items() if k != "units"}
         trained = time.perf_counter()
         n_images = len(samples.rewards) * engine.world
         last = {"step": engine.step, "sampling_step": step + 1, **sample_metrics(engine, samples),
-                **process_mean(engine, {k: v / good for k, v in sums.items()}),
+                **process_mean(engine, {k: v / max(good, 1) for k, v in sums.items()}),
                 "lr": scheduler.get_last_lr()[0], "nonfinite_steps": engine.nonfinite_steps,
                 "images_per_s_sampled": n_images / max(sampled - start, 1e-9),
-                "images_per_s_trained": n_images * inner / max(trained - sampled, 1e-9)}
+                "images_per_s_trained": n_images * o.inner_epochs / max(trained - sampled, 1e-9)}
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.optim.max_steps:
             engine.log({k: v for k, v in last.items() if k != "step"})
         if engine.is_main:

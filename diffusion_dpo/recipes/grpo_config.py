@@ -56,6 +56,8 @@ class OnlineSection:
                               "0 or more")
     inner_epochs: int = option(1, "optimizer steps on each step's samples (PPO epochs)", at_least_one,
                                "at least 1")
+    updates_per_epoch: int = option(1, "optimizer steps per inner epoch: a step's rows, shuffled, are cut into "
+                                    "this many equal parts (DDPO's batches per epoch)", at_least_one, "at least 1")
     clip_range: float = option(1e-4, "GRPO: PPO clip range of the importance ratio (DDPO: 1e-4)", positive,
                                "a positive number")
     kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (Flow-GRPO: 0.04; 0 "
@@ -99,7 +101,7 @@ class GrpoConfig(TrainingRunOptions):
     optim: OptimSection = option(
         OptimSection(learning_rate=3e-4, scheduler="constant", warmup_steps=0, batch_size=8, max_steps=100),
         "optimizer; batch_size is the micro-batch in transitions (grpo) or pairs (online_dpo), max_steps counts "
-        "sampling steps (each runs online.inner_epochs optimizer steps)")
+        "sampling steps (each runs online.inner_epochs x online.updates_per_epoch optimizer steps)")
     eval: EvalSection = option(EvalSection, "held-out evaluation against the base (win rate, grids)")
     log_every: int = option(1, "write the monitors every N sampling steps (each step's own values, not averaged)",
                             at_least_one, "at least 1 step")
@@ -109,8 +111,15 @@ class GrpoConfig(TrainingRunOptions):
     def num_train_steps(self) -> int:
         return self.online.train_steps or self.sampling.num_inference_steps
 
-    def rows_per_step(self) -> int:
+    def optimizer_steps_per_step(self) -> int:
+        return self.online.inner_epochs * self.online.updates_per_epoch
+
+    def rows_per_update(self) -> int:
         """Rows one process trains on per optimizer step: transitions (grpo) or pairs (online_dpo)."""
+        return self.rows_per_step() // self.online.updates_per_epoch
+
+    def rows_per_step(self) -> int:
+        """Rows one process trains on per inner epoch: transitions (grpo) or pairs (online_dpo)."""
         o = self.online
         if self.method == "online_dpo":
             return o.prompts_per_step
@@ -130,8 +139,13 @@ class GrpoConfig(TrainingRunOptions):
         if o.first_steps > self.num_train_steps():
             raise ConfigError(f"config key 'online.first_steps': expected at most online.train_steps = "
                               f"{self.num_train_steps()}, got {o.first_steps}")
-        if self.rows_per_step() % self.optim.batch_size:
-            unit = "pairs (one per prompt)" if self.method == "online_dpo" else \
-                "transitions (prompts_per_step x group_size x train_steps)"
-            raise ConfigError(f"config key 'optim.batch_size': expected a divisor of the {self.rows_per_step()} "
-                              f"{unit} each process trains on per step, got {self.optim.batch_size}")
+        unit = "pairs (one per prompt)" if self.method == "online_dpo" else \
+            "transitions (prompts_per_step x group_size x train_steps)"
+        if self.rows_per_step() % o.updates_per_epoch:
+            raise ConfigError(f"config key 'online.updates_per_epoch': expected a divisor of the "
+                              f"{self.rows_per_step()} {unit} each process trains on per step, got "
+                              f"{o.updates_per_epoch}")
+        if self.rows_per_update() % self.optim.batch_size:
+            raise ConfigError(f"config key 'optim.batch_size': expected a divisor of the {self.rows_per_update()} "
+                              f"{unit} / online.updates_per_epoch each process trains on per optimizer step, got "
+                              f"{self.optim.batch_size}")
