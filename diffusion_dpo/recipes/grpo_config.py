@@ -47,7 +47,7 @@ class SamplingSection:
 
 @dataclass
 class OnlineSection:
-    prompts_per_step: int = option(4, "prompts per process per step (each gets a whole group)", at_least_one,
+    prompts_per_step: int = option(8, "prompts per process per step (each gets a whole group)", at_least_one,
                                    "at least 1")
     group_size: int = option(8, "G: images sampled per prompt", lambda v: v >= 2, "at least 2")
     train_steps: Optional[int] = option(None, "K: transitions trained per image, drawn per image from the T "
