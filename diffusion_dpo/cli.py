@@ -30,6 +30,7 @@ COMMANDS: Table = {
     "score": ("diffusion_dpo.recipes.score", "score images, or a pairs dataset, with a preference scorer"),
     "label": ("diffusion_dpo.recipes.label", "AI-feedback labeling: generate candidates, score, write pairs"),
     "evaluate": ("diffusion_dpo.recipes.evaluate", "tuned vs base on HPSv2-style prompts, per style"),
+    "grpo": ("diffusion_dpo.recipes.grpo", "online reward tuning against a scorer: GRPO or online DPO"),
     "demo": ("diffusion_dpo.recipes.demo", "the whole loop offline on a tiny world: label, train, evaluate"),
     "llm": (LLM_METHODS, "language-model paths: sft, reward, dpo, ppo"),
 }

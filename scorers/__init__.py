@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "scorers.aesthetic:AestheticScore",
     "jpeg_compressibility": "scorers.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "scorers.jpeg:JpegIncompressibility",
+    "brightness": "scorers.brightness:Brightness",
     "combo": "scorers.combo:Combo",
     "shapes": "scorers.shapes:ShapesScorer",
 }

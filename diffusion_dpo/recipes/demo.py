@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from diffusion_dpo import ASSETS
 from diffusion_dpo.config import (
@@ -50,6 +50,7 @@ from diffusion_dpo.config import (
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
+from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
 
 DEFAULT_BASE = ASSETS / "demo" / "base"
 
@@ -116,6 +117,10 @@ class DemoConfig(RunOptions):
                           "1 can be much faster than 2", non_negative, "0 (torch's default) or a positive number")
     n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
     grid_prompts: int = option(12, "held-out prompts shown in grid.png (first seed)", non_negative, "0 or more")
+    method: Literal["offline_dpo", "grpo", "online_dpo"] = option(
+        "offline_dpo", "offline_dpo: label -> train (-> evaluate); grpo / online_dpo: tune online against the "
+        "scorer (diffusion-dpo grpo), then evaluate (recipes/demo_online.py)")
+    online: OnlineDemoConfig = option(OnlineDemoConfig, "method=grpo / online_dpo: the online tuning settings")
 
 
 # ------------------------------------------------------------------------------------------ stage configs
@@ -380,10 +385,22 @@ def _write_report(report: DemoReport, evaluations: list, grid_prompts: int, out:
     (out / "report.md").write_text(markdown_report(report))
 
 
+# demo methods run by recipes/demo_online.py (the offline label -> train loop is run() above)
+ONLINE_METHODS = ("grpo", "online_dpo")
+
+
 def main(argv: list[str]) -> int:
     from diffusion_dpo.evaluation.reports import demo_sentences
 
     cfg = parse_args(DemoConfig, argv, prog="diffusion-dpo demo", description=__doc__.split("\n\n")[0])
+    if cfg.method in ONLINE_METHODS:
+        from diffusion_dpo.recipes import demo_online
+
+        online = demo_online.run_online(cfg)
+        print()
+        print("\n".join(demo_online.sentences(online)))
+        print(f"Everything is in {online['output_dir']}/: report.md, report.json, grid.png.")
+        return 0
     report = run(cfg)
     print()
     print("\n".join(demo_sentences(report)))

@@ -1,0 +1,139 @@
+"""Rollouts of online reward tuning, for any model family: sample a group of G images per prompt with the
+current denoiser and classifier-free guidance, recording every stochastic transition, decode them and score
+them once each.
+
+    schedule = sampling_schedule(comps, num_inference_steps=20, eta=1.0, noise_level=0.7, latent_hw=(16, 16))
+    cond = Conditioning.of(comps, prompts, guidance_scale=4.0, size=(32, 32))   # per prompt, repeated G times
+    predict = guided_predict(comps.family, denoiser, schedule, cond)
+    roll = rollout(predict, schedule, comps.vae, seeds, latent_shape)            # trajectory + images [N, 3, H, W]
+
+The same :func:`guided_predict` serves sampling and the recomputation of a recorded transition's log-prob
+during the update, so guidance is applied identically in both (the PPO ratio compares like with like).
+DDPM families (SD1.x/2.x, SDXL) sample with DDIM at eta > 0, flow-matching families (SD3, FLUX.1) with the
+Flow-GRPO SDE (``online.transitions``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffusion_dpo.errors import InputError
+from diffusion_dpo.online.trajectory import Trajectory, sample_trajectory
+from diffusion_dpo.online.transitions import DDIMSchedule, FlowSDESchedule
+
+Tensor = torch.Tensor
+
+
+def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_level: float,
+                      latent_hw: tuple[int, int]):
+    """The stochastic sampler of ``comps.family``: a :class:`DDIMSchedule` (eta) built from the pipeline's
+    noise schedule for DDPM families, or a :class:`FlowSDESchedule` (noise_level) from its flow-matching
+    scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift (as
+    FluxPipeline computes mu from the packed sequence length h/2 * w/2)."""
+    from diffusers import DDIMScheduler
+
+    if not comps.family.flow:
+        scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
+        return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, eta)
+    scheduler = copy.deepcopy(comps.noise_scheduler)
+    if scheduler.config.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = scheduler.config
+        mu = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
+                             c.base_shift, c.max_shift)
+        scheduler.set_timesteps(num_inference_steps, mu=mu)
+        return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level)
+    return FlowSDESchedule.from_scheduler(scheduler, num_inference_steps, noise_level)
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser reads for N images: text {name: [N, ...]} (each image's prompt), uncond {name:
+    [N, ...]} (the empty prompt, for guidance), image {name: [N, ...]} (SDXL's time ids), and the scale."""
+
+    text: dict[str, Tensor]
+    uncond: dict[str, Tensor]
+    image: dict[str, Tensor]
+    guidance_scale: float
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, comps, prompts: list[str], *, guidance_scale: float, size: tuple[int, int],
+           repeat: int = 1) -> Conditioning:
+        """Encode ``prompts`` once and repeat each ``repeat`` times (a group of G images per prompt, in
+        order: prompt 0's G images first). ``size``: (H, W) in px, the images' size and SDXL's original
+        size with no crop."""
+        text = comps.family.encode_text(comps, list(prompts))
+        empty = comps.family.encode_text(comps, [""])
+        n = len(prompts) * repeat
+        text = {k: v.repeat_interleave(repeat, dim=0) for k, v in text.items()}
+        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()}
+        sizes = torch.tensor(size, dtype=torch.float32).expand(n, 1, 2)
+        image = comps.family.image_conditioning(
+            {"original_sizes": sizes, "crop_top_lefts": torch.zeros(n, 1, 2)}, size)
+        device = next(iter(text.values())).device
+        image = {k: v[:, 0].to(device) for k, v in image.items()}  # one image each, not a pair
+        return cls(text, uncond, image, guidance_scale)
+
+    def rows(self, index: Tensor) -> Conditioning:
+        """The conditioning of images ``index`` (long [M]), e.g. each trained transition's image."""
+        pick = lambda d: {k: v[index.to(v.device)] for k, v in d.items()}  # noqa: E731
+        return Conditioning(pick(self.text), pick(self.uncond), pick(self.image), self.guidance_scale)
+
+
+def guided_predict(family, denoiser, schedule, cond: Conditioning) -> Callable[[Tensor, Tensor], Tensor]:
+    """``predict(x [N, ...], step_index long [N]) -> model output [N, ...]`` at each row's step, with
+    classifier-free guidance u + w (c - u) (Ho & Salimans 2022) in one batch of 2N when w != 1."""
+
+    def predict(x: Tensor, step_index: Tensor) -> Tensor:
+        t = schedule.timesteps[step_index.cpu()].to(x.device)
+        if cond.guidance_scale == 1:
+            return family.forward(denoiser, x, t, cond.text, cond.image)
+        text = {k: torch.cat([cond.uncond[k], v]) for k, v in cond.text.items()}
+        image = {k: torch.cat([v, v]) for k, v in cond.image.items()}
+        out = family.forward(denoiser, torch.cat([x, x]), torch.cat([t, t]), text, image)
+        uncond, conditional = out.float().chunk(2)
+        return uncond + cond.guidance_scale * (conditional - uncond)
+
+    return predict
+
+
+@torch.no_grad()
+def decode(vae, latents: Tensor) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1] (fp32) from denoiser latents [N, C, h, w]: the inverse of
+    ``models.sample_latents``' scaling and shift, then the VAE decoder."""
+    c = vae.config
+    z = latents / c.scaling_factor + (c.get("shift_factor") or 0.0)
+    return (vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def image_seed_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+@dataclass
+class Rollout:
+    """trajectory: latents [N, T + 1, ...] and log-probs [N, T]; images [N, 3, H, W] in [0, 1]."""
+
+    trajectory: Trajectory
+    images: Tensor
+
+
+def rollout(predict: Callable[[Tensor, Tensor], Tensor], schedule, vae, seeds: list[int],
+            latent_shape: tuple[int, int, int], device) -> Rollout:
+    """Sample N = len(seeds) images: image i's starting noise and every step's noise come from one CPU
+    generator seeded with ``seeds[i]`` (its images depend only on its seed and the weights). ``predict``:
+    :func:`guided_predict` of the current policy. Runs without gradients; call it under the run's autocast."""
+    if len(latent_shape) != 3:
+        raise InputError(f"latent_shape must be (C, h, w), got {latent_shape}")
+    generators = image_seed_generators(seeds)
+    start = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+    n = len(seeds)
+    trajectory = sample_trajectory(lambda x, i: predict(x, torch.full((n,), i, dtype=torch.long)), schedule,
+                                   start, generators)
+    return Rollout(trajectory, decode(vae, trajectory.final))

@@ -1,0 +1,457 @@
+"""``diffusion-dpo grpo``: online reward tuning of a text-to-image denoiser (GRPO, or online Diffusion-DPO),
+for every model family (SD1.x/2.x and SDXL sample with DDIM at eta > 0, SD3 and FLUX.1 with the flow SDE).
+
+    diffusion-dpo grpo model.pretrained=tiny scorer.name=jpeg_incompressibility optim.max_steps=20
+    accelerate launch --num_processes 8 -m diffusion_dpo grpo --config my_grpo.yaml
+
+Each step, per process: a batch of prompts (a seeded order that resumes exactly); G images per prompt sampled by
+the current policy with classifier-free guidance, every transition's log-prob recorded; one reward per image
+from the scorer; advantages per prompt group (Flow-GRPO eq. 4) or over the batch. Then ``online.inner_epochs``
+passes over K of the T transitions of every image (chosen per image, seeded), each pass shuffled and cut into
+``online.updates_per_epoch`` optimizer steps that accumulate over micro-batches of ``optim.batch_size`` rows:
+
+    grpo        the clipped importance-ratio loss per transition plus kl_coef x the KL of the policy's to the
+                reference's transition (Flow-GRPO eq. 6); the reference is the adapter switched off (LoRA) or
+                a frozen copy (full fine-tune)
+    online_dpo  Diffusion-DPO (Wallace et al. 2023, eq. 14) on the best vs the worst image of each group, with
+                shared noise per pair, as ``train`` computes it; the reference is a copy of the policy,
+                refreshed every ``online.ref_refresh_every`` steps
+
+Writes into ``output_dir``: config.yaml, metrics.jsonl and tensorboard logs (reward mean/std, KL, clip
+fraction, approx KL, zero-spread groups, image statistics, loss, lr), checkpoints/step-N/ (N counts optimizer
+steps), eval/step-N/ (held-out win rate against the base with its 95% interval, grids), final/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from diffusion_dpo import models
+from diffusion_dpo.config import PreferenceLossSection, parse_args
+from diffusion_dpo.denoising import PairInputs, draw_pair_noise
+from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput
+from diffusion_dpo.errors import InputError
+from diffusion_dpo.families import NoiseConfig
+from diffusion_dpo.online.advantages import group_advantages
+from diffusion_dpo.online.monitors import batch_means, image_statistics
+from diffusion_dpo.online.objective import gaussian_mean_kl, grpo_transition_loss, policy_metrics
+from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
+from diffusion_dpo.online.step_choice import choose_steps
+from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
+from diffusion_dpo.recipes.grpo_config import GrpoConfig
+from diffusion_dpo.recipes.train import TINY, dpo_objective
+from diffusion_dpo.reference import AdapterOff, FrozenCopy
+
+Tensor = torch.Tensor
+# Independent random streams of one (seed, step, process): images' noise, pair noise, the step choice and order.
+IMAGES, PAIRS, CHOICE = 0, 1, 2
+
+
+def stream_seeds(seed: int, step: int, rank: int, stream: int, n: int) -> list[int]:
+    """n 63-bit seeds from (run seed, sampling step, process, stream, position): what a step draws depends on
+    nothing else, so a resumed run draws the same."""
+    return [int(np.random.SeedSequence([seed, step, rank, stream, i]).generate_state(2, np.uint64)[0] >> 1)
+            for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+@dataclass
+class Built:
+    comps: models.Components
+    policy: torch.nn.Module  # the denoiser being trained (unwrapped)
+    reference: Any  # AdapterOff or FrozenCopy
+    is_lora: bool
+    noise: Any  # the family's noise process (online_dpo's denoising errors)
+    schedule: Any  # DDIMSchedule or FlowSDESchedule
+    size: tuple[int, int]  # image (H, W) in px
+    latent_shape: tuple[int, int, int]
+
+
+def resolve_pretrained(cfg: GrpoConfig, engine: Engine) -> str:
+    """model.pretrained, or the tiny pipeline it names, built once into output_dir/tiny/."""
+    from scorers.hub import looks_local
+
+    name = cfg.model.pretrained
+    if name in TINY:
+        folder = engine.out / "tiny" / name
+        if engine.is_main and not (folder / "model_index.json").is_file():
+            from diffusion_dpo.tiny import build_tiny_pipeline
+
+            build_tiny_pipeline(folder, family=TINY[name], resolution=cfg.sampling.resolution or 32)
+        engine.accelerator.wait_for_everyone()
+        return str(folder)
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise InputError(f"config key 'model.pretrained': {name} does not exist (expected a diffusers pipeline "
+                         f"folder, a hub id owner/name, or one of {', '.join(TINY)})")
+    return name
+
+
+def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
+    """Frozen VAE and text encoders in the compute dtype; the trained weights in fp32; reference; sampler."""
+    m, device, dtype = cfg.model, engine.device, engine.compute_dtype
+    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
+    models.freeze_to(comps, device, dtype)
+    denoiser = comps.denoiser
+    is_lora = m.lora_rank > 0
+    if is_lora:  # the base is frozen in the compute dtype; only the adapter trains, in fp32
+        models.move(denoiser, device, dtype)
+        models.attach_lora(denoiser, m.lora_rank, m.lora_alpha, m.lora_targets or list(comps.family.lora_targets))
+        for p in models.trainable_parameters(denoiser):
+            p.data = p.data.float()
+    else:
+        denoiser.to(device)
+    if cfg.method == "online_dpo":  # a copy that ref_refresh_every moves to the policy
+        reference = FrozenCopy.of(denoiser)
+    else:
+        reference = AdapterOff(denoiser) if is_lora else FrozenCopy(models.frozen_copy(denoiser, dtype))
+    if m.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    side = cfg.sampling.resolution or comps.vae.config.sample_size
+    factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    latent_hw = (side // factor, side // factor)
+    s = cfg.sampling
+    schedule = sampling_schedule(comps, num_inference_steps=s.num_inference_steps, eta=s.eta,
+                                 noise_level=s.noise_level, latent_hw=latent_hw)
+    return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, NoiseConfig()),
+                 schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
+
+
+def load_reward(cfg: GrpoConfig, device):
+    """The scorer, loaded once (device defaults to this process's)."""
+    import scorers
+
+    options = {"device": str(device)} | dict(cfg.scorer.options)
+    try:
+        return scorers.load_scorer(cfg.scorer.name, **options)
+    except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
+        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {options}: {e}") from None
+
+
+def load_prompt_texts(cfg: GrpoConfig) -> list[str]:
+    from diffusion_dpo.evaluation.prompts import load_prompts
+
+    texts = [p.text for p in load_prompts(cfg.prompts.source)][:cfg.prompts.max_prompts]
+    if not texts:
+        raise InputError(f"config key 'prompts.source': {cfg.prompts.source} holds no prompts")
+    return texts
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+@dataclass
+class Samples:
+    """One step's samples on one process: N = P x G images, prompt p's G images at rows p*G .. p*G + G - 1."""
+
+    prompts: list[str]  # [P]
+    cond: Conditioning  # per image [N, ...]
+    trajectory: Trajectory  # latents [N, T + 1, C, h, w], log-probs [N, T] under the sampling policy
+    rewards: Tensor  # [N] fp32
+    advantages: Tensor  # [N] fp32, clipped
+    zero_spread_groups: int
+    images: Tensor  # [N, 3, H, W] in [0, 1], on the CPU
+
+
+def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list[str], step: int) -> Samples:
+    """Sample G images per prompt with the current policy, score them once each, and normalise the rewards."""
+    g = cfg.online.group_size
+    cond = Conditioning.of(built.comps, prompts, guidance_scale=cfg.sampling.guidance_scale, size=built.size,
+                           repeat=g)
+    seeds = stream_seeds(cfg.optim.seed, step, engine.rank, IMAGES, len(prompts) * g)
+    with torch.no_grad(), engine.accelerator.autocast():
+        predict = guided_predict(built.comps.family, built.policy, built.schedule, cond)
+        roll = rollout(predict, built.schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
+    images = roll.images.cpu()
+    per_image = [p for p in prompts for _ in range(g)]
+    rewards = scorer.score(images, per_image).float().to(engine.device)
+    if cfg.online.advantage_scope == "batch":  # over every process's batch, then this process's share
+        every = engine.accelerator.gather(rewards)
+        adv = group_advantages(every, [], scope="batch")
+        values = adv.values.view(engine.world, -1)[engine.rank]
+    else:
+        adv = group_advantages(rewards, [i // g for i in range(len(per_image))])
+        values = adv.values
+    clip = cfg.online.advantage_clip
+    return Samples(prompts, cond, roll.trajectory, rewards,
+                   values.clamp(-clip, clip), adv.zero_spread_groups, images)
+
+
+# ------------------------------------------------------------------------------------------- objectives
+
+def grpo_rows(cfg: GrpoConfig, samples: Samples, step: int, rank: int) -> dict[str, Tensor]:
+    """The K chosen transitions of every image as flat rows [N * K]: latents, next latents, old log-probs,
+    step index, image index, advantage."""
+    n, t = samples.trajectory.logprobs.shape
+    seed = stream_seeds(cfg.optim.seed, step, rank, CHOICE, 1)[0]
+    steps = choose_steps(n, t, cfg.num_train_steps(), seed, first=cfg.online.first_steps)
+    latents, next_latents, old = gather_steps(samples.trajectory, steps)
+    image = torch.arange(n).repeat_interleave(steps.shape[1])
+    return {"latents": latents, "next_latents": next_latents, "old_logprobs": old,
+            "step_index": steps.flatten(), "image": image, "advantages": samples.advantages[image.to(
+                samples.advantages.device)]}
+
+
+def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict[str, Tensor],
+              index: Tensor) -> StepOutput:
+    """The clipped ratio loss plus kl_coef x KL of the transitions ``index`` (long [M]) of ``rows``."""
+    family, schedule, o = built.comps.family, built.schedule, cfg.online
+    reduction = cfg.sampling.logprob_reduction
+    x, x_next = rows["latents"][index], rows["next_latents"][index]
+    step_index = rows["step_index"][index]
+    cond = samples.cond.rows(rows["image"][index])
+    out = guided_predict(family, model, schedule, cond)(x, step_index)
+    new = transition_logprob(schedule, x, x_next, out, step_index, reduction=reduction)
+    old = rows["old_logprobs"][index].to(new.logprob.device)
+    kl = torch.zeros_like(new.logprob)
+    if o.kl_coef > 0:
+        with torch.no_grad(), built.reference.model() as ref_model:
+            ref_out = guided_predict(family, ref_model, schedule, cond)(x, step_index)
+        ref_mean, _ = schedule.mean_std(x.float(), ref_out, step_index.cpu())
+        kl = gaussian_mean_kl(new.mean, ref_mean, new.std, reduction)
+    losses, clipped = grpo_transition_loss(new.logprob, old, rows["advantages"][index], kl,
+                                           clip_range=o.clip_range, kl_coef=o.kl_coef)
+    metrics = policy_metrics(new.logprob, old, clipped) | {
+        "kl": kl.detach(), "ratio": torch.exp(new.logprob.detach() - old)}
+    return StepOutput(losses, metrics, units=len(index))
+
+
+def best_worst(samples: Samples, g: int) -> tuple[Tensor, Tensor]:
+    """Per prompt group, the image index of the highest and of the lowest reward: long [P] each."""
+    grouped = samples.rewards.view(-1, g)
+    offsets = torch.arange(grouped.shape[0], device=grouped.device) * g
+    return grouped.argmax(dim=1) + offsets, grouped.argmin(dim=1) + offsets
+
+
+def online_dpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, pairs: tuple[Tensor, Tensor],
+                    index: Tensor, noise_seeds: list[int]) -> StepOutput:
+    """Diffusion-DPO on pairs ``index`` (long [M]) of (best, worst): the final latents of the two images,
+    one noise and time per pair, through ``train.dpo_objective``."""
+    best, worst = pairs[0][index], pairs[1][index]
+    final = samples.trajectory.final
+    device = final.device
+    noise = draw_pair_noise(noise_seeds, built.latent_shape, built.noise.draw_time, device)
+    cond = samples.cond
+    text = {k: v[best.to(v.device)] for k, v in cond.text.items()}
+    image = {k: torch.cat([v[best.to(v.device)], v[worst.to(v.device)]]) for k, v in cond.image.items()}
+    x = PairInputs(final[best], final[worst], noise.noise, noise.timesteps, text, image)
+    is_tie = samples.rewards[best] == samples.rewards[worst]
+    return dpo_objective(model, built.reference, x, is_tie, built.noise,
+                         PreferenceLossSection(beta=cfg.online.beta_dpo), built.comps.family.forward)
+
+
+def make_update(cfg: GrpoConfig, engine: Engine, built: Built, model, samples: Samples, step: int):
+    """(micro-batch iterator factory per inner epoch, step function) for this step's samples."""
+    if cfg.method == "grpo":
+        rows = grpo_rows(cfg, samples, step, engine.rank)
+        total = len(rows["image"])
+
+        def step_fn(index: Tensor, ctx: StepContext) -> StepOutput:
+            return grpo_loss(cfg, built, model, samples, rows, index)
+    else:
+        pairs = best_worst(samples, cfg.online.group_size)
+        total = len(pairs[0])
+
+        def step_fn(index: Tensor, ctx: StepContext) -> StepOutput:
+            seeds = [stream_seeds(cfg.optim.seed, step, engine.rank, PAIRS, total)[int(i)] for i in index]
+            return online_dpo_loss(cfg, built, model, samples, pairs, index, seeds)
+
+    def micro_batches(epoch: int):
+        """A seeded shuffle of the rows per inner epoch, cut into micro-batches of optim.batch_size."""
+        g = torch.Generator().manual_seed(stream_seeds(cfg.optim.seed, step, engine.rank, CHOICE, epoch + 2)[-1])
+        return iter(torch.randperm(total, generator=g).split(cfg.optim.batch_size))
+
+    return micro_batches, step_fn
+
+
+# ------------------------------------------------------------------------------------------- monitoring
+
+def process_mean(engine: Engine, values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the processes (every process passes the same names)."""
+    if engine.world == 1 or not values:
+        return values
+    names = sorted(values)
+    means = engine.accelerator.reduce(torch.tensor([values[k] for k in names], device=engine.device),
+                                      reduction="mean")
+    return dict(zip(names, means.tolist()))
+
+
+def sample_metrics(engine: Engine, samples: Samples) -> dict[str, float]:
+    """Reward mean/std over every process's images, zero-spread groups (summed), image statistics (means)."""
+    rewards = engine.accelerator.gather(samples.rewards)
+    spread = torch.tensor([float(samples.zero_spread_groups)], device=engine.device)
+    if engine.world > 1:
+        spread = engine.accelerator.reduce(spread, reduction="sum")
+    stats = process_mean(engine, batch_means(image_statistics(samples.images)))
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "zero_spread_groups": float(spread.item()), **{f"image/{k}": v for k, v in stats.items()}}
+
+
+def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: str, label: str,
+                    weights: Optional[Path] = None) -> dict[str, float]:
+    """The held-out evaluation (``diffusion-dpo evaluate``: same seeds for both, the pipeline's own sampler)
+    of the policy against the base into output_dir/eval/<label>/; returns the logged numbers (main process).
+    ``weights``: final/ (else the policy's weights are written to eval/<label>/weights first)."""
+    from diffusion_dpo.recipes import evaluate
+    from diffusion_dpo.recipes.demo import reuse_base_images
+
+    folder = engine.out / "eval" / label
+    if weights is None:
+        weights = folder / "weights"
+        if engine.is_main:
+            built.comps.family.save_final(built.policy, weights, built.is_lora)
+    if engine.is_main:  # the base's images are the same at every evaluation: generated once
+        for earlier in sorted((engine.out / "eval").glob("*/images/base")):
+            reuse_base_images(earlier.parent.parent, folder)
+    engine.accelerator.wait_for_everyone()
+    e, name = cfg.eval, cfg.scorer.name
+    result = evaluate.run(evaluate.EvaluateConfig(
+        model=evaluate.ModelConfig(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
+                                   unet=None if built.is_lora else str(weights)),
+        prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
+        scorer_options={name: dict(cfg.scorer.options)},
+        sampling=evaluate.SamplingConfig(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
+                                         guidance_scale=cfg.sampling.guidance_scale, height=built.size[0],
+                                         width=built.size[1]),
+        batch_size=e.batch_size, n_boot=e.n_boot, grid_prompts=e.grid_prompts, output_dir=str(folder),
+        resume="auto", mixed_precision=cfg.mixed_precision), desc=f"eval {label}")
+    if not engine.is_main:
+        return {}
+    c = result.scorers[name]
+    return {"eval/win_rate": c.win_rate, "eval/win_rate_lo": c.win_rate_ci[0], "eval/win_rate_hi": c.win_rate_ci[1],
+            "eval/base_mean": c.base_mean, "eval/tuned_mean": c.tuned_mean}
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+@dataclass
+class GrpoResult:
+    output_dir: str
+    final: str
+    format: str  # "lora", "unet" or "transformer"
+    pretrained: str
+    steps: int  # sampling steps
+    optimizer_steps: int
+    images_generated: int  # by the policy during training, all processes (evaluation not counted)
+    resumed_from: Optional[str]
+    last_metrics: dict[str, float]
+    evaluation: dict[str, float]  # the last evaluation's numbers (empty without eval.prompts)
+    weight_digests: list[str]
+    num_processes: int = 1
+    process_index: int = 0
+
+
+def reference_state(cfg: GrpoConfig, built: Built) -> dict[str, Any]:
+    """online_dpo with refreshes: the reference's trained weights, so a resumed run has the same reference."""
+    if cfg.method != "online_dpo" or not cfg.online.ref_refresh_every:
+        return {}
+    names = {n for n, p in built.policy.named_parameters() if p.requires_grad}
+    return {"reference": {k: v.detach().cpu().clone() for k, v in built.reference.module.state_dict().items()
+                          if k in names}}
+
+
+def run(cfg: GrpoConfig) -> GrpoResult:
+    """Tune as ``cfg`` says: sample, score, update, log, checkpoint, evaluate; save final/."""
+    from accelerate.utils import set_seed
+
+    from diffusion_dpo.engine import build_optimizer
+
+    o, inner = cfg.online, cfg.optimizer_steps_per_step()
+    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.rows_per_update() // cfg.optim.batch_size,
+                    unit="rows", name="grpo", run_files=("eval", "tiny"))
+    cfg = engine.cfg
+    pretrained = resolve_pretrained(cfg, engine)
+    set_seed(cfg.optim.seed)  # LoRA init from here, after any tiny pipeline was built
+    built = setup_models(cfg, pretrained, engine)
+    if cfg.eval.prompts and not built.is_lora and built.comps.family.denoiser_name != "unet":
+        raise InputError("config key 'eval.prompts': evaluating a full fine-tune reads a UNet folder; with a "
+                         f"{built.comps.family.name} transformer use LoRA (model.lora_rank > 0) or eval.prompts=null")
+    scorer = load_reward(cfg, engine.device)
+    feed = ExampleFeed(load_prompt_texts(cfg), list, seed=cfg.optim.seed, rank=engine.rank, world=engine.world,
+                       name=f"prompts {cfg.prompts.source}")
+    optimizer, scheduler = build_optimizer(built.policy.parameters(), cfg.optim, cfg.optim.max_steps * inner,
+                                           engine.world)
+    model, optimizer = engine.prepare(built.policy, optimizer)
+
+    def restore(state: dict[str, Any]) -> None:
+        if "reference" in state:
+            built.reference.module.load_state_dict(state["reference"], strict=False)
+
+    engine.resume(built.policy, optimizer, scheduler, feed, extra=restore)
+    params = [p for p in model.parameters() if p.requires_grad]
+    prompt_batches = feed.batches(o.prompts_per_step)
+    last, evaluation = {}, {}
+    while engine.step < cfg.optim.max_steps * inner:
+        step = engine.step // inner
+        if cfg.method == "online_dpo" and o.ref_refresh_every and step and step % o.ref_refresh_every == 0:
+            built.reference.module.load_state_dict(built.policy.state_dict())
+        start = time.perf_counter()
+        samples = collect(cfg, engine, built, scorer, next(prompt_batches), step)
+        sampled = time.perf_counter()
+        micro_batches, step_fn = make_update(cfg, engine, built, model, samples, step)
+        sums, good = {}, 0
+        for epoch in range(o.inner_epochs):
+            batches = micro_batches(epoch)
+            for _ in range(o.updates_per_epoch):
+                metrics = engine.optimizer_step(model, params, optimizer, scheduler, batches, step_fn,
+                                                cfg.optim.max_grad_norm)
+                if metrics is not None:
+                    good += 1
+                    sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items() if k != "units"}
+        trained = time.perf_counter()
+        n_images = len(samples.rewards) * engine.world
+        last = {"step": engine.step, "sampling_step": step + 1, **sample_metrics(engine, samples),
+                **process_mean(engine, {k: v / max(good, 1) for k, v in sums.items()}),
+                "lr": scheduler.get_last_lr()[0], "nonfinite_steps": engine.nonfinite_steps,
+                "images_per_s_sampled": n_images / max(sampled - start, 1e-9),
+                "images_per_s_trained": n_images * o.inner_epochs / max(trained - sampled, 1e-9)}
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.optim.max_steps:
+            engine.log({k: v for k, v in last.items() if k != "step"})
+        if engine.is_main:
+            print(f"grpo step {step + 1}/{cfg.optim.max_steps}: reward {last['reward_mean']:.4f} "
+                  f"(std {last['reward_std']:.4f}), loss {last.get('loss', float('nan')):.4g}", flush=True)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            engine.save_checkpoint(built.policy, optimizer, scheduler, feed, reference_state(cfg, built))
+        if cfg.eval.prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.optim.max_steps:
+            evaluation = evaluate_policy(cfg, engine, built, pretrained, f"step-{engine.step}")
+            engine.log(evaluation)
+
+    family = built.comps.family
+    final = engine.save_final(built.policy, lambda folder: family.save_final(built.policy, folder, built.is_lora))
+    if cfg.eval.prompts:
+        evaluation = evaluate_policy(cfg, engine, built, pretrained, "final", weights=final)
+        engine.log(evaluation)
+    steps = engine.step // inner
+    result = GrpoResult(
+        output_dir=str(engine.out), final=str(final), format="lora" if built.is_lora else family.denoiser_name,
+        pretrained=pretrained, steps=steps, optimizer_steps=engine.step,
+        images_generated=steps * o.prompts_per_step * o.group_size * engine.world,
+        resumed_from=str(engine.resume_from) if engine.resume_from else None, last_metrics=last,
+        evaluation=evaluation, weight_digests=engine.digests(built.policy), num_processes=engine.world)
+    summary = engine.finish(dataclasses.asdict(result) | {"metrics": str(engine.metrics_path)})
+    return dataclasses.replace(result, process_index=summary["process_index"])
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_args(GrpoConfig, argv, prog="diffusion-dpo grpo", description=__doc__)
+    result = run(cfg)
+    if result.process_index == 0:
+        print(f"tuned {result.steps} steps ({result.images_generated} images generated); final weights "
+              f"({result.format}): {result.final}; metrics: {Path(result.output_dir) / 'metrics.jsonl'}")
+        if result.evaluation:
+            ev = result.evaluation
+            print(f"held-out win rate over the base: {100 * ev['eval/win_rate']:.1f}% "
+                  f"[{100 * ev['eval/win_rate_lo']:.1f}, {100 * ev['eval/win_rate_hi']:.1f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

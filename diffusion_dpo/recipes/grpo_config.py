@@ -1,0 +1,151 @@
+"""The configuration of ``diffusion-dpo grpo``: online reward tuning (GRPO, online DPO) of a text-to-image
+denoiser, in sections (model, prompts, scorer, sampling, online, optim, eval)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from diffusion_dpo.config import (
+    ConfigError,
+    OptimSection,
+    TrainingRunOptions,
+    at_least_one,
+    non_negative,
+    option,
+    positive,
+)
+from diffusion_dpo.recipes.label import ScorerConfig
+from diffusion_dpo.recipes.train import ModelConfig
+
+
+@dataclass
+class PromptsSection:
+    source: str = option("hpsv2-offline", "training prompts: hpsv2-offline[:style] (built in), a folder of "
+                         "<style>.json, or a .txt (one per line) / .json / .tsv file[:style]")
+    max_prompts: Optional[int] = option(None, "use only the first N prompts (null: all)",
+                                        lambda v: v is None or v >= 1, "null or at least 1")
+
+
+@dataclass
+class SamplingSection:
+    num_inference_steps: int = option(10, "T: stochastic denoising steps per image (every one is recorded)",
+                                      at_least_one, "at least 1")
+    guidance_scale: float = option(4.5, "classifier-free guidance scale, the same when sampling and when "
+                                   "recomputing log-probs (1: no guidance; FLUX.1-dev embeds its guidance and "
+                                   "wants 1)", lambda v: v >= 1, "at least 1")
+    eta: float = option(1.0, "DDPM families (SD1.x/2.x, SDXL): DDIM eta of the stochastic sampler (DDPO: 1.0)",
+                        positive, "a positive number")
+    noise_level: float = option(0.7, "flow families (SD3, FLUX.1): the SDE's a in sigma_t = a sqrt(t / (1 - "
+                                "t)) (Flow-GRPO: 0.7)", positive, "a positive number")
+    resolution: Optional[int] = option(None, "image side in px (null: the denoiser's sample_size x the VAE's "
+                                       "downsampling)", lambda v: v is None or v >= 8, "null or at least 8")
+    logprob_reduction: Literal["mean", "sum"] = option(
+        "mean", "a transition's log-prob over the latent elements: mean (DDPO's and Flow-GRPO's; the clip "
+        "range does not depend on the image size) or sum")
+
+
+@dataclass
+class OnlineSection:
+    prompts_per_step: int = option(8, "prompts per process per step (each gets a whole group)", at_least_one,
+                                   "at least 1")
+    group_size: int = option(8, "G: images sampled per prompt", lambda v: v >= 2, "at least 2")
+    train_steps: Optional[int] = option(None, "K: transitions trained per image, drawn per image from the T "
+                                        "(null: all T)", lambda v: v is None or v >= 1, "null or at least 1")
+    first_steps: int = option(0, "of the K, always train the first (noisiest) this many", non_negative,
+                              "0 or more")
+    inner_epochs: int = option(1, "optimizer steps on each step's samples (PPO epochs)", at_least_one,
+                               "at least 1")
+    updates_per_epoch: int = option(1, "optimizer steps per inner epoch: a step's rows, shuffled, are cut into "
+                                    "this many equal parts (DDPO's batches per epoch)", at_least_one, "at least 1")
+    clip_range: float = option(1e-4, "GRPO: PPO clip range of the importance ratio (DDPO: 1e-4)", positive,
+                               "a positive number")
+    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (Flow-GRPO: 0.04; 0 "
+                            "skips the reference forward)", non_negative, "0 or more")
+    advantage_scope: Literal["group", "batch"] = option(
+        "group", "normalise rewards within each prompt's group (GRPO) or over the whole batch of all processes")
+    advantage_clip: float = option(5.0, "clip advantages to [-c, c] (DDPO: 5)", positive, "a positive number")
+    beta_dpo: float = option(5000.0, "online_dpo: Diffusion-DPO beta (the paper's scale)", positive,
+                             "a positive number")
+    ref_refresh_every: int = option(0, "online_dpo: copy the policy into the reference every N steps (0: "
+                                    "never; the reference stays the starting policy)", non_negative,
+                                    "0 or more")
+
+
+@dataclass
+class EvalSection:
+    prompts: Optional[str] = option(None, "held-out prompts (same forms as prompts.source); null: no "
+                                    "evaluation")
+    every: int = option(0, "evaluate every N steps (0: only at the end)", non_negative, "0 or more")
+    seeds: int = option(2, "images per held-out prompt and model", at_least_one, "at least 1")
+    num_inference_steps: Optional[int] = option(None, "the pipeline's own sampler steps (null: "
+                                                "sampling.num_inference_steps)", lambda v: v is None or v >= 1,
+                                                "null or at least 1")
+    grid_prompts: int = option(8, "prompts per style in the grids", non_negative, "0 or more")
+    n_boot: int = option(2000, "bootstrap resamples of the 95% intervals", at_least_one, "at least 1")
+    batch_size: int = option(16, "images per generation batch", at_least_one, "at least 1")
+
+
+@dataclass
+class GrpoConfig(TrainingRunOptions):
+    output_dir: str = option("runs/grpo", "where config.yaml, metrics.jsonl, logs/, checkpoints/, eval/ and "
+                             "final/ go")
+    method: Literal["grpo", "online_dpo"] = option(
+        "grpo", "grpo: the clipped ratio objective on advantages per group; online_dpo: Diffusion-DPO on the "
+        "best vs the worst image of each group")
+    model: ModelConfig = option(ModelConfig(lora_rank=8), "the checkpoint to tune and how (LoRA by default)")
+    prompts: PromptsSection = option(PromptsSection, "training prompts, visited in a seeded order")
+    scorer: ScorerConfig = option(ScorerConfig, "the reward: a registry scorer or a weighted combo")
+    sampling: SamplingSection = option(SamplingSection, "the stochastic sampler")
+    online: OnlineSection = option(OnlineSection, "group size, trained transitions, GRPO and online DPO settings")
+    optim: OptimSection = option(
+        OptimSection(learning_rate=3e-4, scheduler="constant", warmup_steps=0, batch_size=8, max_steps=100),
+        "optimizer; batch_size is the micro-batch in transitions (grpo) or pairs (online_dpo), max_steps counts "
+        "sampling steps (each runs online.inner_epochs x online.updates_per_epoch optimizer steps)")
+    eval: EvalSection = option(EvalSection, "held-out evaluation against the base (win rate, grids)")
+    log_every: int = option(1, "write the monitors every N sampling steps (each step's own values, not averaged)",
+                            at_least_one, "at least 1 step")
+    checkpoint_every: int = option(50, "save a resumable checkpoint every N sampling steps (0: never)",
+                                   non_negative, "0 (never) or a positive number of steps")
+
+    def num_train_steps(self) -> int:
+        return self.online.train_steps or self.sampling.num_inference_steps
+
+    def optimizer_steps_per_step(self) -> int:
+        return self.online.inner_epochs * self.online.updates_per_epoch
+
+    def rows_per_update(self) -> int:
+        """Rows one process trains on per optimizer step: transitions (grpo) or pairs (online_dpo)."""
+        return self.rows_per_step() // self.online.updates_per_epoch
+
+    def rows_per_step(self) -> int:
+        """Rows one process trains on per inner epoch: transitions (grpo) or pairs (online_dpo)."""
+        o = self.online
+        if self.method == "online_dpo":
+            return o.prompts_per_step
+        return o.prompts_per_step * o.group_size * self.num_train_steps()
+
+    def check(self) -> None:
+        o = self.online
+        if self.optim.max_steps is None:
+            raise ConfigError("config key 'optim.max_steps': expected a number of sampling steps, got null")
+        if self.optim.gradient_accumulation_steps != 1:
+            raise ConfigError("config key 'optim.gradient_accumulation_steps': expected 1 (each optimizer step "
+                              "accumulates over all of a step's rows in micro-batches of optim.batch_size), got "
+                              f"{self.optim.gradient_accumulation_steps}")
+        if self.num_train_steps() > self.sampling.num_inference_steps:
+            raise ConfigError(f"config key 'online.train_steps': expected at most sampling.num_inference_steps "
+                              f"= {self.sampling.num_inference_steps}, got {o.train_steps}")
+        if o.first_steps > self.num_train_steps():
+            raise ConfigError(f"config key 'online.first_steps': expected at most online.train_steps = "
+                              f"{self.num_train_steps()}, got {o.first_steps}")
+        unit = "pairs (one per prompt)" if self.method == "online_dpo" else \
+            "transitions (prompts_per_step x group_size x train_steps)"
+        if self.rows_per_step() % o.updates_per_epoch:
+            raise ConfigError(f"config key 'online.updates_per_epoch': expected a divisor of the "
+                              f"{self.rows_per_step()} {unit} each process trains on per step, got "
+                              f"{o.updates_per_epoch}")
+        if self.rows_per_update() % self.optim.batch_size:
+            raise ConfigError(f"config key 'optim.batch_size': expected a divisor of the {self.rows_per_update()} "
+                              f"{unit} / online.updates_per_epoch each process trains on per optimizer step, got "
+                              f"{self.optim.batch_size}")

@@ -1,0 +1,203 @@
+"""The grpo recipe end to end on tiny pipelines (32 px, a few steps, CPU): the first inner step's ratio is
+exactly 1 and its KL exactly 0, every family raises its reward, resume is exact, online DPO starts at ln 2,
+two processes agree, and bad configs are clear errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_dpo import cli
+from diffusion_dpo.config import load_config
+from diffusion_dpo.errors import InputError
+from diffusion_dpo.recipes import grpo
+from diffusion_dpo.recipes.grpo_config import GrpoConfig
+from diffusion_dpo.tiny import build_tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow house", "a black cat", "a white dog"]
+MONITORS = {"reward_mean", "reward_std", "zero_spread_groups", "kl", "clip_fraction", "approx_kl", "ratio",
+            "image/brightness", "image/saturation", "image/jpeg_kb", "image/near_black", "loss", "grad_norm",
+            "lr", "images_per_s_sampled", "images_per_s_trained"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's cores are shared; one thread avoids OpenMP oversubscription.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
+    pipes = {f: str(build_tiny_pipeline(root / f, family=f)) for f in ("sd", "sdxl", "sd3", "flux")}
+    return {"prompts": str(root / "prompts.txt"), **pipes}
+
+
+def config(world, out: Path, *overrides: str, family: str = "sd") -> GrpoConfig:
+    base = [f"model.pretrained={world[family]}", f"prompts.source={world['prompts']}", "scorer.name=brightness",
+            "online.prompts_per_step=2", "online.group_size=4", "sampling.num_inference_steps=4",
+            "online.train_steps=2", "optim.batch_size=8", "optim.max_steps=2", "optim.learning_rate=1e-2",
+            "online.clip_range=0.2", "checkpoint_every=0", "tensorboard=false", f"output_dir={out}"]
+    return load_config(GrpoConfig, [], [*base, *overrides])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if "reward_mean" in r]
+
+
+@pytest.mark.parametrize("rank", [8, 0])
+def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
+    """Weights unchanged since sampling: every recomputed log-prob equals the recorded one bit for bit (so
+    approx_kl is exactly 0 and nothing is clipped), and the policy equals its reference (LoRA's B starts at 0;
+    a full fine-tune's frozen copy is the same weights), so the KL is exactly 0. Later steps move."""
+    out = tmp_path / "run"
+    grpo.run(config(world, out, f"model.lora_rank={rank}", "online.kl_coef=0.04", "optim.max_steps=2",
+                    "online.inner_epochs=2"))
+    rows = train_rows(out)
+    assert MONITORS <= set(rows[0])
+    # metrics average the two inner epochs: the first has ratio 1 exactly, the second has moved
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 2  # optimizer steps: 2 inner epochs of the first sampling step
+    run1 = config(world, tmp_path / "one", f"model.lora_rank={rank}", "online.kl_coef=0.04", "optim.max_steps=1")
+    grpo.run(run1)
+    one = train_rows(tmp_path / "one")[0]
+    assert one["ratio"] == 1.0 and one["approx_kl"] == 0.0 and one["clip_fraction"] == 0.0
+    assert one["kl"] == 0.0 and one["kl_k3"] == 0.0
+    assert rows[1]["kl"] > 0.0  # the second sampling step's policy has moved away from the reference
+
+
+@pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 3e-4), ("sd3", 3e-3), ("flux", 3e-3)])
+def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, lr):
+    """GRPO on brightness (a full fine-tune: a random tiny UNet's attention has too little leverage on the
+    decoded pixels for LoRA to show within a few steps; the UNets take a smaller step than the transformers,
+    which a first Adam step of 3e-3 knocks off course): the mean reward of the last 3 of 10 steps exceeds the
+    first 2 steps' by a margin (4 prompts x 8 images a step; the per-image spread is about 0.003)."""
+    out = tmp_path / family
+    grpo.run(config(world, out, "model.lora_rank=0", f"optim.learning_rate={lr}", "optim.max_steps=10",
+                    "online.prompts_per_step=4", "online.group_size=8", "online.train_steps=4",
+                    "online.updates_per_epoch=4", "optim.batch_size=32", "online.kl_coef=0", family=family))
+    rewards = [r["reward_mean"] for r in train_rows(out)]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
+    print(family, [round(r, 4) for r in rewards])
+    assert last > first + 0.002, rewards
+
+
+def same_final(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(next(p.glob("*.safetensors"))) for p in (a / "final", b / "final"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics rows without the wall-clock throughput figures."""
+    return [{k: v for k, v in r.items() if not k.startswith("images_per_s")} for r in rows]
+
+
+@pytest.mark.parametrize("method", ["grpo", "online_dpo"])
+def test_resume_equals_the_uninterrupted_run(world, tmp_path, method):
+    """4 steps straight == 3 steps, checkpoint, resume for 1 more: the same prompts, sampler noise, step choice
+    and weights, bit for bit on CPU. online_dpo refreshes its reference every 2 steps, so at the checkpoint
+    (step 3) the reference is step 2's policy and must come back from the checkpoint."""
+    extra = [f"method={method}", "optim.max_steps=4", "checkpoint_every=3", "checkpoints_keep=null",
+             "online.kl_coef=0.04", "online.ref_refresh_every=2", "online.advantage_scope=batch"]
+    if method == "online_dpo":
+        extra.append("optim.batch_size=2")
+    grpo.run(config(world, tmp_path / "a", *extra))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-3"
+    assert ckpt.is_dir()
+    resumed = grpo.run(config(world, tmp_path / "b", *extra, f"resume={ckpt}"))
+    assert resumed.resumed_from == str(ckpt) and resumed.steps == 4
+    assert same_final(tmp_path / "a", tmp_path / "b")
+    assert comparable(metrics(tmp_path / "a"))[3:] == comparable(metrics(tmp_path / "b"))
+
+
+def test_online_dpo_starts_at_ln2_and_learns_from_best_vs_worst(world, tmp_path):
+    out = tmp_path / "odpo"
+    result = grpo.run(config(world, out, "method=online_dpo", "optim.batch_size=2", "optim.max_steps=2"))
+    first = train_rows(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["implicit_acc"] == 0.5
+    assert first["model_mse_w"] == first["ref_mse_w"]  # the reference is the starting policy
+    assert train_rows(out)[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    assert result.images_generated == 2 * 2 * 4 and (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bad_configs_are_clear_errors(world, tmp_path, capsys):
+    cases = [(["optim.batch_size=3"], "optim.batch_size"),
+             (["online.train_steps=5"], "online.train_steps"),
+             (["online.first_steps=3"], "online.first_steps"),
+             (["optim.gradient_accumulation_steps=2"], "optim.gradient_accumulation_steps"),
+             (["scorer.name=nope"], "unknown scorer 'nope'")]
+    for overrides, message in cases:
+        with pytest.raises(InputError, match=message):
+            grpo.run(config(world, tmp_path / "x", *overrides))
+    assert cli.main(["grpo", f"model.pretrained={tmp_path / 'missing'}", f"output_dir={tmp_path / 'y'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["grpo", "--help"])
+    assert "online.ref_refresh_every" in capsys.readouterr().out
+
+
+def test_held_out_evaluation_is_logged_with_its_interval(world, tmp_path):
+    out = tmp_path / "ev"
+    result = grpo.run(config(world, out, f"eval.prompts={world['prompts']}", "eval.every=1", "eval.seeds=1",
+                             "eval.n_boot=50", "eval.grid_prompts=2"))
+    rows = [r for r in metrics(out) if "eval/win_rate" in r]
+    assert [r["step"] for r in rows] == [1, 2]  # after step 1, and final
+    lo, hi = rows[-1]["eval/win_rate_lo"], rows[-1]["eval/win_rate_hi"]
+    assert 0 <= lo <= rows[-1]["eval/win_rate"] <= hi <= 1
+    assert result.evaluation == {k: v for k, v in rows[-1].items() if k != "step"}
+    assert (out / "eval" / "final" / "report.json").is_file() and any((out / "eval" / "final" / "grids").iterdir())
+
+
+@pytest.mark.slow
+def test_two_processes_keep_groups_whole_and_agree(world, tmp_path):
+    """torchrun starts two CPU processes (gloo): each samples whole groups for its own prompts; both end with
+    the same weights."""
+    out = tmp_path / "ddp"
+    args = [f"model.pretrained={world['sd']}", f"prompts.source={world['prompts']}", "scorer.name=brightness",
+            "online.prompts_per_step=1", "online.group_size=4", "sampling.num_inference_steps=2",
+            "online.train_steps=2", "optim.batch_size=4", "optim.max_steps=2", "checkpoint_every=2",
+            "tensorboard=false", f"output_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffusion_dpo", "grpo", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["images_generated"] == 2 * 1 * 4 * 2
+    digests = summary["weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert {p.name for p in (out / "checkpoints" / "step-2").iterdir()} >= {"rank-0.pt", "rank-1.pt"}
+
+
+@pytest.mark.parametrize("method", ["grpo", "online_dpo"])
+def test_demo_online_methods_write_their_report(tmp_path, capsys, method):
+    """``diffusion-dpo demo method=...`` on a slice of the shapes world: report.json's top-level keys, the
+    grid, and the sentences on stdout."""
+    out = tmp_path / method
+    args = ["demo", f"method={method}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
+            "sampling.num_inference_steps=2", "online.steps=2", "online.prompts_per_step=2", "online.group_size=2",
+            "online.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
+            "online.batch_size=4", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
+    assert cli.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["images_generated"] == 2 * 2 * 2
+    assert 0 <= report["win_rate_ci"][0] <= report["win_rate"] <= report["win_rate_ci"][1] <= 1
+    assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
+    assert (out / "report.md").read_text().count("held-out") >= 1
+    assert "beats the base on" in capsys.readouterr().out
