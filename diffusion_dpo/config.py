@@ -276,7 +276,14 @@ def _parse_override(cls: type, item: str) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], config_files: list[str] | tuple[str, ...] = (), overrides: list[str] = ()) -> T:
-    """Defaults <- each YAML file in order <- each ``key=value`` override in order."""
+    """Defaults <- each YAML file in order <- each ``key=value`` override in order, validated."""
+    cfg = _read_config(cls, config_files, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _read_config(cls: type[T], config_files: list[str] | tuple[str, ...], overrides: list[str]) -> T:
+    """:func:`load_config` before its checks."""
     values: dict[str, Any] = {}
     for path in config_files:
         p = Path(path)
@@ -294,9 +301,7 @@ def load_config(cls: type[T], config_files: list[str] | tuple[str, ...] = (), ov
     for item in overrides:
         values = _merge(values, _parse_override(cls, item))
     # Merge onto the defaults so a partial sub-mapping keeps the other defaults of that section.
-    cfg = _build(cls, _merge(to_dict(cls()), values))
-    validate(cfg)
-    return cfg
+    return _build(cls, _merge(to_dict(cls()), values))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -322,14 +327,21 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
     return lines
 
 
-def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "") -> T:
-    """``[--config FILE]... [key=value]...`` into a config; ``--help`` prints every key and exits."""
+def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "", positional: str = "") -> T:
+    """``[--config FILE]... [key=value]...`` into a config; ``--help`` prints every key and exits.
+
+    With ``positional`` (the name of a top-level ``list[str]`` key), every argument without ``=`` is appended
+    to that key after the files and overrides are read (so a shell glob of image paths works); a value
+    holding ``=`` still needs the key.
+    """
     files: list[str] = []
     overrides: list[str] = []
+    extra: list[str] = []
     it = iter(argv)
     for arg in it:
         if arg in ("-h", "--help"):
-            print(f"usage: {prog} [--config FILE.yaml]... [key=value]...\n")
+            usage = f" [{positional.upper()}]..." if positional else ""
+            print(f"usage: {prog} [--config FILE.yaml]... [key=value]...{usage}\n")
             if description:
                 print(description.strip() + "\n")
             print("keys:")
@@ -344,9 +356,15 @@ def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "") 
             files.append(arg.split("=", 1)[1])
         elif arg.startswith("-"):
             raise ConfigError(f"unknown option {arg}; use key=value overrides (see {prog} --help)")
+        elif positional and "=" not in arg:
+            extra.append(arg)
         else:
             overrides.append(arg)
-    return load_config(cls, files, overrides)
+    cfg = _read_config(cls, files, overrides)
+    if extra:
+        cfg = dataclasses.replace(cfg, **{positional: [*getattr(cfg, positional), *extra]})
+    validate(cfg)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------- shared sections

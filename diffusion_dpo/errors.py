@@ -1,9 +1,10 @@
 """Errors for bad input. The CLI prints their message (which names the file, row, key or value and what
-was expected) without a traceback; anything else is a bug and keeps its traceback."""
+was expected) without a traceback; anything else is a bug and keeps its traceback.
 
+``InputError`` is defined in ``scorers.errors`` (the scorers import nothing of the trainer) and is the same
+class here, so one ``except InputError`` catches it from either package."""
 
-class InputError(ValueError):
-    """Bad input from the user: a file, row, column, key or value that does not fit."""
+from scorers.errors import InputError as InputError
 
 
 class RunError(RuntimeError):

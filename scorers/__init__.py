@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from diffusion_dpo.errors import InputError
+from scorers.errors import InputError
 
 # name -> "module:factory"; the factory takes the options as keyword arguments.
 REGISTRY: dict[str, str] = {

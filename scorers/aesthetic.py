@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffusion_dpo.errors import InputError
 from scorers.base import (
     Scorer,
     clip_embeddings,
@@ -28,6 +27,7 @@ from scorers.base import (
     load_pretrained,
     load_state_dict,
 )
+from scorers.errors import InputError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 HUB_REPO, HUB_FILENAME = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"

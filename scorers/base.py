@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from diffusion_dpo.errors import InputError
+from scorers.errors import InputError
 
 # Re-exported for the scorers, which import them from here; they live in scorers.hub, shared with diffusion_dpo.
 from scorers.hub import hub_file as hub_file

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from diffusion_dpo.errors import InputError
 from scorers.base import Scorer, check_images, check_prompts
+from scorers.errors import InputError
 
 _SHARED = ("device", "dtype", "batch_size")
 

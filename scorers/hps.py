@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion_dpo.errors import InputError
 from scorers.base import Scorer, hub_file, load_state_dict, to_pil
+from scorers.errors import InputError
 
 HUB_REPO = "xswu/HPSv2"
 DEFAULT_ARCH = "ViT-H-14"

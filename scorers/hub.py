@@ -8,7 +8,7 @@ the id and the option that takes a local path instead, and says which of these i
     no such repo on the hub (it answered 404)
     any other failure to fetch it (the hub client's reason, shortened)
 
-This module imports nothing of ``diffusion_dpo`` beyond its errors.
+This module imports nothing of ``diffusion_dpo``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from diffusion_dpo.errors import InputError
+from scorers.errors import InputError
 
 T = TypeVar("T")
 

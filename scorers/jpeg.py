@@ -15,8 +15,8 @@ import io
 
 import torch
 
-from diffusion_dpo.errors import InputError
 from scorers.base import Scorer, to_pil
+from scorers.errors import InputError
 
 
 def jpeg_kilobytes(image, quality: int = 95) -> float:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_dpo.errors import InputError
 from scorers.base import Scorer, clip_embeddings, clip_pixel_values, clip_text_inputs, load_pretrained
+from scorers.errors import InputError
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

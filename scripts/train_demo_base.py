@@ -2,7 +2,7 @@
 
     python scripts/train_demo_base.py --out assets/demo/base          # the shipped weights (seed 0)
 
-Three stages, all from the world's generator (diffusion_dpo/world.py), on every prompt of the world:
+Three stages, all from the world's generator (scorers/shapes/world.py), on every prompt of the world:
 
 1. the VAE (32 px RGB -> 4 x 16 x 16 latents) learns to reconstruct rendered scenes; its latent scaling
    factor is then set to 1 / std of the latents, as Stable Diffusion's is;
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusion_dpo.tiny import write_clip_tokenizer
-from diffusion_dpo.world import WORLD_WORDS, all_scenes, render, split_prompts
+from scorers.shapes.world import WORLD_WORDS, all_scenes, render, split_prompts
 
 RESOLUTION = 32
 FLOW_LAYERS, FLOW_WIDTH = 4, 64  # the flow base's MMDiT: blocks, features per token

@@ -16,7 +16,6 @@ import pytest
 
 from diffusion_dpo import cli
 from diffusion_dpo.config import ConfigError, load_config, option, save_config
-from diffusion_dpo.llm import METHODS
 
 
 @dataclass
@@ -49,7 +48,7 @@ def _command_modules() -> dict[str, str]:
     modules = {}
     for name, (module, _) in cli.COMMANDS.items():
         if name == "llm":
-            modules.update({f"llm {m}": mod for m, (mod, _) in METHODS.items()})
+            modules.update({f"llm {m}": mod for m, (mod, _) in cli.LLM_METHODS.items()})
         elif hasattr(importlib.import_module(module), "parse_args"):
             modules[name] = module
     return modules

@@ -366,7 +366,7 @@ def test_pickapic_urls_bad_rows_counted_and_cached(server, tmp_path):
 def test_mapped_rows_feed_relabel(tmp_path):
     """Relabel mode reads open_pairs rows: a mapped source (ranked JSONL, images named by path) gives rows
     whose images it stores as bytes and scores; here a scorer preferring the redder image."""
-    from diffusion_dpo.recipes.label import LabelConfig, relabel_rows
+    from diffusion_dpo.labeling.relabel import relabel_rows
 
     class Redness:
         def score(self, images, prompts):
@@ -374,7 +374,8 @@ def test_mapped_rows_feed_relabel(tmp_path):
 
     source = write_ranked_jsonl(tmp_path, HPD_TEST_ROWS)
     rows = open_pairs(source, columns=hpd_test_config(source, tmp_path).columns)
-    table, _ = relabel_rows(Redness(), LabelConfig(), list(enumerate(rows)), str(source))
+    table, _ = relabel_rows(Redness(), list(enumerate(rows)), str(source), scorer_name="redness",
+                            min_margin=0.0, image_format="png")
     out = table.to_pylist()
     assert [r["jpg_1"] for r in out] == [png(k) for k in (2, 3, 3, 5, 6, 6)]
     # Redder = larger k wins: image_1 in every pair (image_0 has the smaller k).

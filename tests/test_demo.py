@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from diffusion_dpo import cli
@@ -14,13 +13,6 @@ from diffusion_dpo.recipes import demo
 BASE = demo.DEFAULT_BASE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread avoids OpenMP oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_shipped_base_is_a_small_pipeline():

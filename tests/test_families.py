@@ -15,14 +15,6 @@ from diffusion_dpo.families.flux import image_ids, pack_latents, unpack_latents
 from diffusion_dpo.tiny import build_tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")

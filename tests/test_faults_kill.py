@@ -78,13 +78,6 @@ record(pathlib.Path(spec["calls_file"]), json.dumps(calls))
 CONFIGS = {"train": "TrainConfig", "label": "LabelConfig", "evaluate": "EvaluateConfig"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The killed subprocess runs on one thread too: the same kernels, so results compare bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.pairing import candidate_seed, prompt_rng
+from diffusion_dpo.labeling.pairing import candidate_seed, prompt_rng
 from diffusion_dpo.recipes.label import LabelConfig, run
 from diffusion_dpo.tiny import build_tiny_pipeline
 

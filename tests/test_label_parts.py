@@ -1,4 +1,5 @@
-"""The label recipe's small pieces: prompt sources, encodings, model ids, schedulers (no generation)."""
+"""The label recipe's small pieces and the labeling components it composes: prompt sources, encodings,
+model ids, schedulers, scorer options, relabelling (no generation)."""
 
 import io
 import json
@@ -10,17 +11,12 @@ from PIL import Image
 
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.recipes.label import (
-    LabelConfig,
-    _original_labels,
-    _scorer_options,
-    _set_scheduler,
-    _stored_bytes,
-    encode,
-    load_prompt_list,
-    model_id,
-    relabel_rows,
-)
+from diffusion_dpo.labeling.records import encode
+from diffusion_dpo.labeling.records import stored_bytes as _stored_bytes
+from diffusion_dpo.labeling.relabel import original_labels as _original_labels
+from diffusion_dpo.labeling.relabel import relabel_rows
+from diffusion_dpo.labeling.scoring import scorer_options as _scorer_options
+from diffusion_dpo.recipes.label import LabelConfig, _set_scheduler, load_prompt_list, model_id
 
 
 def cfg(*overrides):
@@ -108,7 +104,7 @@ def test_relabel_rows_with_a_fake_scorer():
     png = encode(Image.new("RGB", (4, 4)), "png")
     rows = [(10, {"caption": "a", "jpg_0": png, "jpg_1": png, "label_0": 0.0, "label_1": 1.0}),
             (11, {"caption": "b", "jpg_0": png, "jpg_1": png, "label_0": 0.0, "label_1": 1.0})]
-    table, stats = relabel_rows(Fixed(), cfg("min_margin=0.1", "scorer.name=fixed"), rows, "src")
+    table, stats = relabel_rows(Fixed(), rows, "src", scorer_name="fixed", min_margin=0.1, image_format="png")
     out = table.to_pylist()
     assert [(r["label_0"], r["label_1"]) for r in out] == [(1.0, 0.0), (0.5, 0.5)]
     assert [r["source_index"] for r in out] == [10, 11] and out[0]["scorer"] == "fixed"

@@ -7,21 +7,12 @@ import math
 import shutil
 
 import pytest
-import torch
 
 from diffusion_dpo import cli
 from diffusion_dpo.config import load_config
 from diffusion_dpo.engine import NonFiniteError
 from diffusion_dpo.llm import common, tiny
 from diffusion_dpo.recipes import llm_dpo, llm_reward, llm_sft
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from diffusion_dpo.recipes import llm_ppo as ppo
 from diffusion_dpo.recipes import llm_reward as reward
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return tiny.write_world(tmp_path_factory.mktemp("world"))

@@ -15,14 +15,6 @@ from diffusion_dpo.recipes import llm_dpo as dpo
 from diffusion_dpo.reference import FrozenCopy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm(request, tmp_path_factory):
     path = tiny.build_tiny_lm(tmp_path_factory.mktemp(request.param), arch=request.param, seed=1)

@@ -14,15 +14,6 @@ from diffusion_dpo.families.sd import sdxl_time_ids
 from diffusion_dpo.tiny import build_tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread avoids OpenMP oversubscription (30x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     return models.load_components(str(build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "p")))

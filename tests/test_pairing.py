@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from diffusion_dpo.pairing import (
+from diffusion_dpo.labeling.pairing import (
     Pair,
     agreement,
     candidate_pairs,

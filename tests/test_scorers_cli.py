@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from diffusion_dpo.cli import main as cli_main
+from diffusion_dpo.config import load_config
+from diffusion_dpo.recipes.score import ScoreConfig, score_pairs
 from diffusion_dpo.tiny import write_tiny_pairs
-from scorers.cli import parse_options, score_pairs
 
 
 def _jpeg_kb(image: Image.Image) -> float:
@@ -35,7 +36,7 @@ def _write_images(folder) -> list[str]:
 
 def test_cli_prints_path_tab_score(tmp_path, capsys):
     paths = _write_images(tmp_path)
-    assert cli_main(["score", "--scorer", "jpeg_compressibility", "--option", "batch_size=2", *paths]) == 0
+    assert cli_main(["score", "scorer.name=jpeg_compressibility", "scorer.options.batch_size=2", *paths]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == paths
     for line, path in zip(lines, paths):
@@ -44,25 +45,43 @@ def test_cli_prints_path_tab_score(tmp_path, capsys):
 
 def test_cli_errors_exit_2_with_message(tmp_path, capsys):
     paths = _write_images(tmp_path)
-    assert cli_main(["score", "--scorer", "jpeg_compressibility", str(tmp_path / "missing.png")]) == 2
+    assert cli_main(["score", "scorer.name=jpeg_compressibility", str(tmp_path / "missing.png")]) == 2
     assert "missing.png does not exist" in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"no image here")
-    assert cli_main(["score", "--scorer", "jpeg_compressibility", str(tmp_path / "bad.png")]) == 2
+    assert cli_main(["score", "scorer.name=jpeg_compressibility", f"images=[{tmp_path / 'bad.png'}]"]) == 2
     assert "bad.png cannot be read as an image" in capsys.readouterr().err
-    assert cli_main(["score", "--scorer", "jpeg_compressibility", "--option", "quality"] + paths) == 2
-    assert "expected KEY=VALUE" in capsys.readouterr().err
-    assert cli_main(["score", "--scorer", "jpeg_compressibility"]) == 2
+    assert cli_main(["score", "scorer.name=jpeg_compressibility", "scorer.options=quality"] + paths) == 2
+    assert "config key 'scorer.options': expected a mapping, got 'quality'" in capsys.readouterr().err
+    assert cli_main(["score", "scorer.name=jpeg_compressibility"]) == 2
     assert "either image files" in capsys.readouterr().err
-    assert cli_main(["score", "--scorer", "combo", "--option", "parts={jpeg_compressibility: 1, hpsv2: 1}",
-                     "--option", "options={hpsv2: {checkpoint: /nonexistent.pt}}", *paths]) == 2
+    assert cli_main(["score", "scorer.name=jpeg_compressibility", "prompts=[a, b]", *paths]) == 2
+    assert "one prompt per image (4)" in capsys.readouterr().err
+    assert cli_main(["score", "scorer.name=combo", "scorer.options.parts={jpeg_compressibility: 1, hpsv2: 1}",
+                     "scorer.options.options={hpsv2: {checkpoint: /nonexistent.pt}}", *paths]) == 2
     assert "/nonexistent.pt (option checkpoint=) does not exist" in capsys.readouterr().err
 
 
-def test_parse_options_reads_yaml_values():
-    assert parse_options(["batch_size=8", "model=ckpt/x", "parts={pickscore: 1.0, hpsv2.1: 0.5}",
-                          "dtype=bf16", "weights=no"]) == {
+def test_scorer_options_read_yaml_values():
+    """Free-form scorer options follow the config rule for values without a declared type: YAML's reading
+    (so ``weights=no`` is false; quote it, ``weights='no'``, for the text)."""
+    options = [f"scorer.options.{o}" for o in ("batch_size=8", "model=ckpt/x",
+                                               "parts={pickscore: 1.0, hpsv2.1: 0.5}", "dtype=bf16",
+                                               "weights=no", "name='no'")]
+    assert load_config(ScoreConfig, [], ["images=[a.png]", *options]).scorer.options == {
         "batch_size": 8, "model": "ckpt/x", "parts": {"pickscore": 1.0, "hpsv2.1": 0.5}, "dtype": "bf16",
-        "weights": "no"}
+        "weights": False, "name": "no"}
+
+
+def test_images_from_config_file_and_arguments_and_output_file(tmp_path, capsys):
+    """images from a YAML file come first, plain arguments after them; output= gets the printed lines."""
+    paths = _write_images(tmp_path)
+    config = tmp_path / "score.yaml"
+    config.write_text(f"scorer:\n  name: jpeg_compressibility\nimages: [{paths[0]}]\n")
+    out = tmp_path / "scores.tsv"
+    assert cli_main(["score", "--config", str(config), f"output={out}", *paths[1:]]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed
+    assert [line.split("\t")[0] for line in printed.splitlines()] == paths
 
 
 def test_cli_pairs_agreement_matches_independent_count(tmp_path, capsys):
@@ -76,7 +95,8 @@ def test_cli_pairs_agreement_matches_independent_count(tmp_path, capsys):
             continue
         sizes = [_jpeg_kb(Image.open(io.BytesIO(row[c]))) for c in ("jpg_0", "jpg_1")]
         agree += (sizes[0] > sizes[1]) == (row["label_0"] > row["label_1"])
-    assert cli_main(["score", "--scorer", "jpeg_incompressibility", "--pairs", str(folder), "--limit", "10"]) == 0
+    command = ["score", "scorer.name=jpeg_incompressibility", f"data.source={folder}", "data.max_pairs=10"]
+    assert cli_main(command) == 0
     out = capsys.readouterr().out
     assert "pairs: 10 (9 with a preference, 1 label ties excluded)" in out
     assert f"agreement: {100 * agree / 9:.2f}% ({agree} of 9;" in out

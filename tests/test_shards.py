@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.shards import MANIFEST, ShardSet, fingerprint, owned_by
+from diffusion_dpo.labeling.shards import MANIFEST, ShardSet, fingerprint, owned_by
 
 CONFIG = {"model": "m", "seed": 0, "sampling": {"steps": 4}}
 

@@ -27,13 +27,6 @@ METRICS = {"step", "loss", "implicit_acc", "reward_margin", "model_mse_w", "mode
            "ref_mse_l", "lr", "grad_norm", "pairs_per_s", "nonfinite_steps"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread avoids OpenMP oversubscription (30x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

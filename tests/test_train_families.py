@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["sd3", "flux"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The demo world (diffusion_dpo/world.py) and its scorer (scorers/shapes.py)."""
+"""The demo world (scorers/shapes/world.py) and its scorer (scorers/shapes/scorer.py)."""
 
 import math
 import random
@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.world import (
+from scorers import load_scorer
+from scorers.shapes.scorer import rasterise, score_components, soft_iou
+from scorers.shapes.world import (
     COLORS,
     SHAPES,
     SIZES,
@@ -21,8 +23,6 @@ from diffusion_dpo.world import (
     sample_examples,
     split_prompts,
 )
-from scorers import load_scorer
-from scorers.shapes import rasterise, score_components, soft_iou
 
 
 def pixels(images):

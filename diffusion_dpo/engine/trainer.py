@@ -102,11 +102,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Engine:
     """One training run. ``cfg`` is the recipe's config (a :class:`TrainingRunOptions`); ``seed`` seeds every
     generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens);
-    ``run_files``: what the recipe writes into output_dir besides RUN_FILES (removed too by overwrite=true)."""
+    ``run_files``: what the recipe writes into output_dir besides RUN_FILES (removed too by overwrite=true);
+    ``name`` names the tensorboard run, ``desc`` the progress bar (default: name)."""
 
     def __init__(self, cfg: TrainingRunOptions, *, seed: int, gradient_accumulation_steps: int = 1,
                  unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None,
-                 run_files: tuple[str, ...] = ()):
+                 run_files: tuple[str, ...] = (), desc: str | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -115,7 +116,7 @@ class Engine:
         mixed = resolve_mixed_precision(cfg.mixed_precision)
         self.cfg = dataclasses.replace(cfg, mixed_precision=mixed)
         self.out = Path(cfg.output_dir)
-        self.unit, self.name = unit, name
+        self.unit, self.name, self.desc = unit, name, desc or name  # desc: the progress bar's label
         self.grad_accum = gradient_accumulation_steps
         # cpu=True on a machine without CUDA lets processes started by torchrun form a gloo group.
         self.accelerator = Accelerator(
@@ -244,7 +245,7 @@ class Engine:
         cfg = self.cfg
         params = [p for p in model.parameters() if p.requires_grad]
         batches = feed.batches(batch_size)
-        bar = tqdm(total=max_steps, initial=self.step, desc=self.name, unit="step", disable=not self.is_main,
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.desc, unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
         window: dict[str, Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()

@@ -7,14 +7,6 @@ Components: ``data`` (rows -> token ids), ``logprobs`` (sequence log-probs), ``r
 whitening, KL controllers), ``models`` (loading, LoRA, reward/value scorers), ``common`` (the data section,
 training and held-out examples). The recipes are ``diffusion_dpo.recipes.llm_sft``, ``llm_reward``,
 ``llm_dpo`` and ``llm_ppo``, each with a config dataclass, ``run(cfg) -> dict`` and ``main(argv)``, on the
-training engine (``diffusion_dpo.engine``). ``tiny`` builds tiny models and a synthetic preference world for
-tests and the offline example.
+training engine (``diffusion_dpo.engine``); ``diffusion_dpo.cli`` lists them as the methods of ``llm``.
+``tiny`` builds tiny models and a synthetic preference world for tests and the offline example.
 """
-
-METHODS = {
-    "sft": ("diffusion_dpo.recipes.llm_sft",
-            "supervised fine-tuning on demonstrations (completion-only loss)"),
-    "reward": ("diffusion_dpo.recipes.llm_reward", "reward model from pairs or rankings (Bradley-Terry)"),
-    "dpo": ("diffusion_dpo.recipes.llm_dpo", "Direct Preference Optimization (sigmoid, hinge, IPO, cDPO)"),
-    "ppo": ("diffusion_dpo.recipes.llm_ppo", "RLHF with PPO against a reward model or a rule"),
-}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from diffusion_dpo.config import option
 from diffusion_dpo.errors import InputError
@@ -55,6 +55,12 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
     return [
         json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line
     ]
+
+
+def token_budget(data: DataSection) -> dict[str, Any]:
+    """The tokeniser keywords every recipe takes from its data section (budget, cut side, prompt column)."""
+    return {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+            "prompt_truncation": data.prompt_truncation, "prompt_column": data.prompt_column}
 
 
 def load_examples(data: DataSection, tokenize, seed: int, log=print) -> tuple[list[dict], list[dict], dict]:

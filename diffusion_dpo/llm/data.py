@@ -24,7 +24,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
@@ -301,6 +301,27 @@ def _column(row: dict[str, Any], name: str, where: str, required: bool = True) -
     return None
 
 
+def _fit_rows(rows: Iterable[dict[str, Any]], tokenizer, split: Callable, *, max_length: int,
+              max_prompt_length: int | None, prompt_truncation: Truncation, source: str) -> tuple[list[dict], TokenStats]:
+    """The loop every row-to-example tokeniser shares. ``split(row, where) -> (prompt, completions, build)``
+    reads a row's texts; ``build(prompt_ids, completion_ids) -> example`` names them. Rows that do not fit the
+    budget are dropped and counted, cut ones counted."""
+    enc, stats, out = Encoder(tokenizer), TokenStats(), []
+    for i, row in enumerate(rows):
+        where = f"{source}, row {i}"
+        stats.rows += 1
+        prompt, completions, build = split(row, where)
+        fitted = fit(enc.prompt(prompt, where), [enc.completion(prompt, c, where) for c in completions],
+                     max_length, max_prompt_length, prompt_truncation)
+        if fitted is None:
+            stats.dropped += 1
+            continue
+        p, cs, cut = fitted
+        stats.truncated += cut
+        out.append(build(p, cs))
+    return out, stats
+
+
 def tokenize_pairs(
     rows: Iterable[dict[str, Any]],
     tokenizer,
@@ -315,35 +336,23 @@ def tokenize_pairs(
     source: str = "data",
 ) -> tuple[list[dict], TokenStats]:
     """Preference rows -> examples {"prompt", "chosen", "rejected": ids [, "margin": float]} and stats."""
-    enc, stats, out = Encoder(tokenizer), TokenStats(), []
-    for i, row in enumerate(rows):
-        where = f"{source}, row {i}"
-        stats.rows += 1
-        prompt, (chosen, rejected) = normalize(
+
+    def split(row, where):
+        prompt, completions = normalize(
             _column(row, prompt_column, where, required=False),
             [_column(row, chosen_column, where), _column(row, rejected_column, where)],
             where,
         )
-        fitted = fit(
-            enc.prompt(prompt, where),
-            [enc.completion(prompt, chosen, where), enc.completion(prompt, rejected, where)],
-            max_length,
-            max_prompt_length,
-            prompt_truncation,
-        )
-        if fitted is None:
-            stats.dropped += 1
-            continue
-        p, (c, r), cut = fitted
-        stats.truncated += cut
-        example: dict[str, Any] = {"prompt": p, "chosen": c, "rejected": r}
+        extra: dict[str, Any] = {}
         if margin_column is not None:
             margin = _column(row, margin_column, where)
             if isinstance(margin, bool) or not isinstance(margin, (int, float)):
                 raise InputError(f"{where}: column '{margin_column}' must be a number, got {margin!r}")
-            example["margin"] = float(margin)
-        out.append(example)
-    return out, stats
+            extra["margin"] = float(margin)
+        return prompt, completions, lambda p, cs: {"prompt": p, "chosen": cs[0], "rejected": cs[1], **extra}
+
+    return _fit_rows(rows, tokenizer, split, max_length=max_length, max_prompt_length=max_prompt_length,
+                     prompt_truncation=prompt_truncation, source=source)
 
 
 def tokenize_rankings(
@@ -358,30 +367,18 @@ def tokenize_rankings(
     source: str = "data",
 ) -> tuple[list[dict], TokenStats]:
     """Ranking rows (K >= 2 responses, best first) -> examples {"prompt", "responses": [ids]} and stats."""
-    enc, stats, out = Encoder(tokenizer), TokenStats(), []
-    for i, row in enumerate(rows):
-        where = f"{source}, row {i}"
-        stats.rows += 1
+
+    def split(row, where):
         responses = _column(row, responses_column, where)
         if not isinstance(responses, list) or len(responses) < 2:
             raise InputError(
                 f"{where}: column '{responses_column}' must list at least 2 responses, best first"
             )
         prompt, responses = normalize(_column(row, prompt_column, where, required=False), responses, where)
-        fitted = fit(
-            enc.prompt(prompt, where),
-            [enc.completion(prompt, r, where) for r in responses],
-            max_length,
-            max_prompt_length,
-            prompt_truncation,
-        )
-        if fitted is None:
-            stats.dropped += 1
-            continue
-        p, rs, cut = fitted
-        stats.truncated += cut
-        out.append({"prompt": p, "responses": rs})
-    return out, stats
+        return prompt, responses, lambda p, rs: {"prompt": p, "responses": rs}
+
+    return _fit_rows(rows, tokenizer, split, max_length=max_length, max_prompt_length=max_prompt_length,
+                     prompt_truncation=prompt_truncation, source=source)
 
 
 def tokenize_demos(
@@ -398,33 +395,21 @@ def tokenize_demos(
 ) -> tuple[list[dict], TokenStats]:
     """Demonstrations -> examples {"prompt", "completion": ids}. A row with a ``messages`` conversation (and
     no completion column) is split before its last message, which must be the assistant's."""
-    enc, stats, out = Encoder(tokenizer), TokenStats(), []
-    for i, row in enumerate(rows):
-        where = f"{source}, row {i}"
-        stats.rows += 1
+
+    def split(row, where):
         if completion_column not in row and messages_column in row:
             messages = _check_text(row[messages_column], f"{where}, column '{messages_column}'")
             if not is_conversation(messages) or messages[-1]["role"] != "assistant" or len(messages) < 2:
                 raise InputError(f"{where}: column '{messages_column}' must end with an assistant message")
-            prompt, completion = messages[:-1], messages[-1:]
+            prompt, completions = messages[:-1], [messages[-1:]]
         else:
-            prompt, (completion,) = normalize(
+            prompt, completions = normalize(
                 _column(row, prompt_column, where), [_column(row, completion_column, where)], where
             )
-        fitted = fit(
-            enc.prompt(prompt, where),
-            [enc.completion(prompt, completion, where)],
-            max_length,
-            max_prompt_length,
-            prompt_truncation,
-        )
-        if fitted is None:
-            stats.dropped += 1
-            continue
-        p, (c,), cut = fitted
-        stats.truncated += cut
-        out.append({"prompt": p, "completion": c})
-    return out, stats
+        return prompt, completions, lambda p, cs: {"prompt": p, "completion": cs[0]}
+
+    return _fit_rows(rows, tokenizer, split, max_length=max_length, max_prompt_length=max_prompt_length,
+                     prompt_truncation=prompt_truncation, source=source)
 
 
 def tokenize_prompts(

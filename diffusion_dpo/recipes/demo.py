@@ -1,8 +1,8 @@
 """``diffusion-dpo demo``: the package's whole job, offline, on a CPU, in minutes.
 
-The shapes world (diffusion_dpo/world.py) has a tiny base model that ships with the package
-(assets/demo/base/) and a scorer that needs no weights (scorers/shapes.py). The demo runs, with the same
-recipes a user runs on Stable Diffusion:
+The shapes world (scorers/shapes/world.py) has a tiny base model that ships with the package
+(assets/demo/base/) and a scorer that needs no weights (scorers/shapes/scorer.py). The demo runs, with the
+same recipes a user runs on Stable Diffusion:
 
 1. label: K candidates per training prompt from the current policy, scored by ``shapes``; the best and the
    worst of each prompt make a preference pair (``diffusion-dpo label``);
@@ -183,7 +183,7 @@ def _resolution(pipeline: str) -> int:
 
 def write_prompts(cfg: DemoConfig, folder: Path) -> tuple[Path, Path]:
     """The world's train and held-out prompts as text files (one per line) in ``folder``."""
-    from diffusion_dpo.world import split_prompts
+    from scorers.shapes.world import split_prompts
 
     train, held_out = split_prompts(cfg.world.held_out_fraction, cfg.world.split_seed)
     train, held_out = train[:cfg.world.train_prompts], held_out[:cfg.world.held_out_prompts]

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -44,12 +42,11 @@ from diffusion_dpo.config import (
 from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text
-from diffusion_dpo.pairing import candidate_seed, columns, make_pairs, prompt_rng, relabel
-from diffusion_dpo.shards import ShardSet, owned_by
-
-# Options that change how fast a scorer runs, not what it returns: they may differ between a run and its
-# resumption (another GPU, another batch size) without changing the dataset.
-_PERFORMANCE_ONLY_SCORER_OPTIONS = ("device", "batch_size")
+from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
+from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_generate, summarise_relabel
+from diffusion_dpo.labeling.relabel import relabel_rows, shard_rows, source_size
+from diffusion_dpo.labeling.scoring import ScorerConfig, load_scorer, scorer_identity
+from diffusion_dpo.labeling.shards import ShardSet, owned_by
 
 
 @dataclass
@@ -60,15 +57,6 @@ class ModelConfig:
                               "null: the base UNet")
     lora: str | None = option(None, "LoRA weights fused into the UNet (a LoRA run's final/ or a .safetensors "
                               "file); null: none")
-
-
-@dataclass
-class ScorerConfig:
-    name: str = option("pickscore", "scorer from the registry (pickscore, hpsv2, hpsv2.1, clip, aesthetic, "
-                       "jpeg_compressibility, combo, ...); a higher score means preferred")
-    options: dict[str, Any] = option({}, "keyword options handed to scorers.load_scorer (weights path, dtype, "
-                                     "batch_size, device, combo weights...); device defaults to this "
-                                     "process's device")
 
 
 @dataclass
@@ -146,26 +134,6 @@ class LabelResult:
     agreement: Optional[float] = None  # pairs_agreeing / pairs_compared
 
 
-# ----------------------------------------------------------------------------------------------- schemas
-
-GENERATE_SCHEMA = pa.schema([
-    ("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()), ("label_1", pa.float64()), ("score_0", pa.float64()), ("score_1", pa.float64()),
-    ("scorer", pa.string()), ("model_0", pa.string()), ("model_1", pa.string()),
-    ("seed_0", pa.int64()), ("seed_1", pa.int64()), ("prompt_index", pa.int64()), ("style", pa.string()),
-    ("sampler", pa.string()), ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("height", pa.int64()), ("width", pa.int64()),
-])
-
-RELABEL_SCHEMA = pa.schema([
-    ("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()), ("label_1", pa.float64()),
-    ("original_label_0", pa.float64()), ("original_label_1", pa.float64()),
-    ("score_0", pa.float64()), ("score_1", pa.float64()), ("scorer", pa.string()),
-    ("model_0", pa.string()), ("model_1", pa.string()), ("source_index", pa.int64()),
-])
-
-
 # ------------------------------------------------------------------------------------------------ pieces
 
 def load_prompt_list(cfg: LabelConfig) -> tuple[list[str], list[str]]:
@@ -216,40 +184,6 @@ def _dataset_column(source: str, column: str, limit: int | None) -> list[str]:
     return list(seen)
 
 
-def _scorer_options(name: str, options: dict[str, Any], device) -> dict[str, Any]:
-    """``options``, plus this process's device when the scorer takes one and none was given (so each
-    process of a multi-GPU run scores on its own GPU)."""
-    import importlib
-
-    import scorers
-
-    out = dict(options)
-    if "device" not in out and name in scorers.REGISTRY:
-        module, factory = scorers.REGISTRY[name].split(":")
-        params = inspect.signature(getattr(importlib.import_module(module), factory)).parameters.values()
-        if any(p.name == "device" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            out["device"] = str(device)
-    return out
-
-
-def load_scorer(cfg: LabelConfig, device):
-    """The scorer, loaded once; a missing weights file or unknown name is an InputError."""
-    import scorers
-
-    options = _scorer_options(cfg.scorer.name, cfg.scorer.options, device)
-    try:
-        return scorers.load_scorer(cfg.scorer.name, **options)
-    except InputError:
-        raise
-    except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
-        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {options}: {e}") from None
-
-
-def _scorer_identity(cfg: LabelConfig) -> dict[str, Any]:
-    opts = {k: v for k, v in cfg.scorer.options.items() if k not in _PERFORMANCE_ONLY_SCORER_OPTIONS}
-    return {"name": cfg.scorer.name, "options": opts}
-
-
 def model_id(cfg: LabelConfig) -> str:
     """The model column: the base checkpoint, plus the tuned weights on top of it."""
     parts = [cfg.model.pretrained]
@@ -258,30 +192,6 @@ def model_id(cfg: LabelConfig) -> str:
     if cfg.model.lora:
         parts.append(f"lora={cfg.model.lora}")
     return " + ".join(parts)
-
-
-def encode(image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=95)
-    else:
-        image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _stored_bytes(value: Any, fmt: str, where: str) -> bytes:
-    """An image cell of a source dataset as encoded bytes, keeping the original encoding when it has one."""
-    from PIL import Image
-
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return bytes(value["bytes"])
-    if isinstance(value, dict) and value.get("path"):
-        return Path(value["path"]).read_bytes()
-    if isinstance(value, Image.Image):
-        return encode(value, fmt)
-    raise InputError(f"{where}: expected encoded image bytes, got {type(value).__name__}")
 
 
 def _set_scheduler(pipe, name: str | None) -> None:
@@ -294,10 +204,6 @@ def _set_scheduler(pipe, name: str | None) -> None:
         raise InputError(f"config key 'sampling.scheduler': {name!r} is not a diffusers scheduler class "
                          "(e.g. DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
-
-
-def _mean(total: float, count: int) -> float | None:
-    return total / count if count else None
 
 
 # ----------------------------------------------------------------------------------------- generate mode
@@ -366,17 +272,6 @@ def generate_shard(pipe, scorer, cfg: LabelConfig, texts: list[str], styles: lis
     return pa.Table.from_pylist(rows, schema=GENERATE_SCHEMA), stats
 
 
-def summarise_generate(done: dict[int, dict]) -> dict[str, Any]:
-    total = {key: sum(st[key] for st in done.values())
-             for key in ("prompts", "images", "pairs", "dropped", "winner_score_sum", "loser_score_sum")}
-    return {
-        "prompts": total["prompts"], "images_generated": total["images"], "pairs_written": total["pairs"],
-        "pairs_dropped_for_margin": total["dropped"],
-        "mean_winner_score": _mean(total["winner_score_sum"], total["pairs"]),
-        "mean_loser_score": _mean(total["loser_score_sum"], total["pairs"]),
-    }
-
-
 def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     from tqdm.auto import tqdm
 
@@ -389,7 +284,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
         "mode": "generate", "model": to_dict(cfg.model),
         "prompts": {"count": len(texts),
                     "sha256": hashlib.sha256(json.dumps([texts, styles]).encode()).hexdigest()},
-        "scorer": _scorer_identity(cfg), "candidates_per_prompt": cfg.candidates_per_prompt,
+        "scorer": scorer_identity(cfg.scorer), "candidates_per_prompt": cfg.candidates_per_prompt,
         "pairing": cfg.pairing, "min_margin": cfg.min_margin, "seed": cfg.seed,
         "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
                      "height": s.height, "width": s.width, "scheduler": s.scheduler, "dtype": str(dtype)},
@@ -404,7 +299,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
 
     pipe = scorer = None
     if todo:  # everything that can fail on bad input is loaded before anything is written
-        scorer = load_scorer(cfg, state.device)
+        scorer = load_scorer(cfg.scorer, state.device)
         pipe = load_pipeline(cfg.model.pretrained, unet=cfg.model.unet, lora=cfg.model.lora,
                              device=state.device, dtype=dtype)
         _set_scheduler(pipe, s.scheduler)
@@ -433,102 +328,6 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
 
 # ------------------------------------------------------------------------------------------ relabel mode
 
-def relabel_rows(scorer, cfg: LabelConfig, rows: list[tuple[int, dict]], where: str) -> tuple[pa.Table, dict]:
-    """Score both images of each ``(source_index, row)`` and relabel it; return the rows and their stats."""
-    from diffusion_dpo.data import decode_image
-    from diffusion_dpo.pairing import agreement
-
-    images, prompts = [], []
-    for idx, row in rows:
-        for col in ("jpg_0", "jpg_1"):
-            images.append(decode_image(row[col], f"row {idx} column {col} of {where}", convert_non_rgb=True))
-            prompts.append(row["caption"] or "")
-    scores = [float(x) for x in scorer.score(images, prompts).tolist()] if images else []
-    out, original, new = [], [], []
-    stats = {"winner_score_sum": 0.0, "loser_score_sum": 0.0}
-    for j, (idx, row) in enumerate(rows):
-        s0, s1 = scores[2 * j], scores[2 * j + 1]
-        label_0, label_1 = relabel(s0, s1, cfg.min_margin)
-        original.append(_original_labels(row, f"row {idx} of {where}"))
-        new.append((label_0, label_1))
-        if label_0 != label_1:
-            stats["winner_score_sum"] += max(s0, s1)
-            stats["loser_score_sum"] += min(s0, s1)
-        out.append({
-            "caption": row["caption"],
-            "jpg_0": _stored_bytes(row["jpg_0"], cfg.image_format, f"row {idx} column jpg_0 of {where}"),
-            "jpg_1": _stored_bytes(row["jpg_1"], cfg.image_format, f"row {idx} column jpg_1 of {where}"),
-            "label_0": label_0, "label_1": label_1,
-            "original_label_0": original[-1][0], "original_label_1": original[-1][1],
-            "score_0": s0, "score_1": s1, "scorer": cfg.scorer.name,
-            "model_0": _opt_str(row.get("model_0")), "model_1": _opt_str(row.get("model_1")), "source_index": idx,
-        })
-    counts = agreement(original, new)
-    stats.update({k: counts[k] for k in ("pairs", "original_ties", "new_ties", "compared", "agree")})
-    return pa.Table.from_pylist(out, schema=RELABEL_SCHEMA), stats
-
-
-def _original_labels(row: dict, where: str) -> tuple[float, float]:
-    labels = (row["label_0"], row["label_1"])
-    if labels not in ((1, 0), (0, 1), (0.5, 0.5)) or any(isinstance(x, bool) for x in labels):
-        raise InputError(f"{where}: label_0/label_1 are {labels[0]!r}/{labels[1]!r}; expected 1/0, 0/1 or "
-                         "0.5/0.5")
-    return float(labels[0]), float(labels[1])
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def summarise_relabel(done: dict[int, dict]) -> dict[str, Any]:
-    total = {key: sum(st[key] for st in done.values())
-             for key in ("pairs", "original_ties", "new_ties", "compared", "agree", "winner_score_sum",
-                         "loser_score_sum")}
-    decided = total["pairs"] - total["new_ties"]
-    return {
-        "pairs_written": total["pairs"], "original_ties": total["original_ties"],
-        "scorer_ties": total["new_ties"], "pairs_compared": total["compared"], "pairs_agreeing": total["agree"],
-        "agreement": _mean(total["agree"], total["compared"]),
-        "mean_winner_score": _mean(total["winner_score_sum"], decided),
-        "mean_loser_score": _mean(total["loser_score_sum"], decided),
-    }
-
-
-def _shard_rows(ds, per: int, limit: int | None, wanted: Callable[[int], bool], seen: dict[str, int]):
-    """Yield ``(shard_index, [(source_index, row), ...])`` for the wanted shards of a source; the last
-    shard may be short. A map-style dataset is sliced; a streamed one is read through, skipping rows of
-    unwanted shards without decoding them. ``seen["rows"]`` ends as the number of source rows in range."""
-    if hasattr(ds, "__len__") and hasattr(ds, "select"):
-        n = len(ds) if limit is None else min(limit, len(ds))
-        seen["rows"] = n
-        for index in range(-(-n // per)):
-            if wanted(index):
-                lo, hi = index * per, min((index + 1) * per, n)
-                yield index, list(zip(range(lo, hi), ds.select(range(lo, hi))))
-        return
-    chunk: list = []
-    index = 0
-    for i, row in enumerate(ds):
-        if limit is not None and i >= limit:
-            break
-        seen["rows"] = i + 1
-        index = i // per
-        if wanted(index):
-            chunk.append((i, row))
-            if len(chunk) == per:
-                yield index, chunk
-                chunk = []
-    if chunk:
-        yield index, chunk
-
-
-def _source_size(ds, limit: int | None) -> int | None:
-    """Number of pairs to relabel when known without reading the source (map-style), else None."""
-    if hasattr(ds, "__len__"):
-        return len(ds) if limit is None else min(limit, len(ds))
-    return None
-
-
 def _run_relabel(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     from tqdm.auto import tqdm
 
@@ -537,12 +336,12 @@ def _run_relabel(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     r = cfg.relabel
     ds = open_pairs(r.source, split=r.split, streaming=r.streaming)
     identity = {"mode": "relabel", "source": r.source, "split": r.split, "max_pairs": r.max_pairs,
-                "scorer": _scorer_identity(cfg), "min_margin": cfg.min_margin, "image_format": cfg.image_format,
+                "scorer": scorer_identity(cfg.scorer), "min_margin": cfg.min_margin, "image_format": cfg.image_format,
                 "pairs_per_shard": r.pairs_per_shard}
     shards = ShardSet(cfg.output_dir, identity)
     _claim_output_dir(cfg, shards, state)
     shards.check()
-    size = _source_size(ds, r.max_pairs)
+    size = source_size(ds, r.max_pairs)
     if size == 0:
         raise InputError(f"relabel.source {r.source} (split {r.split}) holds no pairs")
     num_shards = None if size is None else -(-size // r.pairs_per_shard)
@@ -553,7 +352,7 @@ def _run_relabel(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     mine = lambda i: i % state.num_processes == state.process_index and i not in done  # noqa: E731
     finished = num_shards is not None and all(i in done for i in range(num_shards))
 
-    scorer = None if finished else load_scorer(cfg, state.device)
+    scorer = None if finished else load_scorer(cfg.scorer, state.device)
     _prepare_output(cfg, shards, state, num_shards)
 
     start = time.perf_counter()
@@ -561,8 +360,9 @@ def _run_relabel(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
                disable=not state.is_local_main_process)
     written, pairs, seen = 0, 0, {"rows": 0}
     if not finished:
-        for index, rows in _shard_rows(ds, r.pairs_per_shard, r.max_pairs, mine, seen):
-            table, stats = relabel_rows(scorer, cfg, rows, r.source)
+        for index, rows in shard_rows(ds, r.pairs_per_shard, r.max_pairs, mine, seen):
+            table, stats = relabel_rows(scorer, rows, r.source, scorer_name=cfg.scorer.name,
+                                        min_margin=cfg.min_margin, image_format=cfg.image_format)
             stats.update(first_row=rows[0][0], process_index=state.process_index)
             shards.write(index, table, stats)
             written += 1

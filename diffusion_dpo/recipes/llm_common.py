@@ -25,6 +25,22 @@ class HeldOutRunOptions(TrainingRunOptions):
                                     lambda v: v is None or v >= 1, "null or at least 1 step")
 
 
+def start(cfg: TrainingRunOptions, name: str, unit: str = "tokens", run_files: tuple[str, ...] = (DATA_STATS,)):
+    """The engine of an LLM run (folder rule, config.yaml, seed) and its tokenizer: (engine, cfg, tokenizer)."""
+    from diffusion_dpo.llm import models
+
+    engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+                    unit=unit, name=name, run_files=run_files)
+    return engine, engine.cfg, models.load_tokenizer(engine.cfg.model.name_or_path)
+
+
+def report(summary: dict[str, Any]) -> int:
+    """What ``diffusion-dpo llm <method>`` prints when its run is done (the main process only)."""
+    if summary["process_index"] == 0:
+        print(f"wrote {summary['final']} ({summary['steps']} steps; held-out {summary.get('eval', {})})")
+    return 0
+
+
 def total_steps(optim: OptimSection, batches_per_epoch: int) -> int:
     """optim.max_steps, or the optimizer steps of optim.epochs passes of ``batches_per_epoch``
     micro-batches."""

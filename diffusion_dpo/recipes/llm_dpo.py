@@ -228,14 +228,9 @@ def run(cfg: DPOConfig) -> dict:
     """Train as ``cfg`` says: data, policy and reference, optimizer (resumed if asked), the engine's loop with
     held-out evaluations, final/; returns the summary (also in summary.json) with every process's weight
     digest (identical under data parallelism)."""
-    engine = Engine(cfg, seed=cfg.optim.seed,
-                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit="tokens", name="dpo", run_files=(llm_common.DATA_STATS, REFERENCE_CACHE))
-    cfg = engine.cfg
-    tokenizer = models.load_tokenizer(cfg.model.name_or_path)
+    engine, cfg, tokenizer = llm_common.start(cfg, "dpo", run_files=(llm_common.DATA_STATS, REFERENCE_CACHE))
     d = cfg.data
-    tokenize = partial(tokenize_pairs, tokenizer=tokenizer, max_length=d.max_length,
-                       max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation, prompt_column=d.prompt_column,
+    tokenize = partial(tokenize_pairs, tokenizer=tokenizer, **common.token_budget(d),
                        chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     train, held, data_report = common.load_examples(d, tokenize, cfg.optim.seed, engine.accelerator.print)
 
@@ -260,9 +255,5 @@ def run(cfg: DPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(DPOConfig, sys.argv[1:] if argv is None else argv, prog="diffusion-dpo llm dpo",
-                     description=__doc__)
-    summary = run(cfg)
-    if summary["process_index"] == 0:
-        print(f"wrote {summary['final']} ({summary['steps']} steps; held-out {summary['eval']})")
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    return llm_common.report(run(parse_args(DPOConfig, argv, prog="diffusion-dpo llm dpo", description=__doc__)))

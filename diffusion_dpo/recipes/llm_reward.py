@@ -185,19 +185,13 @@ def tokenizer_and_collate(cfg: RewardConfig, tokenizer):
     else:
         tokenize = partial(tokenize_rankings, responses_column=d.responses_column)
         collate = RankingCollator(tokenizer.pad_token_id)
-    return partial(tokenize, tokenizer=tokenizer, max_length=d.max_length,
-                   max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation,
-                   prompt_column=d.prompt_column), collate
+    return partial(tokenize, tokenizer=tokenizer, **common.token_budget(d)), collate
 
 
 def run(cfg: RewardConfig) -> dict:
     """Train as ``cfg`` says: data, scorer, optimizer (resumed if asked), the engine's loop with held-out
     evaluations, final/ and its normalisation; returns the summary (also in summary.json)."""
-    engine = Engine(cfg, seed=cfg.optim.seed,
-                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit="tokens", name="reward", run_files=(llm_common.DATA_STATS,))
-    cfg = engine.cfg
-    tokenizer = models.load_tokenizer(cfg.model.name_or_path)
+    engine, cfg, tokenizer = llm_common.start(cfg, "reward", run_files=(llm_common.DATA_STATS,))
     tokenize, collate = tokenizer_and_collate(cfg, tokenizer)
     train, held, data_report = common.load_examples(cfg.data, tokenize, cfg.optim.seed,
                                                     engine.accelerator.print)
@@ -225,9 +219,5 @@ def run(cfg: RewardConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(RewardConfig, sys.argv[1:] if argv is None else argv, prog="diffusion-dpo llm reward",
-                     description=__doc__)
-    summary = run(cfg)
-    if summary["process_index"] == 0:
-        print(f"wrote {summary['final']} ({summary['steps']} steps; held-out {summary['eval']})")
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    return llm_common.report(run(parse_args(RewardConfig, argv, prog="diffusion-dpo llm reward", description=__doc__)))

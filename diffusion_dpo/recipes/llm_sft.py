@@ -83,14 +83,9 @@ def held_out_loss(engine: Engine, model, loader) -> dict[str, float]:
 def run(cfg: SFTConfig) -> dict:
     """Train as ``cfg`` says: data, model, optimizer (resumed if asked), the engine's loop with held-out
     evaluations, final/; returns the summary (also in summary.json)."""
-    engine = Engine(cfg, seed=cfg.optim.seed,
-                    gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit="tokens", name="sft", run_files=(llm_common.DATA_STATS,))
-    cfg = engine.cfg
-    tokenizer = models.load_tokenizer(cfg.model.name_or_path)
+    engine, cfg, tokenizer = llm_common.start(cfg, "sft", run_files=(llm_common.DATA_STATS,))
     d = cfg.data
-    tokenize = partial(tokenize_demos, tokenizer=tokenizer, max_length=d.max_length,
-                       max_prompt_length=d.max_prompt_length, prompt_truncation=d.prompt_truncation, prompt_column=d.prompt_column,
+    tokenize = partial(tokenize_demos, tokenizer=tokenizer, **common.token_budget(d),
                        completion_column=d.completion_column, messages_column=d.messages_column)
     train, held, data_report = common.load_examples(d, tokenize, cfg.optim.seed, engine.accelerator.print)
 
@@ -114,9 +109,5 @@ def run(cfg: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(SFTConfig, sys.argv[1:] if argv is None else argv, prog="diffusion-dpo llm sft",
-                     description=__doc__)
-    summary = run(cfg)
-    if summary["process_index"] == 0:
-        print(f"wrote {summary['final']} ({summary['steps']} steps; held-out {summary['eval']})")
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    return llm_common.report(run(parse_args(SFTConfig, argv, prog="diffusion-dpo llm sft", description=__doc__)))

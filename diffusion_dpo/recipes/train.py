@@ -56,6 +56,7 @@ from diffusion_dpo.denoising import (
 from diffusion_dpo.engine import Engine, StepContext, StepOutput
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import NoiseConfig
+from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.latent_cache import CachedPairs, OnlinePairs, build_latent_cache
 from diffusion_dpo.losses import diffusion_dpo_loss, implicit_accuracy
 from diffusion_dpo.reference import AdapterOff, FrozenCopy
@@ -240,10 +241,13 @@ def setup_data(cfg: TrainConfig, source: str, pretrained: str, comps: models.Com
     data = PreferencePairs(data_cfg, seed=seed, process_index=engine.rank, num_processes=engine.world)
     if not cfg.precompute:
         return OnlinePairs(data, comps, engine.device), 0
-    fingerprint = {"pretrained": pretrained, "family": comps.family.name, "revision": cfg.model.revision, "variant": cfg.model.variant,
-                   "vae": cfg.model.vae, "dtype": str(engine.compute_dtype), "world_size": engine.world,
-                   "seed": seed, "data": {k: v for k, v in to_dict(data_cfg).items()
-                                          if k not in ("caption_dropout", "num_workers")}}
+    # What the cached latents depend on; the per-step augmentation and how images are fetched do not count.
+    unrelated = ("caption_dropout", "num_workers", "image_cache_dir", "fetch_retries", "fetch_timeout",
+                 "fetch_backoff")
+    fingerprint = {"pretrained": pretrained, "family": comps.family.name, "revision": cfg.model.revision,
+                   "variant": cfg.model.variant, "vae": cfg.model.vae, "dtype": str(engine.compute_dtype),
+                   "world_size": engine.world, "seed": seed,
+                   "data": {k: v for k, v in to_dict(data_cfg).items() if k not in unrelated}}
     build_latent_cache(comps, data_cfg, engine.out / "latent_cache", seed=seed, fingerprint=fingerprint,
                        rank=engine.rank, world_size=engine.world, barrier=engine.accelerator.wait_for_everyone,
                        progress=engine.is_main)
@@ -254,6 +258,13 @@ def setup_data(cfg: TrainConfig, source: str, pretrained: str, comps: models.Com
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return feed, freed
+
+
+def keep_rows_before(path: Path, step: int) -> None:
+    """The row log of a resumed run keeps the steps before its checkpoint (they are logged again after it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else []
+    atomic_write_text(path, "".join(line + "\n" for line in lines if int(line.split()[0]) < step))
 
 
 def make_step(cfg: TrainConfig, unet, built: Models, vae_config, engine: Engine):
@@ -277,14 +288,15 @@ def make_step(cfg: TrainConfig, unet, built: Models, vae_config, engine: Engine)
 
 # ---------------------------------------------------------------------------------------------- run
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Train as ``cfg`` says: set up models, optimizer and data, train, save final/; return the result."""
+def run(cfg: TrainConfig, *, desc: str = "train") -> TrainResult:
+    """Train as ``cfg`` says: set up models, optimizer and data, train, save final/; return the result.
+    ``desc`` names the progress bar (the demo's stages)."""
     from accelerate.utils import set_seed
 
     from diffusion_dpo.engine import build_optimizer, peak_learning_rate
 
     engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit="pairs", name="train", before_write=lambda: check_inputs(cfg))
+                    unit="pairs", name="train", desc=desc, before_write=lambda: check_inputs(cfg))
     cfg, out = engine.cfg, engine.out
     if engine.is_main:
         build_tiny_inputs(cfg, out, build=True)
@@ -301,7 +313,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     precompute_s = time.perf_counter() - precompute_start
     engine.resume(built.policy, optimizer, scheduler, feed)
     if cfg.log_rows:
-        (out / "rows").mkdir(exist_ok=True)
+        keep_rows_before(out / "rows" / f"rank-{engine.rank}.txt", engine.step)
 
     last = engine.fit(model=unet, policy=built.policy, optimizer=optimizer, scheduler=scheduler, feed=feed,
                       batch_size=cfg.optim.batch_size, step_fn=make_step(cfg, unet, built, vae_config, engine),

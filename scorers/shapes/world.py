@@ -18,7 +18,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from diffusion_dpo.errors import InputError
+from scorers.errors import InputError
 
 # Colours far apart in RGB, so a scorer can tell them apart from pixels alone.
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -26,8 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffusion_dpo.world import COLORS, SHAPES, SIZES, Scene, parse_prompt
 from scorers.base import Scorer, to_uint8
+from scorers.shapes.world import COLORS, SHAPES, SIZES, Scene, parse_prompt
 
 # Soft colour membership exp(-(d / TAU)^2), d the RGB distance in [0, 1] units. The closest two colours
 # of the world (red and purple) are 0.67 apart: membership of one in the other is exp(-11) ~ 0.
