@@ -39,7 +39,7 @@ from diffusion_dpo.tiny import write_clip_tokenizer
 from scorers.shapes.world import WORLD_WORDS, all_scenes, render, split_prompts
 
 RESOLUTION = 32
-FLOW_LAYERS, FLOW_WIDTH = 4, 64  # the flow base's MMDiT: blocks, features per token
+FLOW_LAYERS, FLOW_WIDTH = 4, 96  # the flow base's MMDiT: blocks, features per token
 MAX_TOKENS = 12  # "a large red circle on a blue background" is 8 words + start and end tokens
 
 
@@ -208,8 +208,12 @@ def build_flow_components(seed: int, vae_folder: str):
     states are zero-padded to it as in SD3), an MMDiT over 2x2 patches of the 4 x 16 x 16 latents, and
     FlowMatchEulerDiscreteScheduler with shift 1 (SD3's shift of 3 is for 1024 px; these images are 32 px).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from diffusion_dpo.tiny import _tiny_t5, write_t5_tokenizer
@@ -255,7 +259,7 @@ def flow_loss(pipe, device, gen):
     noise = FlowNoise(NoiseConfig(timestep_sampling="logit_normal"), shift=1.0)
 
     def batch_loss(z0, texts):
-        hidden, pooled = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
                                             do_classifier_free_guidance=False, max_sequence_length=MAX_TOKENS)
         eps = torch.randn(z0.shape, generator=gen).to(device)
         sigma = torch.cat([noise.draw_time(gen) for _ in range(len(z0))]).to(device)
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=10000, help="rendered training scenes")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=None,
-                        help="denoiser steps (default 2000 for sd, 1200 for flow)")
+                        help="denoiser steps (default 2000 for sd, 1500 for flow)")
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=64, help="denoiser batch")
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flow = args.family == "flow"
     args.out = args.out or ("assets/demo/flow_base" if flow else "assets/demo/base")
-    args.unet_steps = args.unet_steps or (1200 if flow else 2000)
+    args.unet_steps = args.unet_steps or (1500 if flow else 2000)
 
     from diffusion_dpo.sampling import generate
     from scorers import load_scorer
