@@ -1,8 +1,9 @@
 """``diffusion-dpo demo``: the package's whole job, offline, on a CPU, in minutes.
 
-The shapes world (scorers/shapes/world.py) has a tiny base model that ships with the package
-(assets/demo/base/) and a scorer that needs no weights (scorers/shapes/scorer.py). The demo runs, with the
-same recipes a user runs on Stable Diffusion:
+The shapes world (scorers/shapes/world.py) has two tiny base models that ship with the package
+(assets/demo/base/, SD layout, ``family=sd``, the default; assets/demo/flow_base/, SD3 layout with
+rectified flow, ``family=flow``) and a scorer that needs no weights (scorers/shapes/scorer.py). The demo
+runs, with the same recipes a user runs on Stable Diffusion:
 
 1. label: K candidates per training prompt from the current policy, scored by ``shapes``; the best and the
    worst of each prompt make a preference pair (``diffusion-dpo label``);
@@ -17,6 +18,7 @@ With ``rounds=N`` steps 1-3 repeat, each round labelling with the policy the pre
 and training from it (its reference is that policy too); every round is evaluated against the base.
 
     diffusion-dpo demo                                   # ~5 minutes on a 2-core laptop CPU
+    diffusion-dpo demo family=flow                       # the same on the SD3-layout flow-matching base
     diffusion-dpo demo seed=1 rounds=2 output_dir=runs/demo-r2
 
 An output_dir that holds a demo is refused (its pairs and images would pass for new ones); overwrite=true
@@ -93,11 +95,10 @@ class DemoTrainConfig:
     lora_rank: int | None = option(None, "0: full fine-tune of the denoiser; r > 0: a rank-r LoRA adapter on the "
                                    "attention projections (null: the family's, 8)")
     beta_dpo: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for "
-                                    "sd; FLOW_BETA for flow)")
+                                    "sd; 100, flow_grpo's on mean errors, for flow)")
     learning_rate: float | None = option(None, "DPO learning rate, not scaled by the batch (null: the family's, "
                                          "3e-4); a full fine-tune (lora_rank=0) wants about 1e-5")
-    max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, FLOW_STEPS for "
-                                   "flow)")
+    max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, 200)")
     batch_size: int = option(16, "pairs per DPO step")
     lr_warmup_steps: int = option(20, "linear warm-up steps (DPO and SFT)")
     caption_dropout: float = option(0.0, "probability a caption is dropped during tuning (DPO and SFT)")
