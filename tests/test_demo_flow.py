@@ -54,7 +54,7 @@ def test_flow_demo_runs_label_dpo_sft_evaluate(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["win_rate"] == saved["dpo_win_rate"] == report.rounds[0].dpo.win_rate
     assert 0 <= saved["win_rate_ci"][0] <= saved["win_rate"] <= saved["win_rate_ci"][1] <= 1
-    assert saved["config"]["family"] == "flow" and saved["config"]["train"]["beta_dpo"] == 100.0
+    assert saved["config"]["family"] == "flow" and saved["config"]["train"]["beta_dpo"] == 500.0
     policy = out / "round-1" / "policy"
     assert detect(str(policy)).name == "sd3" and (policy / "transformer" / "config.json").is_file()
     assert not (policy / "samples.png").exists()
