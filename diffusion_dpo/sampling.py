@@ -32,17 +32,17 @@ def precision_dtype(mixed_precision: str, device: torch.device | str) -> torch.d
     return default_dtype(torch.device(device)) if mixed_precision == "auto" else DTYPES[mixed_precision]
 
 
-def load_pipeline(pretrained: str, *, unet: str | None = None, lora: str | None = None,
+def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                   option: str = "model.pretrained"):
-    """A diffusers text-to-image pipeline for ``pretrained`` (hub id or local folder).
+    """A diffusers text-to-image pipeline for ``pretrained`` (hub id or local folder) of any family.
 
-    ``unet``: a UNet folder (``UNet2DConditionModel.from_pretrained``), such as a full fine-tune's
-    ``final/``, replacing the base UNet. ``lora``: LoRA weights (a folder or .safetensors file from
-    ``pipe.save_lora_weights``, such as a LoRA run's ``final/``), fused into the UNet. ``option``: the
-    config key ``pretrained`` came from, named in the error when it cannot be loaded.
+    ``denoiser``: a folder of the family's denoiser (a UNet for SD1.x/2.x/SDXL, a transformer for SD3 and
+    FLUX), such as a full fine-tune's ``final/``, replacing the base's. ``lora``: LoRA weights (a folder or
+    .safetensors file from ``pipe.save_lora_weights``, such as a LoRA run's ``final/``), fused into the
+    denoiser. ``option``: the config key ``pretrained`` came from, named in the error when it cannot load.
     """
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -56,17 +56,20 @@ def load_pipeline(pretrained: str, *, unet: str | None = None, lora: str | None 
         pipe = from_hub(lambda local_only: DiffusionPipeline.from_pretrained(
             pretrained, dtype=dtype, local_files_only=local_only), "diffusers pipeline",
             f"hub id {pretrained!r}", option)
-    if unet:
+    family = pipeline_family(pipe)
+    if denoiser:
+        name = family.denoiser_name
         try:
-            tuned = UNet2DConditionModel.from_pretrained(unet, dtype=dtype)
+            tuned = family.load_denoiser(denoiser, dtype=dtype)
         except OSError as e:
-            # A whole pipeline repo (the paper's mhdang/dpo-sd1.5-text2image-v1 is one) keeps it in unet/.
+            # A whole pipeline repo (the paper's mhdang/dpo-sd1.5-text2image-v1 is one) keeps it in a subfolder.
             try:
-                tuned = UNet2DConditionModel.from_pretrained(unet, subfolder="unet", dtype=dtype)
+                tuned = family.load_denoiser(denoiser, subfolder=name, dtype=dtype)
             except OSError:
-                raise InputError(f"cannot load tuned UNet from {unet!r} (nor its unet/ subfolder): {e}") from None
-        _check_same_shapes(pipe.unet, tuned, unet)
-        pipe.unet = tuned
+                raise InputError(f"cannot load tuned {family.denoiser_class} from {denoiser!r} (nor its {name}/ "
+                                 f"subfolder): {e}") from None
+        _check_same_shapes(getattr(pipe, name), tuned, denoiser)
+        setattr(pipe, name, tuned)
     if lora:
         if not Path(lora).exists() and not _looks_like_hub_id(lora):
             raise InputError(f"LoRA weights {lora!r} do not exist")
@@ -79,6 +82,25 @@ def load_pipeline(pretrained: str, *, unet: str | None = None, lora: str | None 
     return pipe.to(device)
 
 
+def pipeline_family(pipe):
+    """The :class:`~diffusion_dpo.families.base.Family` of a loaded pipeline (from its model_index)."""
+    from diffusion_dpo.families import detect_index
+
+    name = type(pipe).__name__
+    return detect_index({**dict(pipe.config), "_class_name": name}, name)
+
+
+def native_size(pipe) -> int:
+    """The image side in px a pipeline generates when no height/width is given (its own default)."""
+    latent = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe).config.sample_size
+    return int(latent * pipe.vae_scale_factor)
+
+
+def denoiser_of(pipe):
+    """The pipeline's denoiser module: its UNet or its transformer."""
+    return getattr(pipe, pipeline_family(pipe).denoiser_name)
+
+
 def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/"))
 
@@ -88,12 +110,12 @@ def _check_same_shapes(base, tuned, where: str) -> None:
     for k, v in tuned.state_dict().items():
         if base_shapes.get(k) != tuple(v.shape):
             raise InputError(
-                f"tuned UNet {where} does not fit the base: parameter {k} has shape {tuple(v.shape)}, "
+                f"tuned denoiser {where} does not fit the base: parameter {k} has shape {tuple(v.shape)}, "
                 f"the base has {base_shapes.get(k, 'no such parameter')}"
             )
     if set(base_shapes) != set(tuned.state_dict()):
         missing = sorted(set(base_shapes) - set(tuned.state_dict()))[:3]
-        raise InputError(f"tuned UNet {where} does not fit the base: parameters missing, e.g. {missing}")
+        raise InputError(f"tuned denoiser {where} does not fit the base: parameters missing, e.g. {missing}")
 
 
 def batched(items: list, size: int) -> Iterable[list]:
@@ -107,17 +129,20 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
              batch_size: int = 8, progress=None) -> list:
     """One PIL image per (prompt, seed), generated ``batch_size`` at a time.
 
-    ``progress``: an optional tqdm bar, advanced by the number of images of each batch.
+    ``progress``: an optional tqdm bar, advanced by the number of images of each batch. ``guidance_scale``
+    is classifier-free guidance for SD1.x/2.x, SDXL and SD3, and FLUX.1-dev's embedded guidance value
+    (FluxPipeline's guidance_scale; [schnell] ignores it). ``height``/``width`` None: the pipeline's default.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images = []
+    options = pipeline_family(pipe).call_options(pipe)
     # Generators on CPU: the same seed gives the same starting noise on any device.
     for idx in batched(list(range(len(prompts))), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
         out = pipe(
             prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, height=height, width=width, output_type="pil",
+            guidance_scale=guidance_scale, height=height, width=width, output_type="pil", **options,
         )
         images.extend(out.images)
         if progress is not None:

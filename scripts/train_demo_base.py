@@ -39,6 +39,7 @@ from diffusion_dpo.tiny import write_clip_tokenizer
 from scorers.shapes.world import WORLD_WORDS, all_scenes, render, split_prompts
 
 RESOLUTION = 32
+FLOW_LAYERS, FLOW_WIDTH = 4, 96  # the flow base's MMDiT: blocks, features per token
 MAX_TOKENS = 12  # "a large red circle on a blue background" is 8 words + start and end tokens
 
 
@@ -145,17 +146,22 @@ def encode_all(vae, pixels: torch.Tensor, device, batch: int = 256) -> tuple[tor
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet, text_encoder, tokenizer, scheduler, prompts, means, stds, *, scale, steps, batch, lr,
-               drop_prompt, ema_decay, device, gen):
-    """Denoising loss on (prompt, latent) pairs; returns the EMA copies of (unet, text_encoder)."""
-    unet.to(device).train()
-    text_encoder.to(device).train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+def train_denoiser(modules, batch_loss, prompts, means, stds, *, scale, steps, batch, lr, drop_prompt,
+                   ema_decay, device, gen, desc="unet"):
+    """AdamW on ``modules`` (the denoiser first, then the text encoders that train with it) with a cosine
+    schedule, prompt dropout and an EMA of the weights; returns (EMA copies of ``modules``, loss EMA).
+
+    ``batch_loss(z0, texts)`` is the model's loss on scaled clean latents z0 [batch, 4, 16, 16] and their
+    captions (with "" where dropped); it draws its own noise and times from ``gen``.
+    """
+    for module in modules:
+        module.to(device).train()
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    alphas = scheduler.alphas_cumprod.to(device)
-    bar = tqdm(range(steps), desc="unet", unit="step")
+    emas = [copy.deepcopy(m).eval() for m in modules]
+    ema_params = [q for m, e in zip(modules, emas) for p, q in zip(m.parameters(), e.parameters())
+                  if p.requires_grad]
+    bar = tqdm(range(steps), desc=desc, unit="step")
     running = None
     for step in bar:
         for group in opt.param_groups:
@@ -165,14 +171,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, prompts, means, stds, *
         z0 = (z0 * scale).to(device)
         keep = [torch.rand((), generator=gen).item() >= drop_prompt for _ in range(batch)]  # one draw each
         texts = [prompts[i] if k else "" for i, k in zip(idx.tolist(), keep)]
-        ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(zt, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = batch_loss(z0, texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -183,20 +182,149 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, prompts, means, stds, *
                 e.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
-    return ema_unet, ema_text, running
+    return emas, running
+
+
+def epsilon_loss(unet, text_encoder, tokenizer, scheduler, device, gen):
+    """The standard denoising loss of Stable Diffusion: predict the noise eps at a uniform timestep."""
+    alphas = scheduler.alphas_cumprod.to(device)
+
+    def batch_loss(z0, texts):
+        ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        return F.mse_loss(unet(zt, t, text_encoder(ids)[0]).sample, noise)
+
+    return batch_loss
+
+
+def build_flow_components(seed: int, vae_folder: str):
+    """Randomly initialised SD3-layout (pipeline, scale) for the shapes world, reusing a trained VAE.
+
+    CLIP-L and CLIP-G with projection (each 32 wide, on the world tokenizer) and a T5 (64 wide, so the CLIP
+    states are zero-padded to it as in SD3), an MMDiT over 2x2 patches of the 4 x 16 x 16 latents, and
+    FlowMatchEulerDiscreteScheduler with shift 1 (SD3's shift of 3 is for 1024 px; these images are 32 px).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffusion_dpo.tiny import _tiny_t5, write_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = world_tokenizer()
+    clip_config = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+                       max_position_embeddings=MAX_TOKENS, projection_dim=32)
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config))
+    with tempfile.TemporaryDirectory() as tmp:
+        from transformers import T5TokenizerFast
+
+        t5_tokenizer = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(tmp, WORLD_WORDS, MAX_TOKENS)))
+    t5 = _tiny_t5(t5_tokenizer, 64)
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    # SD3's pipeline un-shifts latents by shift_factor; this VAE has none (its latents are zero-mean enough).
+    vae.register_to_config(shift_factor=0.0)
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=FLOW_LAYERS,
+        attention_head_dim=16, num_attention_heads=FLOW_WIDTH // 16, joint_attention_dim=64,
+        caption_projection_dim=FLOW_WIDTH, pooled_projection_dim=64, pos_embed_max_size=RESOLUTION // 2,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+    vae.requires_grad_(False)
+    t5.requires_grad_(False)  # random and frozen: the CLIPs train with the transformer and carry the words
+    return pipe
+
+
+def flow_loss(pipe, device, gen):
+    """The rectified-flow loss of the SD3 family: the families' noise process (logit-normal sigma, shift
+    1), its target (eps - x0) and the family's transformer call; text through the pipeline's encode_prompt
+    so the CLIP encoders receive gradients."""
+    from diffusion_dpo.families import FlowNoise, NoiseConfig
+    from diffusion_dpo.families.sd3 import SD3Family
+
+    family = SD3Family()
+    noise = FlowNoise(NoiseConfig(timestep_sampling="logit_normal"), shift=1.0)
+
+    def batch_loss(z0, texts):
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+                                            do_classifier_free_guidance=False, max_sequence_length=MAX_TOKENS)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        sigma = torch.cat([noise.draw_time(gen) for _ in range(len(z0))]).to(device)
+        pred = family.forward(pipe.transformer, noise.noisy(z0, eps, sigma), noise.model_timestep(sigma),
+                              {"hidden": hidden, "pooled": pooled}, {})
+        return F.mse_loss(pred, noise.target(z0, eps, sigma))
+
+    return batch_loss
+
+
+def train_sd(args, prompts, pixels, device, gen):
+    """Stages 1-2 of the SD-layout base: (pipeline, summary fields)."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder, vae, unet, scheduler = build_components(args.seed)
+    vae_mse = train_vae(vae, pixels, args.vae_steps, args.vae_batch, args.vae_lr, device, gen)
+    means, stds = encode_all(vae, pixels, device)
+    scale = 1.0 / means.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    (ema_unet, ema_text), loss = train_denoiser(
+        [unet, text_encoder], epsilon_loss(unet, text_encoder, tokenizer, scheduler, device, gen), prompts,
+        means, stds, scale=scale, steps=args.unet_steps, batch=args.batch, lr=args.lr,
+        drop_prompt=args.drop_prompt, ema_decay=args.ema, device=device, gen=gen,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu(), text_encoder=ema_text.cpu(), tokenizer=tokenizer, unet=ema_unet.cpu(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe, {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "vae_mse": vae_mse,
+                  "unet_loss_ema": loss, "latent_scale": scale}
+
+
+def train_flow(args, prompts, pixels, device, gen):
+    """The flow base: the SD base's trained VAE (reused), then transformer + CLIPs: (pipeline, fields)."""
+    pipe = build_flow_components(args.seed, args.vae)
+    means, stds = encode_all(pipe.vae.to(device), pixels, device)
+    scale = pipe.vae.config.scaling_factor
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
+    pipe.text_encoder_3.to(device)
+    emas, loss = train_denoiser(
+        modules, flow_loss(pipe, device, gen), prompts, means, stds, scale=scale, steps=args.unet_steps,
+        batch=args.batch, lr=args.lr, drop_prompt=args.drop_prompt, ema_decay=args.ema, device=device,
+        gen=gen, desc="transformer",
+    )
+    pipe.transformer, pipe.text_encoder, pipe.text_encoder_2 = emas
+    return pipe.to("cpu"), {"vae": args.vae, "transformer_steps": args.unet_steps, "layers": FLOW_LAYERS,
+                            "width": FLOW_WIDTH, "transformer_loss_ema": loss, "latent_scale": scale}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="assets/demo/base", help="pipeline folder to write")
+    parser.add_argument("--family", choices=["sd", "flow"], default="sd",
+                        help="sd: the SD-layout UNet base; flow: the SD3-layout flow-matching base")
+    parser.add_argument("--out", default=None, help="pipeline folder to write (default assets/demo/base, or "
+                        "assets/demo/flow_base for --family flow)")
+    parser.add_argument("--vae", default="assets/demo/base/vae", help="flow: the trained VAE to reuse")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=10000, help="rendered training scenes")
     parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=None,
+                        help="denoiser steps (default 2000 for sd, 1500 for flow)")
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=64, help="UNet batch")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of UNet and text encoder")
+    parser.add_argument("--batch", type=int, default=64, help="denoiser batch")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of denoiser and text encoder")
     parser.add_argument("--drop-prompt", type=float, default=0.1, help="share of empty prompts (for CFG)")
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     parser.add_argument("--threads", type=int, default=0,
@@ -204,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                              "shared with other jobs, 1 can be many times faster than 2")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
-
-    from diffusers import StableDiffusionPipeline
+    flow = args.family == "flow"
+    args.out = args.out or ("assets/demo/flow_base" if flow else "assets/demo/base")
+    args.unet_steps = args.unet_steps or (1500 if flow else 2000)
 
     from diffusion_dpo.sampling import generate
     from scorers import load_scorer
@@ -215,22 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.time()
     gen = torch.Generator().manual_seed(args.seed)
-    tokenizer, text_encoder, vae, unet, scheduler = build_components(args.seed)
     prompts, pixels = make_dataset(args.images, args.seed)
-
-    vae_mse = train_vae(vae, pixels, args.vae_steps, args.vae_batch, args.vae_lr, device, gen)
-    means, stds = encode_all(vae, pixels, device)
-    scale = 1.0 / means.std().item()
-    vae.register_to_config(scaling_factor=scale)
-    ema_unet, ema_text, loss = train_unet(
-        unet, text_encoder, tokenizer, scheduler, prompts, means, stds, scale=scale, steps=args.unet_steps,
-        batch=args.batch, lr=args.lr, drop_prompt=args.drop_prompt, ema_decay=args.ema, device=device,
-        gen=gen,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae.cpu(), text_encoder=ema_text.cpu(), tokenizer=tokenizer, unet=ema_unet.cpu(),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe, fields = (train_flow if flow else train_sd)(args, prompts, pixels, device, gen)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
@@ -246,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     scores = load_scorer("shapes").score(images, eval_prompts)
     save_grid(images[:64:1], out / "samples.png")
     summary = {
-        "seed": args.seed, "images": args.images, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-        "batch": args.batch, "lr": args.lr, "vae_mse": vae_mse, "unet_loss_ema": loss, "latent_scale": scale,
-        "train_seconds": round(train_time, 1), "threads": torch.get_num_threads(), "device": str(device),
+        "family": args.family, "seed": args.seed, "images": args.images, **fields, "batch": args.batch,
+        "lr": args.lr, "train_seconds": round(train_time, 1), "threads": torch.get_num_threads(),
+        "device": str(device),
         "eval": {"prompts": len(held_out), "seeds": 4, "steps": 20, "guidance_scale": 4.0,
                  "shapes_mean": scores.mean().item(), "shapes_std": scores.std().item(),
                  "share_above_0.9": (scores > 0.9).float().mean().item()},

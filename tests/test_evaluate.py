@@ -222,11 +222,11 @@ def test_implicit_rewards_follow_the_dpo_formula_and_ignore_batching(world):
 @pytest.mark.parametrize("overrides, message", [
     (["tuned.pretrained={other}", "prompts=hpsv2-offline:sketch"], "no style 'sketch'"),
     (["tuned.pretrained={other}", "prompts={empty}"], "empty"),
-    (["model.unet={misfit_unet}"], "does not fit the base"),
+    (["model.denoiser={misfit_unet}"], "does not fit the base"),
     (["model.lora={misfit_lora}"], "do not fit the base"),
     (["tuned.pretrained={other}", "scorers=pickascore"], "unknown scorer 'pickascore'"),
     (["tuned.pretrained={other}", "scorer_options.jpeg_compressibility.quality=500"], "quality=500"),
-    ([], "exactly one of model.unet, model.lora"),
+    ([], "exactly one of model.denoiser, model.lora"),
     (["tuned.pretrained={other}", "model.lora={zero_lora}"], "exactly one of"),
     (["tuned.pretrained={other}", "implicit_reward.source={root}/nowhere"], "does not exist"),
 ])

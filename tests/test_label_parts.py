@@ -64,7 +64,7 @@ def test_encodings_and_stored_bytes():
 def test_model_id_and_scorer_options():
     assert model_id(cfg("model.pretrained=base")) == "base"
     assert model_id(cfg("model.pretrained=base", "model.lora=run/final")) == "base + lora=run/final"
-    assert model_id(cfg("model.pretrained=base", "model.unet=ft/final")) == "base + unet=ft/final"
+    assert model_id(cfg("model.pretrained=base", "model.denoiser=ft/final")) == "base + denoiser=ft/final"
     # every process scores on its own device unless the user said otherwise
     assert _scorer_options("jpeg_compressibility", {}, "cuda:1") == {"device": "cuda:1"}
     assert _scorer_options("pickscore", {"device": "cpu"}, "cuda:1") == {"device": "cpu"}

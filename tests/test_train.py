@@ -106,7 +106,7 @@ def test_full_finetune_resume_is_exact(world, tmp_path):
 
     tuned = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "final")
     assert not torch.equal(tuned.conv_in.weight, unet.conv_in.weight)
-    pipe = load_pipeline(world["sd"], unet=str(tmp_path / "a" / "final"), device="cpu")
+    pipe = load_pipeline(world["sd"], denoiser=str(tmp_path / "a" / "final"), device="cpu")
     assert generate(pipe, ["a red dog"], [0], num_inference_steps=2)[0].size == (32, 32)
 
 

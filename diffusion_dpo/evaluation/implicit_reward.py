@@ -1,14 +1,15 @@
 """Implicit-reward accuracy of a Diffusion-DPO model on held-out preference pairs.
 
-The DPO implicit reward of an image under a tuned UNet (policy) and its base (reference) is
+The DPO implicit reward of an image under a tuned denoiser (policy) and its base (reference) is
 
     r(x) = 0.5 * beta_dpo * (mse_ref(x) - mse_policy(x))
 
 with mse the denoising error at a noise and timestep (Wallace et al. 2023, eq. 14, as in
 :func:`diffusion_dpo.losses.diffusion_dpo_loss`). A pair counts as ranked right when r(winner) > r(loser)
-(a tie counts half). Each pair's winner and loser share the noise and timestep, the two UNets see the same
-ones, and the errors are averaged over ``noise_draws`` draws, because one draw is a noisy estimate. The
-paper reports 60.8% for DPO-SD1.5 and 72.0% for DPO-SDXL on Pick-a-Pic v2 validation.
+(a tie counts half). Each pair's winner and loser share the noise and time (DDPM: timestep; flow families:
+sigma, from the family's noise process), the two denoisers see the same ones through the family's
+denoiser call, and the errors are averaged over ``noise_draws`` draws, because one draw is a noisy
+estimate. The paper reports 60.8% for DPO-SD1.5 and 72.0% for DPO-SDXL on Pick-a-Pic v2 validation.
 
     pairs, counts = labelled_pairs(open_pairs(source, "validation", streaming=True), 500, source, resolution=512)
     scores = score_pairs(tuned_pipe, base_pipe, pairs, beta_dpo=5000, noise_draws=4)
@@ -41,19 +42,30 @@ class PairScore:
 
 
 def pipeline_components(pipe):
-    """The training :class:`~diffusion_dpo.models.Components` of a loaded diffusers pipeline, with a DDPM
-    scheduler from the pipeline's schedule (its betas and prediction type)."""
+    """The training :class:`~diffusion_dpo.models.Components` of a loaded diffusers pipeline of any family:
+    its denoiser, VAE, text encoders and tokenizers in the family's order, and the scheduler the family
+    trains with (DDPM families: a DDPMScheduler from the pipeline's schedule, its betas and prediction type;
+    flow families: the pipeline's flow-matching scheduler)."""
     from diffusers import DDPMScheduler
 
     from diffusion_dpo.models import Components
+    from diffusion_dpo.sampling import pipeline_family
 
-    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    family = pipeline_family(pipe)
+    scheduler = pipe.scheduler if family.flow else DDPMScheduler.from_config(pipe.scheduler.config)
     return Components(
-        unet=pipe.unet, vae=pipe.vae,
-        text_encoders=[pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else []),
-        tokenizers=[pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else []),
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), is_sdxl=is_sdxl,
+        getattr(pipe, family.denoiser_name), pipe.vae,
+        [getattr(pipe, enc) for _, enc in family.text_components],
+        [getattr(pipe, tok) for tok, _ in family.text_components], scheduler, family,
     )
+
+
+def noise_process(comps):
+    """The family's noise process with the default settings (mean reduction; flow families: u uniform and
+    the scheduler's shift), the same for the two models so a pair's draws match."""
+    from diffusion_dpo.families import NoiseConfig
+
+    return comps.family.noise_process(comps.noise_scheduler, NoiseConfig())
 
 
 def labelled_pairs(rows: Iterable[dict], max_pairs: int, where: str, *, resolution: int, rank: int = 0,
@@ -97,8 +109,8 @@ def score_pairs(policy_pipe, reference_pipe, pairs: list, *, beta_dpo: float = 5
     The noise, timestep and latent sample of the pair from row ``i`` in draw ``d`` come from
     ``pair_seeds(seed, d, 0, 1, offset=i)``: the same for both models and both images of the pair,
     independent of the batch and of the process that scores it. Each model is conditioned through its own
-    text encoder(s) and VAE (the base's, for a tuned UNet or LoRA; its own, for a second checkpoint), with
-    the encoding and UNet inputs the trainer uses (``models.encode_pair_batch``, ``models.pair_inputs``).
+    text encoder(s) and VAE (the base's, for a tuned denoiser or LoRA; its own, for a second checkpoint), with
+    the encoding and denoiser inputs the trainer uses (``models.encode_pair_batch``, ``models.pair_inputs``).
     """
     from diffusion_dpo.data import collate
     from diffusion_dpo.denoising import draw_pair_noise, pair_errors, pair_seeds
@@ -120,12 +132,12 @@ def score_pairs(policy_pipe, reference_pipe, pairs: list, *, beta_dpo: float = 5
             for name, comps in models.items():
                 encoded = encode_pair_batch(comps, batch).to(device)
                 latent_shape = (encoded.moments.shape[-3] // 2, *encoded.moments.shape[-2:])
+                process = noise_process(comps)
                 total_w = total_l = 0.0
                 for draw_seeds in seeds:
-                    noise = draw_pair_noise(draw_seeds, latent_shape, comps.noise_scheduler.config.num_train_timesteps,
-                                            device)
-                    mse_w, mse_l = pair_errors(comps.unet, pair_inputs(comps.vae.config, encoded, noise),
-                                               comps.noise_scheduler)
+                    noise = draw_pair_noise(draw_seeds, latent_shape, process.draw_time, device)
+                    mse_w, mse_l = pair_errors(comps.denoiser, pair_inputs(comps.vae.config, encoded, noise),
+                                               process, comps.family.forward)
                     total_w, total_l = total_w + mse_w.float(), total_l + mse_l.float()
                 errors[name] = ((total_w / noise_draws).cpu(), (total_l / noise_draws).cpu())
         (policy_w, policy_l), (ref_w, ref_l) = errors["policy"], errors["reference"]

@@ -195,6 +195,11 @@ class Family(ABC):
                 image: dict[str, Tensor]) -> Tensor:
         """The denoiser's prediction [N, C, h, w] for noisy latents [N, C, h, w] at model timesteps [N]."""
 
+    def call_options(self, pipe) -> dict[str, Any]:
+        """Keyword arguments the family's pipeline ``__call__`` needs so sampling conditions the denoiser as
+        training does (beyond prompt, seed, steps, guidance and size); none here."""
+        return {}
+
     # ----------------------------------------------------------------------------------- saving, loading
     def save_lora(self, denoiser, folder) -> None:
         """``folder/pytorch_lora_weights.safetensors`` for the pipeline class's ``load_lora_weights``."""

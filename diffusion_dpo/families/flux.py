@@ -58,6 +58,11 @@ class FluxFamily(Family):
         hidden = t5(tokenize(t5_tokenizer, captions, length, t5.device))[0]
         return {"hidden": hidden, "pooled": pooled.to(hidden.dtype)}
 
+    def call_options(self, pipe) -> dict:
+        """{"max_sequence_length": L5}: the pipeline pads T5's tokens to max_sequence_length whatever its
+        tokenizer's own length, while training encodes min(default, model_max_length) tokens; the same here."""
+        return {"max_sequence_length": min(self.t5_max_length, pipe.tokenizer_2.model_max_length)}
+
     def forward(self, denoiser, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
                 image: dict[str, Tensor]) -> Tensor:
         """The velocity [N, C, h, w]. ``timestep`` is 1000 sigma; the transformer takes sigma, as the

@@ -40,6 +40,11 @@ class SD3Family(Family):
         clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
+    def call_options(self, pipe) -> dict:
+        """{"max_sequence_length": L5}: the pipeline pads T5's tokens to max_sequence_length whatever its
+        tokenizer's own length, while training encodes min(default, model_max_length) tokens; the same here."""
+        return {"max_sequence_length": min(self.t5_max_length, pipe.tokenizer_3.model_max_length)}
+
     def forward(self, denoiser, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
                 image: dict[str, Tensor]) -> Tensor:
         """The velocity [N, C, h, w]; ``timestep`` is 1000 sigma, as the pipeline passes it."""

@@ -1,8 +1,9 @@
 """``diffusion-dpo demo``: the package's whole job, offline, on a CPU, in minutes.
 
-The shapes world (scorers/shapes/world.py) has a tiny base model that ships with the package
-(assets/demo/base/) and a scorer that needs no weights (scorers/shapes/scorer.py). The demo runs, with the
-same recipes a user runs on Stable Diffusion:
+The shapes world (scorers/shapes/world.py) has two tiny base models that ship with the package
+(assets/demo/base/, SD layout, ``family=sd``, the default; assets/demo/flow_base/, SD3 layout with
+rectified flow, ``family=flow``) and a scorer that needs no weights (scorers/shapes/scorer.py). The demo
+runs, with the same recipes a user runs on Stable Diffusion:
 
 1. label: K candidates per training prompt from the current policy, scored by ``shapes``; the best and the
    worst of each prompt make a preference pair (``diffusion-dpo label``);
@@ -17,6 +18,7 @@ With ``rounds=N`` steps 1-3 repeat, each round labelling with the policy the pre
 and training from it (its reference is that policy too); every round is evaluated against the base.
 
     diffusion-dpo demo                                   # ~5 minutes on a 2-core laptop CPU
+    diffusion-dpo demo family=flow                       # the same on the SD3-layout flow-matching base
     diffusion-dpo demo seed=1 rounds=2 output_dir=runs/demo-r2
 
 An output_dir that holds a demo is refused (its pairs and images would pass for new ones); overwrite=true
@@ -52,7 +54,18 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
 from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
 
-DEFAULT_BASE = ASSETS / "demo" / "base"
+BASES = {"sd": ASSETS / "demo" / "base", "flow": ASSETS / "demo" / "flow_base"}
+DEFAULT_BASE = BASES["sd"]
+
+# Each demo base's tuning defaults (train.* keys left null). The flow base's were measured on its pairs
+# (docs/BENCHMARKS.md): flow_grpo's beta 100 on mean errors at lr 3e-4 wins the DPO loss by raising the
+# losers' error and the winners' with it, and loses to the base; beta 500 at lr 1e-4 improves on it.
+FAMILY_TRAIN_DEFAULTS = {
+    "sd": dict(lora_rank=8, beta_dpo=5000.0, learning_rate=3e-4, max_steps=200, sft_learning_rate=3e-4,
+               sft_max_steps=200),
+    "flow": dict(lora_rank=8, beta_dpo=500.0, learning_rate=1e-4, max_steps=200, sft_learning_rate=3e-4,
+                 sft_max_steps=200),
+}
 
 
 def _null_or_positive(v) -> bool:
@@ -73,24 +86,26 @@ class WorldConfig:
 
 @dataclass
 class SamplingConfig:
-    num_inference_steps: int = option(20, "DDIM steps for every generated image (labelling and evaluation)")
+    num_inference_steps: int = option(20, "sampler steps (DDIM, or the flow base's Euler) for every generated "
+                                      "image (labelling and evaluation)")
     guidance_scale: float = option(4.0, "classifier-free guidance scale")
     batch_size: int = option(64, "images per generation batch")
 
 
 @dataclass
 class DemoTrainConfig:
-    lora_rank: int = option(8, "0: full fine-tune of the UNet; r > 0: a rank-r LoRA adapter on the attention "
-                            "projections")
-    beta_dpo: float = option(5000.0, "Diffusion-DPO beta (the paper's scale)")
-    learning_rate: float = option(3e-4, "DPO learning rate (not scaled by the batch); a full fine-tune "
-                                  "(lora_rank=0) wants about 1e-5")
-    max_steps: int = option(200, "DPO optimizer steps per round")
+    lora_rank: int | None = option(None, "0: full fine-tune of the denoiser; r > 0: a rank-r LoRA adapter on the "
+                                   "attention projections (null: the family's, 8)")
+    beta_dpo: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for "
+                                    "sd; 500 for flow)")
+    learning_rate: float | None = option(None, "DPO learning rate, not scaled by the batch (null: the family's, "
+                                         "3e-4 sd, 1e-4 flow); a full fine-tune (lora_rank=0) wants about 1e-5")
+    max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, 200)")
     batch_size: int = option(16, "pairs per DPO step")
     lr_warmup_steps: int = option(20, "linear warm-up steps (DPO and SFT)")
     caption_dropout: float = option(0.0, "probability a caption is dropped during tuning (DPO and SFT)")
-    sft_learning_rate: float = option(3e-4, "SFT baseline learning rate")
-    sft_max_steps: int = option(200, "SFT baseline optimizer steps")
+    sft_learning_rate: float | None = option(None, "SFT baseline learning rate (null: the family's, 3e-4)")
+    sft_max_steps: int | None = option(None, "SFT baseline optimizer steps (null: the family's, as max_steps)")
 
 
 @dataclass
@@ -102,7 +117,11 @@ class DemoConfig(RunOptions):
         auto_or_null, "null or auto")
     overwrite: bool = option(False, "replace the demo already in output_dir (its config.yaml, prompts, rounds "
                              "and reports; other files stay)")
-    base: str | None = option(None, "the base pipeline folder (null: the shipped assets/demo/base)")
+    family: Literal["sd", "flow"] = option("sd", "which shipped demo base (and its tuning defaults): sd, the "
+                                           "SD-layout UNet (assets/demo/base), or flow, the SD3-layout "
+                                           "flow-matching transformer (assets/demo/flow_base)")
+    base: str | None = option(None, "the base pipeline folder (null: the shipped base of ``family``); its model "
+                              "family must be the one ``family`` names")
     seed: int = option(0, "seed of labelling candidates, training noise and evaluation images")
     rounds: int = option(1, "label -> train rounds, each from the previous round's policy", at_least_one,
                          "at least 1")
@@ -178,10 +197,38 @@ def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, 
 
 
 def _resolution(pipeline: str) -> int:
-    """Image side in px of a pipeline folder: UNet sample size x VAE downsampling factor."""
-    unet = json.loads((Path(pipeline) / "unet" / "config.json").read_text())
+    """Image side in px of a pipeline folder: denoiser sample size (in latent px) x VAE downsampling factor."""
+    from diffusion_dpo.families import detect
+
+    name = detect(pipeline).denoiser_name
+    denoiser = json.loads((Path(pipeline) / name / "config.json").read_text())
     vae = json.loads((Path(pipeline) / "vae" / "config.json").read_text())
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def resolve_defaults(cfg: DemoConfig) -> DemoConfig:
+    """``cfg`` with the train.* keys left null set to the family's defaults (what config.yaml records)."""
+    from dataclasses import replace
+
+    given = {k: v for k, v in to_dict(cfg.train).items() if v is not None}
+    defaults = FAMILY_TRAIN_DEFAULTS[cfg.family]
+    return replace(cfg, train=DemoTrainConfig(**{**to_dict(cfg.train), **defaults, **given}))
+
+
+def check_base(cfg: DemoConfig) -> str:
+    """The base folder, checked: a diffusers pipeline of the family ``cfg.family`` names."""
+    from diffusion_dpo.families import detect
+
+    base = str(Path(cfg.base) if cfg.base else BASES[cfg.family])
+    if not (Path(base) / "model_index.json").is_file():
+        raise InputError(f"config key 'base': {base} is not a diffusers pipeline folder (no "
+                         f"model_index.json); build one with scripts/train_demo_base.py --family {cfg.family}")
+    family = detect(base)
+    if family.flow != (cfg.family == "flow"):
+        raise InputError(f"config keys 'family' / 'base': family={cfg.family} but {base} is a {family.name} "
+                         f"pipeline ({'flow matching' if family.flow else 'DDPM'}); expected "
+                         f"{'an SD3 or FLUX' if cfg.family == 'flow' else 'an SD1.x/2.x or SDXL'} pipeline")
+    return base
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -200,27 +247,30 @@ def write_prompts(cfg: DemoConfig, folder: Path) -> tuple[Path, Path]:
 
 
 def policy_pipeline(previous: str, final: Path, fmt: str, out: Path) -> str:
-    """A full pipeline folder: ``previous`` with its UNet replaced by a training run's ``final/`` (a UNet
-    folder, or LoRA weights fused into ``previous``'s UNet). The next round starts from it; evaluate and
-    label load it like any checkpoint."""
+    """A full pipeline folder: ``previous`` with its denoiser (UNet or transformer) replaced by a training
+    run's ``final/`` (a denoiser folder, or LoRA weights fused into ``previous``'s). The next round starts
+    from it; evaluate and label load it like any checkpoint."""
     import torch
 
+    from diffusion_dpo.families import detect
     from diffusion_dpo.sampling import load_pipeline
+
+    name = detect(previous).denoiser_name
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    # The pipeline's components only: not the UNet, nor the base's own notes (samples.png, ...).
+    # The pipeline's components only: not the denoiser, nor the base's own notes (samples.png, ...).
     top = Path(previous).resolve()
     shutil.copytree(previous, tmp, ignore=lambda folder, names: [
         n for n in names
-        if Path(folder).resolve() == top and (n == "unet" or n.endswith((".png", "summary.json")))
+        if Path(folder).resolve() == top and (n == name or n.endswith((".png", "summary.json")))
     ])
     if fmt == "lora":
         pipe = load_pipeline(previous, lora=str(final), device="cpu", dtype=torch.float32)
         pipe.unload_lora_weights()  # the fused weights stay; only the adapter modules go
-        pipe.unet.save_pretrained(str(tmp / "unet"))
+        getattr(pipe, name).save_pretrained(str(tmp / name))
     else:
-        shutil.copytree(final, tmp / "unet")
+        shutil.copytree(final, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return str(out)
@@ -285,12 +335,10 @@ def run(cfg: DemoConfig) -> DemoReport:
     import torch
 
     validate(cfg)
+    cfg = resolve_defaults(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base = str(Path(cfg.base) if cfg.base else DEFAULT_BASE)
-    if not (Path(base) / "model_index.json").is_file():
-        raise InputError(f"config key 'base': {base} is not a diffusers pipeline folder (no "
-                         "model_index.json); build one with scripts/train_demo_base.py")
+    base = check_base(cfg)
     out = Path(cfg.output_dir)
     rounds_there = tuple(p.name for p in out.glob("round-*")) if out.is_dir() else ()
     claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite,
@@ -335,7 +383,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     console.say(f"{labelled.pairs_written} pairs; mean winner score {labelled.mean_winner_score:.3f}, mean loser "
                 f"score {labelled.mean_loser_score:.3f}.")
     t = cfg.train
-    kind = f"a rank-{t.lora_rank} LoRA" if t.lora_rank else "the full UNet"
+    kind = f"a rank-{t.lora_rank} LoRA" if t.lora_rank else "the full denoiser"
     console.stage(f"train DPO: {t.max_steps} steps of {t.batch_size} pairs, {kind}, beta_dpo {t.beta_dpo:g}")
     trained = _timed(seconds, f"train_dpo_{r}", train.run,
                      train_config(cfg, "dpo", policy, rdir / "pairs", rdir / "dpo", r, resume))

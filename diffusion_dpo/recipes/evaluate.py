@@ -53,22 +53,25 @@ SEED_STRIDE = 100_000
 class ModelConfig:
     pretrained: str = option("runwayml/stable-diffusion-v1-5",
                              "the base checkpoint: hub id or local diffusers pipeline folder")
-    unet: str | None = option(None, "tuned weights: a UNet folder (a full fine-tune's final/) replacing the base's")
+    denoiser: str | None = option(None, "tuned weights: a denoiser folder (UNet, or SD3/FLUX transformer; a full "
+                                  "fine-tune's final/) replacing the base's")
     lora: str | None = option(None, "tuned weights: LoRA weights (a LoRA run's final/ or .safetensors) fused into the base")
 
 
 @dataclass
 class TunedConfig:
     pretrained: str | None = option(None, "a second checkpoint (hub id or folder) as the tuned model, instead of "
-                                          "model.unet / model.lora")
+                                          "model.denoiser / model.lora")
 
 
 @dataclass
 class SamplingConfig:
     num_inference_steps: int = option(50, "denoising steps of the checkpoint's scheduler, for both models",
                                       at_least_one, "at least 1")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale, for both models")
-    height: int | None = option(None, "image height in px (null: the checkpoint's default, 512 SD1.5, 1024 SDXL)")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale, for both models (FLUX.1-dev: its embedded "
+                                   "guidance value)")
+    height: int | None = option(None, "image height in px (null: the checkpoint's default, 512 SD1.5, 1024 SDXL, SD3 "
+                                    "and FLUX)")
     width: int | None = option(None, "image width in px (null: the checkpoint's default)")
 
 
@@ -165,11 +168,11 @@ def make_items(prompts: list[Prompt], n_seeds: int, seed: int) -> list[Item]:
 
 
 def tuned_description(cfg: EvaluateConfig) -> str:
-    given = {k: v for k, v in (("model.unet", cfg.model.unet), ("model.lora", cfg.model.lora),
+    given = {k: v for k, v in (("model.denoiser", cfg.model.denoiser), ("model.lora", cfg.model.lora),
                                ("tuned.pretrained", cfg.tuned.pretrained)) if v}
     if len(given) != 1:
         raise InputError(
-            "set exactly one of model.unet, model.lora (tuned weights on the base) or tuned.pretrained "
+            "set exactly one of model.denoiser, model.lora (tuned weights on the base) or tuned.pretrained "
             f"(a second checkpoint); got {', '.join(f'{k}={v}' for k, v in given.items()) or 'none'}"
         )
     (key, value), = given.items()
@@ -276,7 +279,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     dtype = precision_dtype(cfg.mixed_precision, device)
     pipes = {
         "base": load_pipeline(cfg.model.pretrained, device=device, dtype=dtype),
-        "tuned": load_pipeline(cfg.tuned.pretrained or cfg.model.pretrained, unet=cfg.model.unet,
+        "tuned": load_pipeline(cfg.tuned.pretrained or cfg.model.pretrained, denoiser=cfg.model.denoiser,
                                lora=cfg.model.lora, device=device, dtype=dtype),
     }
     pairs_source = None
@@ -394,16 +397,17 @@ def implicit_reward_accuracy(pipes: dict, pairs_source, cfg: EvaluateConfig, dev
 
     from diffusion_dpo.evaluation.implicit_reward import labelled_pairs, score_pairs
     from diffusion_dpo.evaluation.stats import bootstrap_ci
+    from diffusion_dpo.sampling import native_size
 
     icfg, out = cfg.implicit_reward, Path(cfg.output_dir)
     base = pipes["base"]
-    resolution = icfg.resolution or cfg.sampling.height or base.unet.config.sample_size * base.vae_scale_factor
+    resolution = icfg.resolution or cfg.sampling.height or native_size(base)
     pairs, counts = labelled_pairs(pairs_source, icfg.max_pairs, icfg.source, resolution=resolution,
                                    rank=state.process_index, world_size=state.num_processes,
                                    convert_non_rgb=icfg.convert_non_rgb)
     bar = tqdm(total=len(pairs), desc=f"{desc}: implicit reward", unit="pair", disable=not state.is_main_process)
     scores = score_pairs(pipes["tuned"], base, pairs, beta_dpo=icfg.beta_dpo, noise_draws=icfg.noise_draws,
-                         batch_size=icfg.batch_size, seed=icfg.seed, device=device, dtype=base.unet.dtype,
+                         batch_size=icfg.batch_size, seed=icfg.seed, device=device, dtype=base.vae.dtype,
                          progress=bar)
     bar.close()
     part = out / f"implicit_reward.part{state.process_index}.json"

@@ -53,16 +53,17 @@ from diffusion_dpo.labeling.shards import ShardSet, owned_by
 class ModelConfig:
     pretrained: str = option("runwayml/stable-diffusion-v1-5",
                              "base checkpoint that generates the candidates: a hub id or a local diffusers folder")
-    unet: str | None = option(None, "tuned UNet folder replacing the base UNet (a full fine-tune's final/); "
-                              "null: the base UNet")
-    lora: str | None = option(None, "LoRA weights fused into the UNet (a LoRA run's final/ or a .safetensors "
+    denoiser: str | None = option(None, "tuned denoiser folder (UNet, or SD3/FLUX transformer) replacing the "
+                                  "base's (a full fine-tune's final/); null: the base's")
+    lora: str | None = option(None, "LoRA weights fused into the denoiser (a LoRA run's final/ or a .safetensors "
                               "file); null: none")
 
 
 @dataclass
 class SamplingConfig:
     num_inference_steps: int = option(50, "denoising steps per candidate", at_least_one, "at least 1")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale (1 = no guidance)")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale (1 = no guidance); FLUX.1-dev: its "
+                                   "embedded guidance value (3.5 is FLUX-dev's default)")
     height: int | None = option(None, "image height in pixels; null: the checkpoint's native size")
     width: int | None = option(None, "image width in pixels; null: the checkpoint's native size")
     scheduler: str | None = option(None, "diffusers scheduler class to sample with (e.g. "
@@ -187,8 +188,8 @@ def _dataset_column(source: str, column: str, limit: int | None) -> list[str]:
 def model_id(cfg: LabelConfig) -> str:
     """The model column: the base checkpoint, plus the tuned weights on top of it."""
     parts = [cfg.model.pretrained]
-    if cfg.model.unet:
-        parts.append(f"unet={cfg.model.unet}")
+    if cfg.model.denoiser:
+        parts.append(f"denoiser={cfg.model.denoiser}")
     if cfg.model.lora:
         parts.append(f"lora={cfg.model.lora}")
     return " + ".join(parts)
@@ -300,7 +301,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     pipe = scorer = None
     if todo:  # everything that can fail on bad input is loaded before anything is written
         scorer = load_scorer(cfg.scorer, state.device)
-        pipe = load_pipeline(cfg.model.pretrained, unet=cfg.model.unet, lora=cfg.model.lora,
+        pipe = load_pipeline(cfg.model.pretrained, denoiser=cfg.model.denoiser, lora=cfg.model.lora,
                              device=state.device, dtype=dtype)
         _set_scheduler(pipe, s.scheduler)
     _prepare_output(cfg, shards, state, num_shards)
