@@ -34,7 +34,7 @@ def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = 
 
     The merges are learned by the ``tokenizers`` BPE trainer on ``words``; the base vocabulary holds every
     printable ASCII character, alone and word-final (``x</w>``), so text outside ``words`` falls back to
-    characters instead of an unknown token.
+    characters instead of an unknown token. The ids are canonical: the same in every process.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
@@ -52,6 +52,13 @@ def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = 
     for char in alphabet:
         vocab.setdefault(char + "</w>", len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    # The trainer numbers single characters in a hash-set order that changes between processes; renumber
+    # (special tokens, single characters sorted, merged tokens in merge order) so the same words give the
+    # same ids in every process, and so the same weights for a seeded text encoder.
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    merged = list(dict.fromkeys("".join(m) for m in merges))
+    singles = sorted(set(vocab) - set(specials) - set(merged))
+    vocab = {token: i for i, token in enumerate(specials + singles + merged)}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     tokenizer.save_pretrained(str(path))
     return Path(path)

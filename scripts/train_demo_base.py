@@ -44,24 +44,13 @@ MAX_TOKENS = 12  # "a large red circle on a blue background" is 8 words + start 
 
 
 def world_tokenizer():
-    """A CLIPTokenizer holding each world word as one token, with the same token ids on every run.
-
-    ``write_clip_tokenizer`` learns the merges deterministically, but the ids of the single characters
-    follow a hash-set order that changes between processes; the ids are renumbered here (special tokens,
-    single characters sorted, then merged tokens in merge order), so the text encoder's embedding rows and
-    hence the trained weights depend on the seed only.
-    """
+    """A CLIPTokenizer holding each world word as one token, with the same token ids on every run
+    (``write_clip_tokenizer`` numbers them canonically), so the text encoder's embedding rows and hence the
+    trained weights depend on the seed only."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        learned = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, WORLD_WORDS, MAX_TOKENS)))
-        model = json.loads((Path(tmp) / "tokenizer.json").read_text())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
-    merged = list(dict.fromkeys("".join(m) for m in merges))
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    singles = sorted(set(learned.get_vocab()) - set(specials) - set(merged))
-    vocab = {token: i for i, token in enumerate(specials + singles + merged)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, WORLD_WORDS, MAX_TOKENS)))
 
 
 def build_components(seed: int):

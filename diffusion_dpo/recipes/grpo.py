@@ -315,7 +315,7 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     e, name = cfg.eval, cfg.scorer.name
     result = evaluate.run(evaluate.EvaluateConfig(
         model=evaluate.ModelConfig(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
-                                   unet=None if built.is_lora else str(weights)),
+                                   denoiser=None if built.is_lora else str(weights)),
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
         scorer_options={name: dict(cfg.scorer.options)},
         sampling=evaluate.SamplingConfig(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
@@ -371,9 +371,6 @@ def run(cfg: GrpoConfig) -> GrpoResult:
     pretrained = resolve_pretrained(cfg, engine)
     set_seed(cfg.optim.seed)  # LoRA init from here, after any tiny pipeline was built
     built = setup_models(cfg, pretrained, engine)
-    if cfg.eval.prompts and not built.is_lora and built.comps.family.denoiser_name != "unet":
-        raise InputError("config key 'eval.prompts': evaluating a full fine-tune reads a UNet folder; with a "
-                         f"{built.comps.family.name} transformer use LoRA (model.lora_rank > 0) or eval.prompts=null")
     scorer = load_reward(cfg, engine.device)
     feed = ExampleFeed(load_prompt_texts(cfg), list, seed=cfg.optim.seed, rank=engine.rank, world=engine.world,
                        name=f"prompts {cfg.prompts.source}")
