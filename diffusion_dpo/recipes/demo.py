@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from diffusion_dpo import ASSETS
+from diffusion_dpo import ASSETS, config
 from diffusion_dpo.config import (
     OptimSection,
     PreferenceLossSection,
@@ -45,9 +45,7 @@ from diffusion_dpo.config import (
     non_negative,
     option,
     parse_args,
-    save_config,
     to_dict,
-    validate,
 )
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import InputError
@@ -334,7 +332,7 @@ def run(cfg: DemoConfig) -> DemoReport:
     """Label, train (DPO and SFT), evaluate and report into ``cfg.output_dir``; return the report."""
     import torch
 
-    validate(cfg)
+    config.validate(cfg)
     cfg = resolve_defaults(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -344,7 +342,7 @@ def run(cfg: DemoConfig) -> DemoReport:
     claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite,
                      run_files=("prompts", "report.md", "report.json", "grid.png", *rounds_there))
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    config.save_config(cfg, out / "config.yaml")
     train_file, held_out_file = write_prompts(cfg, out / "prompts")
     n_train, n_held_out = (len(f.read_text().splitlines()) for f in (train_file, held_out_file))
     console = Console(total=3 * cfg.rounds + int(cfg.sft))

@@ -25,16 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from diffusion_dpo.config import (
-    GenerationRunOptions,
-    at_least_one,
-    non_negative,
-    option,
-    parse_args,
-    save_config,
-    to_dict,
-    validate,
-)
+from diffusion_dpo import config
+from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
@@ -262,7 +254,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
 
     # Everything that can be wrong with the input is found before the first image: the config, the output
     # folder (its one rule), the prompt set, the scorers, both models.
-    validate(cfg)
+    config.validate(cfg)
     tuned_name = tuned_description(cfg)
     prompts = take_per_style(load_prompts(cfg.prompts, prompts_dir=cfg.prompts_dir), cfg.max_prompts_per_style)
     items = make_items(prompts, cfg.seeds, cfg.seed)
@@ -292,7 +284,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     state.wait_for_everyone()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        config.save_config(cfg, out / "config.yaml")
         atomic_write_text(out / "generation.json", json.dumps(fingerprint, indent=1))
     state.wait_for_everyone()
 

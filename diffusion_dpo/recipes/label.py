@@ -29,16 +29,8 @@ from typing import Any, Callable, Literal, Optional
 
 import pyarrow as pa
 
-from diffusion_dpo.config import (
-    GenerationRunOptions,
-    at_least_one,
-    non_negative,
-    option,
-    parse_args,
-    save_config,
-    to_dict,
-    validate,
-)
+from diffusion_dpo import config
+from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text
@@ -402,7 +394,7 @@ def _prepare_output(cfg: LabelConfig, shards: ShardSet, state, num_shards: int |
     if state.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         shards.clean_tmp()
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        config.save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         shards.write_manifest(num_shards)
     state.wait_for_everyone()
 
@@ -448,7 +440,7 @@ def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None, *, desc
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    validate(cfg)
+    config.validate(cfg)
     # cpu=True lets processes started by torchrun on a machine without a GPU form a gloo group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     if cfg.relabel.source:
