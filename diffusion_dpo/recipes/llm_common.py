@@ -34,6 +34,14 @@ def start(cfg: TrainingRunOptions, name: str, unit: str = "tokens", run_files: t
     return engine, engine.cfg, models.load_tokenizer(engine.cfg.model.name_or_path)
 
 
+def trainable_lm(engine: Engine, model_cfg) -> torch.nn.Module:
+    """The causal LM to tune, in fp32 (full or LoRA as ``model_cfg`` says), on the engine's device."""
+    from diffusion_dpo.llm import models
+
+    lm = models.load_causal_lm(model_cfg.name_or_path, torch.float32, model_cfg.attn_implementation)
+    return models.prepare_trainable(lm, model_cfg, "CAUSAL_LM").to(engine.device)
+
+
 def report(summary: dict[str, Any]) -> int:
     """What ``diffusion-dpo llm <method>`` prints when its run is done (the main process only)."""
     if summary["process_index"] == 0:

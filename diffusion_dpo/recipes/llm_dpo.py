@@ -235,8 +235,7 @@ def run(cfg: DPOConfig) -> dict:
                        chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     train, held, data_report = common.load_examples(d, tokenize, cfg.optim.seed, engine.accelerator.print)
 
-    lm = models.load_causal_lm(cfg.model.name_or_path, torch.float32, cfg.model.attn_implementation)
-    policy = models.prepare_trainable(lm, cfg.model, "CAUSAL_LM").to(engine.device)
+    policy = llm_common.trainable_lm(engine, cfg.model)
     reference = build_reference(engine, cfg, policy, {"train": train, "eval": held}, tokenizer.pad_token_id)
     policy.train()
     collate = PairCollator(tokenizer.pad_token_id)

@@ -90,8 +90,7 @@ def run(cfg: SFTConfig) -> dict:
                        completion_column=d.completion_column, messages_column=d.messages_column)
     train, held, data_report = common.load_examples(d, tokenize, cfg.optim.seed, engine.accelerator.print)
 
-    lm = models.load_causal_lm(cfg.model.name_or_path, torch.float32, cfg.model.attn_implementation)
-    policy = models.prepare_trainable(lm, cfg.model, "CAUSAL_LM").to(engine.device)
+    policy = llm_common.trainable_lm(engine, cfg.model)
     policy.train()
     collate = DemoCollator(tokenizer.pad_token_id)
     feed = llm_common.training_feed(engine, train, collate, cfg.optim.seed)
