@@ -215,13 +215,8 @@ def ranking_loss(
     return (pair_losses * valid).sum(dim=1) / n_pairs.clamp(min=1)
 
 
-def ppo_policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    *,
-    clip_range: float = 0.2,
-) -> tuple[Tensor, Tensor]:
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, *,
+                    clip_range: float = 0.2) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate ([PPO] eq. 7), negated to a loss, per token; all inputs [B, T].
 
         ratio = exp(logprobs - old_logprobs)
@@ -241,13 +236,8 @@ def ppo_policy_loss(
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
-def ppo_value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    *,
-    clip_range: float = 0.2,
-) -> tuple[Tensor, Tensor]:
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, *,
+                   clip_range: float = 0.2) -> tuple[Tensor, Tensor]:
     """Clipped value loss (the PPO reference implementation's, as used for RLHF), per token; inputs [B, T].
 
         v_clip = old_values + clip(values - old_values, -eps, eps)

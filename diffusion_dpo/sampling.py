@@ -34,18 +34,21 @@ def precision_dtype(mixed_precision: str, device: torch.device | str) -> torch.d
 
 def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                  option: str = "model.pretrained"):
+                  scheduler: str | None = None, option: str = "model.pretrained"):
     """A diffusers text-to-image pipeline for ``pretrained`` (hub id or local folder) of any family.
 
     ``denoiser``: a folder of the family's denoiser (a UNet for SD1.x/2.x/SDXL, a transformer for SD3 and
     FLUX), such as a full fine-tune's ``final/``, replacing the base's. ``lora``: LoRA weights (a folder or
     .safetensors file from ``pipe.save_lora_weights``, such as a LoRA run's ``final/``), fused into the
-    denoiser. ``option``: the config key ``pretrained`` came from, named in the error when it cannot load.
+    denoiser. ``scheduler``: a diffusers scheduler class name (``sampling.scheduler``) replacing the
+    checkpoint's own, from its config. ``option``: the config key ``pretrained`` came from, named in the error when it cannot load.
     """
     from diffusers import DiffusionPipeline
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if scheduler:
+        scheduler_class(scheduler)  # a bad name fails before the weights load
     if looks_local(pretrained):
         try:
             pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=dtype)
@@ -78,8 +81,26 @@ def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | N
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"LoRA weights {lora!r} do not fit the base {pretrained!r}: {e}") from None
         pipe.fuse_lora()
+    set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Replace ``pipe``'s scheduler by the diffusers class ``name`` built from its config (None: keep it)."""
+    if name:
+        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called ``name``, or an InputError naming ``sampling.scheduler``."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise InputError(f"config key 'sampling.scheduler': {name!r} is not a diffusers scheduler class "
+                         "(e.g. DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
+    return cls
 
 
 def pipeline_family(pipe):

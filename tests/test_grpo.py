@@ -4,13 +4,11 @@ two processes agree, and bad configs are clear errors."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_files import metrics, run_on_two_processes
 
 from diffusion_dpo import cli
 from diffusion_dpo.config import load_config
@@ -19,7 +17,6 @@ from diffusion_dpo.recipes import grpo
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.tiny import build_tiny_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow house", "a black cat", "a white dog"]
 MONITORS = {"reward_mean", "reward_std", "zero_spread_groups", "kl", "clip_fraction", "approx_kl", "ratio",
             "image/brightness", "image/saturation", "image/jpeg_kb", "image/near_black", "loss", "grad_norm",
@@ -49,10 +46,6 @@ def config(world, out: Path, *overrides: str, family: str = "sd") -> GrpoConfig:
             "online.train_steps=2", "optim.batch_size=8", "optim.max_steps=2", "optim.learning_rate=1e-2",
             "online.clip_range=0.2", "checkpoint_every=0", "tensorboard=false", f"output_dir={out}"]
     return load_config(GrpoConfig, [], [*base, *overrides])
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_rows(out: Path) -> list[dict]:
@@ -174,11 +167,7 @@ def test_two_processes_keep_groups_whole_and_agree(world, tmp_path):
             "online.prompts_per_step=1", "online.group_size=4", "sampling.num_inference_steps=2",
             "online.train_steps=2", "optim.batch_size=4", "optim.max_steps=2", "checkpoint_every=2",
             "tensorboard=false", f"output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffusion_dpo", "grpo", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_two_processes("grpo", args, timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["images_generated"] == 2 * 1 * 4 * 2
     digests = summary["weight_digests"]

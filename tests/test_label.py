@@ -2,14 +2,12 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from run_files import run_on_two_processes
 
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
@@ -17,7 +15,6 @@ from diffusion_dpo.labeling.pairing import candidate_seed, prompt_rng
 from diffusion_dpo.recipes.label import LabelConfig, run
 from diffusion_dpo.tiny import build_tiny_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
 N_PROMPTS, K = 4, 3
 COLUMNS = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "score_0", "score_1", "scorer", "model_0",
            "model_1", "seed_0", "seed_1", "prompt_index", "style", "sampler", "num_inference_steps",
@@ -293,11 +290,7 @@ def test_two_processes_split_the_shards(world, baseline, tmp_path):
     args = [f"model.pretrained={world['pipe']}", f"prompts={world['prompts']}", "scorer.name=jpeg_compressibility",
             f"candidates_per_prompt={K}", "sampling.num_inference_steps=1", "prompts_per_shard=2",
             "batch_size=6", f"output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffusion_dpo", "label", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_two_processes("label", args)
     stats = {}
     for path in sorted(out.glob("*.parquet")):
         meta = json.loads(pq.read_schema(path).metadata[b"diffusion_dpo.shard"])

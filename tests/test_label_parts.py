@@ -16,7 +16,8 @@ from diffusion_dpo.labeling.records import stored_bytes as _stored_bytes
 from diffusion_dpo.labeling.relabel import original_labels as _original_labels
 from diffusion_dpo.labeling.relabel import relabel_rows
 from diffusion_dpo.labeling.scoring import scorer_options as _scorer_options
-from diffusion_dpo.recipes.label import LabelConfig, _set_scheduler, load_prompt_list, model_id
+from diffusion_dpo.recipes.label import LabelConfig, load_prompt_list, model_id
+from diffusion_dpo.sampling import set_scheduler
 
 
 def cfg(*overrides):
@@ -77,10 +78,10 @@ def test_scheduler_swap(tmp_path):
         scheduler = DDIMScheduler()
 
     pipe = Pipe()
-    _set_scheduler(pipe, "EulerDiscreteScheduler")
+    set_scheduler(pipe, "EulerDiscreteScheduler")
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
     with pytest.raises(InputError, match="not a diffusers scheduler"):
-        _set_scheduler(pipe, "UNet2DConditionModel")
+        set_scheduler(pipe, "UNet2DConditionModel")
 
 
 def test_original_labels_are_checked():

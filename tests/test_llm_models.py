@@ -82,14 +82,8 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference(lm, batch):
             losses, metrics = dpo.dpo_batch(model, b, cfg, reference=FrozenCopy.of(model))
         assert torch.allclose(losses, torch.full_like(losses, expected), atol=1e-5)
         assert float(metrics["rewards/margins"].abs().max()) < 1e-5
-        assert set(metrics) == {
-            "rewards/chosen",
-            "rewards/rejected",
-            "rewards/accuracies",
-            "rewards/margins",
-            "logps/chosen",
-            "logps/rejected",
-        }
+        assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                "logps/chosen", "logps/rejected"}
 
 
 def test_token_scorer_reads_the_last_real_token(lm, batch):

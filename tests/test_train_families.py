@@ -5,13 +5,11 @@ processes end with identical weights."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_files import metrics, run_on_two_processes, same, weights
 from safetensors.torch import load_file
 
 from diffusion_dpo.config import load_config
@@ -19,7 +17,6 @@ from diffusion_dpo.families import detect
 from diffusion_dpo.recipes import train
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["sd3", "flux"]
 
 
@@ -39,17 +36,6 @@ def config(world, out, *overrides):
             "optim.batch_size=2", "log_every=1", "checkpoint_every=0", "noise.timestep_sampling=logit_normal"]
     return load_config(train.TrainConfig, [], base + list(overrides))
 
-
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(path):
-    return load_file(next(Path(path).glob("*.safetensors")))
-
-
-def same(a, b, atol=0.0):
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
 
 
 def generate(pipe):
@@ -146,11 +132,7 @@ def test_two_processes_agree(worlds, tmp_path, name):
     args = [f"model.pretrained={world['model']}", f"data.source={world['pairs']}", "data.resolution=32",
             "model.lora_rank=4", "optim.max_steps=2", "optim.batch_size=2", "checkpoint_every=0",
             "optim.learning_rate=1e-3", "optim.scale_lr=false", "optim.warmup_steps=0", f"output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffusion_dpo", "train", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_two_processes("train", args)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["format"] == "lora"
     digests = summary["weight_digests"]

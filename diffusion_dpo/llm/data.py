@@ -320,19 +320,11 @@ def _fit_rows(rows: Iterable[dict[str, Any]], tokenizer, split: Callable, *, max
     return out, stats
 
 
-def tokenize_pairs(
-    rows: Iterable[dict[str, Any]],
-    tokenizer,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    prompt_truncation: Truncation = "left",
-    prompt_column: str = "prompt",
-    chosen_column: str = "chosen",
-    rejected_column: str = "rejected",
-    margin_column: str | None = None,
-    source: str = "data",
-) -> tuple[list[dict], TokenStats]:
+def tokenize_pairs(rows: Iterable[dict[str, Any]], tokenizer, *, max_length: int,
+                   max_prompt_length: int | None = None, prompt_truncation: Truncation = "left",
+                   prompt_column: str = "prompt", chosen_column: str = "chosen",
+                   rejected_column: str = "rejected", margin_column: str | None = None,
+                   source: str = "data") -> tuple[list[dict], TokenStats]:
     """Preference rows -> examples {"prompt", "chosen", "rejected": ids [, "margin": float]} and stats."""
 
     def split(row, where):
@@ -353,17 +345,10 @@ def tokenize_pairs(
                      prompt_truncation=prompt_truncation, source=source)
 
 
-def tokenize_rankings(
-    rows: Iterable[dict[str, Any]],
-    tokenizer,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    prompt_truncation: Truncation = "left",
-    prompt_column: str = "prompt",
-    responses_column: str = "responses",
-    source: str = "data",
-) -> tuple[list[dict], TokenStats]:
+def tokenize_rankings(rows: Iterable[dict[str, Any]], tokenizer, *, max_length: int,
+                      max_prompt_length: int | None = None, prompt_truncation: Truncation = "left",
+                      prompt_column: str = "prompt", responses_column: str = "responses",
+                      source: str = "data") -> tuple[list[dict], TokenStats]:
     """Ranking rows (K >= 2 responses, best first) -> examples {"prompt", "responses": [ids]} and stats."""
 
     def split(row, where):
@@ -379,18 +364,10 @@ def tokenize_rankings(
                      prompt_truncation=prompt_truncation, source=source)
 
 
-def tokenize_demos(
-    rows: Iterable[dict[str, Any]],
-    tokenizer,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    prompt_truncation: Truncation = "left",
-    prompt_column: str = "prompt",
-    completion_column: str = "completion",
-    messages_column: str = "messages",
-    source: str = "data",
-) -> tuple[list[dict], TokenStats]:
+def tokenize_demos(rows: Iterable[dict[str, Any]], tokenizer, *, max_length: int,
+                   max_prompt_length: int | None = None, prompt_truncation: Truncation = "left",
+                   prompt_column: str = "prompt", completion_column: str = "completion",
+                   messages_column: str = "messages", source: str = "data") -> tuple[list[dict], TokenStats]:
     """Demonstrations -> examples {"prompt", "completion": ids}. A row with a ``messages`` conversation (and
     no completion column) is split before its last message, which must be the assistant's."""
 
@@ -410,17 +387,10 @@ def tokenize_demos(
                      prompt_truncation=prompt_truncation, source=source)
 
 
-def tokenize_prompts(
-    rows: Iterable[dict[str, Any]],
-    tokenizer,
-    *,
-    max_prompt_length: int,
-    prompt_truncation: Truncation = "left",
-    prompt_column: str = "prompt",
-    chosen_column: str = "chosen",
-    rejected_column: str = "rejected",
-    source: str = "data",
-) -> tuple[list[dict], TokenStats]:
+def tokenize_prompts(rows: Iterable[dict[str, Any]], tokenizer, *, max_prompt_length: int,
+                     prompt_truncation: Truncation = "left", prompt_column: str = "prompt",
+                     chosen_column: str = "chosen", rejected_column: str = "rejected",
+                     source: str = "data") -> tuple[list[dict], TokenStats]:
     """Prompts for rollouts -> examples {"prompt": ids}; a prompt longer than ``max_prompt_length`` is cut on
     the ``prompt_truncation`` side (see :func:`cut_prompt`) and counted as truncated. Rows of a preference set (no prompt column) give their shared start."""
     enc, stats, out = Encoder(tokenizer), TokenStats(), []

@@ -50,6 +50,7 @@ from diffusion_dpo.config import (
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
+from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
 
 BASES = {"sd": ASSETS / "demo" / "base", "flow": ASSETS / "demo" / "flow_base"}
@@ -147,10 +148,10 @@ def label_config(cfg: DemoConfig, policy: str, prompts_file: Path, out: Path, ro
 
     s = cfg.sampling
     return label.LabelConfig(
-        model=label.ModelConfig(pretrained=policy), prompts=str(prompts_file),
+        model=PipelineSection(pretrained=policy), prompts=str(prompts_file),
         scorer=label.ScorerConfig(name="shapes"), candidates_per_prompt=cfg.candidates_per_prompt,
         pairing="best_worst",
-        sampling=label.SamplingConfig(num_inference_steps=s.num_inference_steps,
+        sampling=SamplingSection(num_inference_steps=s.num_inference_steps,
                                       guidance_scale=s.guidance_scale),
         batch_size=s.batch_size, seed=1000 * cfg.seed + round_, output_dir=str(out),
         prompts_per_shard=10_000,  # one shard: the whole round is one unit of work
@@ -185,9 +186,9 @@ def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, 
 
     s = cfg.sampling
     return evaluate.EvaluateConfig(
-        model=evaluate.ModelConfig(pretrained=base), tuned=evaluate.TunedConfig(pretrained=tuned),
+        model=PipelineSection(pretrained=base), tuned=evaluate.TunedConfig(pretrained=tuned),
         prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed, scorers="shapes",
-        sampling=evaluate.SamplingConfig(num_inference_steps=s.num_inference_steps,
+        sampling=SamplingSection(num_inference_steps=s.num_inference_steps,
                                          guidance_scale=s.guidance_scale),
         batch_size=s.batch_size, n_boot=cfg.n_boot, grid_prompts=0, output_dir=str(out), resume=resume,
         mixed_precision=cfg.mixed_precision,

@@ -33,6 +33,7 @@ from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, ta
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
 from diffusion_dpo.fileio import atomic_write, atomic_write_text
+from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 
 # Items (prompt, seed) held in memory per model between generating and scoring.
 CHUNK_ITEMS = 64
@@ -42,29 +43,9 @@ SEED_STRIDE = 100_000
 
 
 @dataclass
-class ModelConfig:
-    pretrained: str = option("runwayml/stable-diffusion-v1-5",
-                             "the base checkpoint: hub id or local diffusers pipeline folder")
-    denoiser: str | None = option(None, "tuned weights: a denoiser folder (UNet, or SD3/FLUX transformer; a full "
-                                  "fine-tune's final/) replacing the base's")
-    lora: str | None = option(None, "tuned weights: LoRA weights (a LoRA run's final/ or .safetensors) fused into the base")
-
-
-@dataclass
 class TunedConfig:
     pretrained: str | None = option(None, "a second checkpoint (hub id or folder) as the tuned model, instead of "
                                           "model.denoiser / model.lora")
-
-
-@dataclass
-class SamplingConfig:
-    num_inference_steps: int = option(50, "denoising steps of the checkpoint's scheduler, for both models",
-                                      at_least_one, "at least 1")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale, for both models (FLUX.1-dev: its embedded "
-                                   "guidance value)")
-    height: int | None = option(None, "image height in px (null: the checkpoint's default, 512 SD1.5, 1024 SDXL, SD3 "
-                                    "and FLUX)")
-    width: int | None = option(None, "image width in px (null: the checkpoint's default)")
 
 
 @dataclass
@@ -86,7 +67,7 @@ class ImplicitRewardConfig:
 @dataclass
 class EvaluateConfig(GenerationRunOptions):
     output_dir: str = option("runs/evaluate", "where images, scores and the report go")
-    model: ModelConfig = option(ModelConfig, "the base checkpoint and, by default, the tuned weights on top of it")
+    model: PipelineSection = option(PipelineSection, "the base checkpoint and, by default, the tuned weights on top of it")
     tuned: TunedConfig = option(TunedConfig, "a second checkpoint as the tuned model")
     prompts: str = option("hpsv2", "prompt set: hpsv2[:style] (hub, or prompts_dir), hpsv2-offline[:style] "
                                    "(built in), a folder of <style>.json, or a .txt/.json/.tsv file[:style]")
@@ -99,7 +80,7 @@ class EvaluateConfig(GenerationRunOptions):
     scorers: str | list[str] = option("pickscore", "scorer names, comma-separated (scorers=pickscore,hpsv2) "
                                                    "or a YAML list")
     scorer_options: dict[str, dict] = option({}, "options per scorer, e.g. {pickscore: {batch_size: 16}}")
-    sampling: SamplingConfig = option(SamplingConfig, "sampler settings, identical for both models")
+    sampling: SamplingSection = option(SamplingSection, "sampler settings, identical for both models")
     batch_size: int = option(8, "images per generation batch", at_least_one, "at least 1")
     device: str | None = option(None, "device for models and scorers (null: this process's accelerator device)")
     n_boot: int = option(2000, "bootstrap resamples for the 95% intervals", at_least_one, "at least 1")
@@ -270,9 +251,9 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     scorers = _load_scorers(cfg, device)
     dtype = precision_dtype(cfg.mixed_precision, device)
     pipes = {
-        "base": load_pipeline(cfg.model.pretrained, device=device, dtype=dtype),
+        "base": load_pipeline(cfg.model.pretrained, device=device, dtype=dtype, scheduler=cfg.sampling.scheduler),
         "tuned": load_pipeline(cfg.tuned.pretrained or cfg.model.pretrained, denoiser=cfg.model.denoiser,
-                               lora=cfg.model.lora, device=device, dtype=dtype),
+                               lora=cfg.model.lora, device=device, dtype=dtype, scheduler=cfg.sampling.scheduler),
     }
     pairs_source = None
     if cfg.implicit_reward.source:

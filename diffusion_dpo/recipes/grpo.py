@@ -25,7 +25,6 @@ steps), eval/step-N/ (held-out win rate against the base with its 95% interval, 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from diffusion_dpo.online.objective import gaussian_mean_kl, grpo_transition_los
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
 from diffusion_dpo.online.step_choice import choose_steps
 from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
+from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.recipes.train import TINY, dpo_objective
 from diffusion_dpo.reference import AdapterOff, FrozenCopy
@@ -314,11 +314,11 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     engine.accelerator.wait_for_everyone()
     e, name = cfg.eval, cfg.scorer.name
     result = evaluate.run(evaluate.EvaluateConfig(
-        model=evaluate.ModelConfig(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
+        model=PipelineSection(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
                                    denoiser=None if built.is_lora else str(weights)),
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
         scorer_options={name: dict(cfg.scorer.options)},
-        sampling=evaluate.SamplingConfig(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
+        sampling=SamplingSection(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
                                          guidance_scale=cfg.sampling.guidance_scale, height=built.size[0],
                                          width=built.size[1]),
         batch_size=e.batch_size, n_boot=e.n_boot, grid_prompts=e.grid_prompts, output_dir=str(folder),
@@ -437,18 +437,20 @@ def run(cfg: GrpoConfig) -> GrpoResult:
     return dataclasses.replace(result, process_index=summary["process_index"])
 
 
+def describe(result: GrpoResult) -> str:
+    """The result in sentences, for the console."""
+    text = (f"tuned {result.steps} steps ({result.images_generated} images generated); final weights "
+            f"({result.format}): {result.final}; metrics: {Path(result.output_dir) / 'metrics.jsonl'}")
+    if result.evaluation:
+        ev = result.evaluation
+        text += (f"\nheld-out win rate over the base: {100 * ev['eval/win_rate']:.1f}% "
+                 f"[{100 * ev['eval/win_rate_lo']:.1f}, {100 * ev['eval/win_rate_hi']:.1f}]")
+    return text
+
+
 def main(argv: list[str]) -> int:
-    cfg = parse_args(GrpoConfig, argv, prog="diffusion-dpo grpo", description=__doc__)
-    result = run(cfg)
+    result = run(parse_args(GrpoConfig, argv, prog="diffusion-dpo grpo", description=__doc__))
     if result.process_index == 0:
-        print(f"tuned {result.steps} steps ({result.images_generated} images generated); final weights "
-              f"({result.format}): {result.final}; metrics: {Path(result.output_dir) / 'metrics.jsonl'}")
-        if result.evaluation:
-            ev = result.evaluation
-            print(f"held-out win rate over the base: {100 * ev['eval/win_rate']:.1f}% "
-                  f"[{100 * ev['eval/win_rate_lo']:.1f}, {100 * ev['eval/win_rate_hi']:.1f}]")
+        print(describe(result))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -28,7 +28,7 @@ class PromptsSection:
 
 
 @dataclass
-class SamplingSection:
+class StochasticSamplingSection:
     num_inference_steps: int = option(10, "T: stochastic denoising steps per image (every one is recorded)",
                                       at_least_one, "at least 1")
     guidance_scale: float = option(4.5, "classifier-free guidance scale, the same when sampling and when "
@@ -96,7 +96,7 @@ class GrpoConfig(TrainingRunOptions):
     model: ModelConfig = option(ModelConfig(lora_rank=8), "the checkpoint to tune and how (LoRA by default)")
     prompts: PromptsSection = option(PromptsSection, "training prompts, visited in a seeded order")
     scorer: ScorerConfig = option(ScorerConfig, "the reward: a registry scorer or a weighted combo")
-    sampling: SamplingSection = option(SamplingSection, "the stochastic sampler")
+    sampling: StochasticSamplingSection = option(StochasticSamplingSection, "the stochastic sampler")
     online: OnlineSection = option(OnlineSection, "group size, trained transitions, GRPO and online DPO settings")
     optim: OptimSection = option(
         OptimSection(learning_rate=3e-4, scheduler="constant", warmup_steps=0, batch_size=8, max_steps=100),

@@ -39,27 +39,7 @@ from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_ge
 from diffusion_dpo.labeling.relabel import relabel_rows, shard_rows, source_size
 from diffusion_dpo.labeling.scoring import ScorerConfig, load_scorer, scorer_identity
 from diffusion_dpo.labeling.shards import ShardSet, owned_by
-
-
-@dataclass
-class ModelConfig:
-    pretrained: str = option("runwayml/stable-diffusion-v1-5",
-                             "base checkpoint that generates the candidates: a hub id or a local diffusers folder")
-    denoiser: str | None = option(None, "tuned denoiser folder (UNet, or SD3/FLUX transformer) replacing the "
-                                  "base's (a full fine-tune's final/); null: the base's")
-    lora: str | None = option(None, "LoRA weights fused into the denoiser (a LoRA run's final/ or a .safetensors "
-                              "file); null: none")
-
-
-@dataclass
-class SamplingConfig:
-    num_inference_steps: int = option(50, "denoising steps per candidate", at_least_one, "at least 1")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale (1 = no guidance); FLUX.1-dev: its "
-                                   "embedded guidance value (3.5 is FLUX-dev's default)")
-    height: int | None = option(None, "image height in pixels; null: the checkpoint's native size")
-    width: int | None = option(None, "image width in pixels; null: the checkpoint's native size")
-    scheduler: str | None = option(None, "diffusers scheduler class to sample with (e.g. "
-                                   "DPMSolverMultistepScheduler); null: the checkpoint's own")
+from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 
 
 @dataclass
@@ -78,7 +58,7 @@ class RelabelConfig:
 @dataclass
 class LabelConfig(GenerationRunOptions):
     output_dir: str = option("runs/label", "folder of the output shards, manifest.json and summary.json")
-    model: ModelConfig = option(ModelConfig, "the checkpoint that generates candidates (generate mode)")
+    model: PipelineSection = option(PipelineSection, "the checkpoint that generates candidates (generate mode)")
     prompts: str = option("hpsv2-offline", "prompt set name (hpsv2, hpsv2-offline, optionally :<style>), a "
                           "text file (one per line), a JSON list or a TSV; with prompts_column, a dataset")
     prompts_column: str | None = option(None, "read prompts from this column of the dataset named by "
@@ -92,7 +72,7 @@ class LabelConfig(GenerationRunOptions):
         "once (K(K-1)/2 per prompt); random: one random pair per prompt")
     min_margin: float = option(0.0, "drop a generated pair whose score margin is below this (score units); "
                                "in relabel mode, a margin below it is a tie (0.5/0.5)", non_negative, "0 or more")
-    sampling: SamplingConfig = option(SamplingConfig, "sampler settings (generate mode)")
+    sampling: SamplingSection = option(SamplingSection, "sampler settings (generate mode)")
     batch_size: int = option(8, "images generated per forward pass (prompts are batched together)",
                              at_least_one, "at least 1")
     seed: int = option(0, "base seed; candidate k of prompt i uses pairing.candidate_seed(seed, i, k)")
@@ -185,18 +165,6 @@ def model_id(cfg: LabelConfig) -> str:
     if cfg.model.lora:
         parts.append(f"lora={cfg.model.lora}")
     return " + ".join(parts)
-
-
-def _set_scheduler(pipe, name: str | None) -> None:
-    if not name:
-        return
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise InputError(f"config key 'sampling.scheduler': {name!r} is not a diffusers scheduler class "
-                         "(e.g. DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 # ----------------------------------------------------------------------------------------- generate mode
@@ -294,8 +262,7 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     if todo:  # everything that can fail on bad input is loaded before anything is written
         scorer = load_scorer(cfg.scorer, state.device)
         pipe = load_pipeline(cfg.model.pretrained, denoiser=cfg.model.denoiser, lora=cfg.model.lora,
-                             device=state.device, dtype=dtype)
-        _set_scheduler(pipe, s.scheduler)
+                             device=state.device, dtype=dtype, scheduler=s.scheduler)
     _prepare_output(cfg, shards, state, num_shards)
 
     start = time.perf_counter()

@@ -16,6 +16,8 @@ from diffusion_dpo.config import OptimSection, TrainingRunOptions, option
 from diffusion_dpo.engine import Engine, ExampleFeed, build_optimizer
 
 DATA_STATS = "data_stats.json"
+# output_dir's help in sft, reward and dpo
+RUN_FOLDER_HELP = f"config.yaml, metrics.jsonl, checkpoints/, final/ and {DATA_STATS} go here"
 
 
 @dataclass

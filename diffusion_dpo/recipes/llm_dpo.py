@@ -60,8 +60,7 @@ class ReferenceSection:
 
 @dataclass
 class DPOConfig(llm_common.HeldOutRunOptions):
-    output_dir: str = option("runs/llm-dpo", "config.yaml, metrics.jsonl, checkpoints/, final/ and "
-                             "data_stats.json go here")
+    output_dir: str = option("runs/llm-dpo", llm_common.RUN_FOLDER_HELP)
     model: models.ModelConfig = option(models.ModelConfig, "the policy to tune")
     reference: ReferenceSection = option(ReferenceSection, "where reference log-probs come from")
     loss: PreferenceLossSection = option(

@@ -64,8 +64,7 @@ class NormalizeSection:
 
 @dataclass
 class RewardConfig(llm_common.HeldOutRunOptions):
-    output_dir: str = option("runs/llm-reward", "config.yaml, metrics.jsonl, checkpoints/, final/ and "
-                             "data_stats.json go here")
+    output_dir: str = option("runs/llm-reward", llm_common.RUN_FOLDER_HELP)
     model: models.ModelConfig = option(
         models.ModelConfig, "the model to start from (a causal LM gets a new one-output score head)")
     data: RewardData = option(RewardData, "comparisons")

@@ -39,8 +39,7 @@ class DemoData(common.DataSection):
 
 @dataclass
 class SFTConfig(llm_common.HeldOutRunOptions):
-    output_dir: str = option("runs/llm-sft", "config.yaml, metrics.jsonl, checkpoints/, final/ and "
-                             "data_stats.json go here")
+    output_dir: str = option("runs/llm-sft", llm_common.RUN_FOLDER_HELP)
     model: models.ModelConfig = option(models.ModelConfig, "the model to tune")
     data: DemoData = option(DemoData, "demonstrations")
     optim: OptimSection = option(OptimSection(learning_rate=2e-5, warmup_ratio=0.1),

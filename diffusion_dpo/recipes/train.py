@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,15 +350,15 @@ def describe_data(data: dict[str, Any]) -> str:
     return text
 
 
+def describe(result: TrainResult) -> str:
+    """The result in sentences, for the console."""
+    return (f"trained {result.steps} steps; final weights ({result.format}): {result.final}; "
+            f"metrics: {Path(result.output_dir) / 'metrics.jsonl'}\n{describe_data(result.data)}")
+
+
 def main(argv: list[str]) -> int:
-    cfg = parse_args(TrainConfig, argv, prog="diffusion-dpo train", description=__doc__)
-    result = run(cfg)
+    result = run(parse_args(TrainConfig, argv, prog="diffusion-dpo train", description=__doc__))
     if result.process_index == 0:
-        print(f"trained {result.steps} steps; final weights ({result.format}): {result.final}; "
-              f"metrics: {Path(result.output_dir) / 'metrics.jsonl'}")
-        print(describe_data(result.data))
+        print(describe(result))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

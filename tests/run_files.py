@@ -1,0 +1,38 @@
+"""What the end-to-end tests share: reading a run folder's metrics and weights, and running a command on
+two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def metrics(out) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path) -> dict:
+    """The tensors of the (one) safetensors file in a ``final/`` folder."""
+    return load_file(next(Path(path).glob("*.safetensors")))
+
+
+def same(a, b, atol=0.0) -> bool:
+    """Same tensor names, and every tensor equal within ``atol``."""
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+def run_on_two_processes(command: str, args: list[str], timeout: int = 300) -> None:
+    """``diffusion-dpo COMMAND ARGS`` under torchrun on two CPU processes (gloo, one thread each); fails the
+    test with the end of stderr unless it exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffusion_dpo", command, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
