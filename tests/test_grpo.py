@@ -175,18 +175,21 @@ def test_two_processes_keep_groups_whole_and_agree(world, tmp_path):
     assert {p.name for p in (out / "checkpoints" / "step-2").iterdir()} >= {"rank-0.pt", "rank-1.pt"}
 
 
-@pytest.mark.parametrize("method", ["grpo", "online_dpo"])
-def test_demo_online_methods_write_their_report(tmp_path, capsys, method):
-    """``diffusion-dpo demo method=...`` on a slice of the shapes world: report.json's top-level keys, the
-    grid, and the sentences on stdout."""
+@pytest.mark.parametrize("method, family", [("grpo", "sd"), ("online_dpo", "sd"), ("grpo", "flow")])
+def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family):
+    """``diffusion-dpo demo method=... family=...`` on a slice of the shapes world: report.json's top-level
+    keys, the grid, and the sentences on stdout; family=flow tunes the shipped flow base with the SDE."""
     out = tmp_path / method
-    args = ["demo", f"method={method}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
+    args = ["demo", f"method={method}", f"family={family}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
             "sampling.num_inference_steps=2", "online.steps=2", "online.prompts_per_step=2", "online.group_size=2",
             "online.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
             "online.batch_size=4", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
     assert cli.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["images_generated"] == 2 * 2 * 2
+    assert report["family"] == family and report["base"].endswith("base" if family == "sd" else "flow_base")
+    tune = json.loads((out / "tune" / "summary.json").read_text())
+    assert tune["format"] == "lora" and tune["pretrained"] == report["base"]
     assert 0 <= report["win_rate_ci"][0] <= report["win_rate"] <= report["win_rate_ci"][1] <= 1
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1

@@ -4,6 +4,10 @@ the offline demo evaluates (same prompts, seeds, sampler and statistics).
 
     diffusion-dpo demo method=grpo threads=1                 # output in runs/demo/
     diffusion-dpo demo method=online_dpo output_dir=runs/demo-odpo
+    diffusion-dpo demo method=grpo family=flow output_dir=runs/demo-grpo-flow    # the flow-matching base
+
+``family`` picks the shipped base as for the offline demo: sd samples with DDIM at eta 1 (DDPO), flow with
+the SDE form of its flow ODE (Flow-GRPO), ``online.noise_level`` setting its noise.
 
 Writes report.md, report.json (top level: method, win_rate, win_rate_ci, base_mean, tuned_mean,
 images_generated) and grid.png into output_dir; the tuning run is in tune/, the tuned pipeline in policy/,
@@ -28,17 +32,21 @@ RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy"
 
 @dataclass
 class OnlineDemoConfig:
-    steps: int = option(32, "sampling steps (each: prompts_per_step prompts x group_size images, then one "
-                        "update)", at_least_one, "at least 1")
+    steps: int = option(48, "sampling steps (each: prompts_per_step prompts x group_size images, then one "
+                        "update); 48 x 4 x 8 = 1536 images, as many as the offline demo labels (1512)",
+                        at_least_one, "at least 1")
     prompts_per_step: int = option(4, "training prompts per step", at_least_one, "at least 1")
     group_size: int = option(8, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
-    num_inference_steps: int = option(10, "T: stochastic DDIM (eta 1) steps of each image sampled while tuning "
-                                      "(evaluation uses sampling.num_inference_steps)", at_least_one, "at least 1")
+    num_inference_steps: int = option(10, "T: stochastic steps of each image sampled while tuning (sd: DDIM "
+                                      "with eta 1; flow: the SDE); evaluation uses sampling.num_inference_steps",
+                                      at_least_one, "at least 1")
+    noise_level: float = option(0.7, "family flow: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7)",
+                                lambda v: v > 0, "a positive number")
     train_steps: int = option(3, "grpo: transitions trained per image, of the num_inference_steps",
                               at_least_one, "at least 1")
     learning_rate: float = option(1e-3, "learning rate of the LoRA adapter")
-    lora_rank: int = option(8, "rank of the LoRA adapter on the UNet's attention projections", at_least_one,
-                            "at least 1")
+    lora_rank: int = option(8, "rank of the LoRA adapter on the denoiser's attention projections",
+                            at_least_one, "at least 1")
     kl_coef: float = option(0.04, "grpo: weight of the KL to the base per transition")
     batch_size: int = option(32, "grpo: micro-batch in transitions (online_dpo trains on a step's pairs, one "
                              "per prompt, in one batch)", at_least_one, "at least 1")
@@ -59,7 +67,8 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
     return g.GrpoConfig(
         method=cfg.method, model=ModelConfig(pretrained=base, lora_rank=o.lora_rank),
         prompts=g.PromptsSection(source=str(train_file)), scorer=ScorerConfig(name="shapes"),
-        sampling=g.SamplingSection(num_inference_steps=o.num_inference_steps, guidance_scale=s.guidance_scale),
+        sampling=g.StochasticSamplingSection(num_inference_steps=o.num_inference_steps,
+                                             guidance_scale=s.guidance_scale, noise_level=o.noise_level),
         online=g.OnlineSection(prompts_per_step=o.prompts_per_step, group_size=o.group_size,
                                train_steps=o.train_steps, kl_coef=o.kl_coef, beta_dpo=o.beta_dpo,
                                ref_refresh_every=o.ref_refresh_every, inner_epochs=o.inner_epochs,
@@ -79,7 +88,7 @@ def run_online(cfg) -> dict[str, Any]:
     validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base = str(Path(cfg.base) if cfg.base else demo.DEFAULT_BASE)
+    base = demo.check_base(cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +99,8 @@ def run_online(cfg) -> dict[str, Any]:
     console = demo.Console(total=2)
     name = {"grpo": "GRPO", "online_dpo": "online DPO"}[cfg.method]
     console.stage(f"tune ({name}): {o.steps} steps of {o.prompts_per_step} training prompts x {o.group_size} "
-                  f"images from the current policy, scored by shapes; a rank-{o.lora_rank} LoRA")
+                  f"images from the current policy ({'the flow SDE' if cfg.family == 'flow' else 'DDIM, eta 1'}), "
+                  f"scored by shapes; a rank-{o.lora_rank} LoRA")
     start = time.perf_counter()
     tuned = demo._timed(seconds, "tune", grpo.run, grpo_config(cfg, base, train_file, out / "tune", resume))
     m = tuned.last_metrics
@@ -103,7 +113,7 @@ def run_online(cfg) -> dict[str, Any]:
                              demo.evaluate_config(cfg, base, policy, held_out_file, out / "eval", resume), desc=tag)
     seconds["total"] = round(time.perf_counter() - start, 1)
     result = TunedVsBase.of(evaluation.scorers["shapes"], evaluation.output_dir)
-    report = {"method": cfg.method, "win_rate": result.win_rate, "win_rate_ci": result.win_rate_ci,
+    report = {"method": cfg.method, "family": cfg.family, "win_rate": result.win_rate, "win_rate_ci": result.win_rate_ci,
               "base_mean": result.base_mean, "tuned_mean": result.tuned_mean,
               "images_generated": tuned.images_generated, "base": base, "output_dir": str(out),
               "train_prompts": n_train, "held_out_prompts": n_held_out, "tuned": dataclasses.asdict(result),
@@ -133,7 +143,7 @@ def markdown(report: dict[str, Any], name: str) -> str:
     lines = [
         f"# {name} demo: the shapes world",
         "",
-        f"Base `{report['base']}`; {report['train_prompts']} training prompts, {report['images_generated']} images "
+        f"Base `{report['base']}` (family {report['family']}); {report['train_prompts']} training prompts, {report['images_generated']} images "
         f"generated by the policy while tuning online against the `shapes` scorer; evaluation on "
         f"{report['held_out_prompts']} held-out prompts x {cfg['eval_seeds']} seeds, tuned vs base with the same "
         f"seeds. Seed {cfg['seed']}.",
