@@ -41,7 +41,8 @@ def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | N
     FLUX), such as a full fine-tune's ``final/``, replacing the base's. ``lora``: LoRA weights (a folder or
     .safetensors file from ``pipe.save_lora_weights``, such as a LoRA run's ``final/``), fused into the
     denoiser. ``scheduler``: a diffusers scheduler class name (``sampling.scheduler``) replacing the
-    checkpoint's own, from its config. ``option``: the config key ``pretrained`` came from, named in the error when it cannot load.
+    checkpoint's own, built from its config. ``option``: the config key ``pretrained`` came from, named in the
+    error when it cannot load.
     """
     from diffusers import DiffusionPipeline
 

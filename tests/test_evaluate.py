@@ -229,6 +229,7 @@ def test_implicit_rewards_follow_the_dpo_formula_and_ignore_batching(world):
     ([], "exactly one of model.denoiser, model.lora"),
     (["tuned.pretrained={other}", "model.lora={zero_lora}"], "exactly one of"),
     (["tuned.pretrained={other}", "implicit_reward.source={root}/nowhere"], "does not exist"),
+    (["tuned.pretrained={other}", "sampling.scheduler=UNet2DConditionModel"], "sampling.scheduler"),
 ])
 def test_bad_input_fails_before_any_image(world, tmp_path, monkeypatch, overrides, message):
     def no_images(*args, **kwargs):
@@ -243,6 +244,24 @@ def test_bad_input_fails_before_any_image(world, tmp_path, monkeypatch, override
     with pytest.raises(InputError, match=message):
         run(cfg)
     assert not (out / "images").exists()
+
+
+def test_both_models_sample_with_the_scheduler_sampling_names(world, tmp_path, monkeypatch):
+    """sampling.scheduler replaces the checkpoint's own (the tiny base's DDIM) in the base and the tuned model."""
+    seen = set()
+
+    def record(pipe, prompts, *args, **kwargs):  # blank images: only the pipelines are under test
+        seen.add((id(pipe), type(pipe.scheduler).__name__))
+        return [Image.new("RGB", (32, 32)) for _ in prompts]
+
+    monkeypatch.setattr(sampling, "generate", record)
+    common = [f"tuned.pretrained={world['other']}", "prompts=hpsv2-offline:photo", "max_prompts_per_style=1",
+              "scorers=jpeg_compressibility"]
+    run(_cfg(world, tmp_path / "euler", *common, "sampling.scheduler=EulerDiscreteScheduler"))
+    assert len(seen) == 2 and {name for _, name in seen} == {"EulerDiscreteScheduler"}
+    seen.clear()
+    run(_cfg(world, tmp_path / "own", *common))
+    assert len(seen) == 2 and "EulerDiscreteScheduler" not in {name for _, name in seen}
 
 
 def test_command_line(world, tmp_path, capsys):
