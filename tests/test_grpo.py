@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from run_files import metrics, run_on_two_processes
 
 from diffusion_dpo import cli
@@ -183,13 +184,14 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     args = ["demo", f"method={method}", f"family={family}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
             "sampling.num_inference_steps=2", "online.steps=2", "online.prompts_per_step=2", "online.group_size=2",
             "online.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
-            "online.batch_size=4", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
+            "online.batch_size=4", "online.clip_range=0.001", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
     assert cli.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["images_generated"] == 2 * 2 * 2
     assert report["family"] == family and report["base"].endswith("base" if family == "sd" else "flow_base")
     tune = json.loads((out / "tune" / "summary.json").read_text())
     assert tune["format"] == "lora" and tune["pretrained"] == report["base"]
+    assert yaml.safe_load((out / "tune" / "config.yaml").read_text())["online"]["clip_range"] == 0.001
     assert 0 <= report["win_rate_ci"][0] <= report["win_rate"] <= report["win_rate_ci"][1] <= 1
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1

@@ -48,6 +48,8 @@ class OnlineDemoConfig:
     lora_rank: int = option(8, "rank of the LoRA adapter on the denoiser's attention projections",
                             at_least_one, "at least 1")
     kl_coef: float = option(0.04, "grpo: weight of the KL to the base per transition")
+    clip_range: float = option(1e-4, "grpo: PPO clip range of the importance ratio (DDPO's 1e-4)",
+                               lambda v: v > 0, "a positive number")
     batch_size: int = option(32, "grpo: micro-batch in transitions (online_dpo trains on a step's pairs, one "
                              "per prompt, in one batch)", at_least_one, "at least 1")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
@@ -70,11 +72,13 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
         sampling=g.StochasticSamplingSection(num_inference_steps=o.num_inference_steps,
                                              guidance_scale=s.guidance_scale, noise_level=o.noise_level),
         online=g.OnlineSection(prompts_per_step=o.prompts_per_step, group_size=o.group_size,
-                               train_steps=o.train_steps, kl_coef=o.kl_coef, beta_dpo=o.beta_dpo,
-                               ref_refresh_every=o.ref_refresh_every, inner_epochs=o.inner_epochs,
+                               train_steps=o.train_steps, kl_coef=o.kl_coef, clip_range=o.clip_range,
+                               beta_dpo=o.beta_dpo, ref_refresh_every=o.ref_refresh_every,
+                               inner_epochs=o.inner_epochs,
                                updates_per_epoch=o.updates_per_epoch if cfg.method == "grpo" else 1),
         optim=OptimSection(learning_rate=o.learning_rate, scheduler="constant", warmup_steps=0,
-                           batch_size=o.batch_size if cfg.method == "grpo" else o.prompts_per_step, max_steps=o.steps, seed=cfg.seed),
+                           batch_size=o.batch_size if cfg.method == "grpo" else o.prompts_per_step,
+                           max_steps=o.steps, seed=cfg.seed),
         output_dir=str(out), checkpoint_every=0, tensorboard=False, resume=resume,
         mixed_precision=cfg.mixed_precision)
 
