@@ -39,8 +39,9 @@ class Components:
 
     denoiser: UNet2DConditionModel or a transformer; vae: AutoencoderKL; text_encoders / tokenizers in the
     family's order; noise_scheduler: DDPMScheduler (DDPM families) or the pipeline's flow-matching scheduler;
-    family: the :class:`~diffusion_dpo.families.base.Family`. ``unet=`` and ``is_sdxl=`` construct an SD or
-    SDXL set as callers from before the families did (``comps.unet`` is the denoiser).
+    family: the :class:`~diffusion_dpo.families.base.Family`; pipeline_config: the pipeline's own settings
+    from model_index.json (e.g. SDXL's force_zeros_for_empty_prompt). ``unet=`` and ``is_sdxl=`` construct an
+    SD or SDXL set as callers from before the families did (``comps.unet`` is the denoiser).
     """
 
     def __init__(self, denoiser=None, vae=None, text_encoders=(), tokenizers=(), noise_scheduler=None,
@@ -51,6 +52,7 @@ class Components:
         self.vae, self.noise_scheduler = vae, noise_scheduler
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.family = family if family is not None else (SDXLFamily() if is_sdxl else SDFamily())
+        self.pipeline_config: dict[str, Any] = {}
 
     @property
     def unet(self):
@@ -111,9 +113,11 @@ def load_components(pretrained: str, *, revision: str | None = None, variant: st
         return component_class.from_pretrained(pretrained, subfolder=name, revision=revision, **kwargs)
 
     try:
-        return family.load(pretrained, load, vae)
+        comps = family.load(pretrained, load, vae)
     except OSError as e:
         raise InputError(f"cannot load the components of {pretrained!r}: {e}") from None
+    comps.pipeline_config = {k: v for k, v in index.items() if not isinstance(v, (list, tuple))}
+    return comps
 
 
 def move(module, device: torch.device | str, dtype: torch.dtype = torch.float32):

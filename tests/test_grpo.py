@@ -74,6 +74,42 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
     assert rows[1]["kl"] > 0.0  # the second sampling step's policy has moved away from the reference
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family):
+    """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
+    (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
+    shift and decoding, so what GRPO tunes is what the diffusers pipeline generates. FLUX.1-dev's guidance is
+    embedded (3.5, the pipeline's default) rather than classifier-free."""
+    from diffusers import DDIMScheduler
+
+    from diffusion_dpo import models
+    from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
+    from diffusion_dpo.sampling import load_pipeline
+
+    comps = models.load_components(world[family])
+    models.freeze_to(comps, torch.device("cpu"), torch.float32)
+    side = comps.vae.config.sample_size
+    hw = (side // 2 ** (len(comps.vae.config.block_out_channels) - 1),) * 2
+    schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=hw)
+    cfg_scale = 1.0 if family == "flux" else 4.0
+    cond = Conditioning.of(comps, PROMPTS[:2], guidance_scale=cfg_scale, size=(side, side))
+    shape = (comps.vae.config.latent_channels, *hw)
+    ours = rollout(guided_predict(comps.family, comps.denoiser, schedule, cond), schedule, comps.vae, [7, 8],
+                   shape, "cpu").images
+
+    pipe = load_pipeline(world[family], device="cpu", dtype=torch.float32)
+    if not comps.family.flow:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    start = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (7, 8)])
+    if family == "flux":  # FluxPipeline takes its latents packed 2x2
+        from diffusion_dpo.families.flux import pack_latents
+
+        start = pack_latents(start)
+    theirs = pipe(PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
+                  guidance_scale=3.5 if family == "flux" else cfg_scale, **comps.family.call_options(pipe)).images
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3)])
 def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, lr):
     """GRPO on brightness (a full fine-tune: a random tiny UNet's attention has too little leverage on the

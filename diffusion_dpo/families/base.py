@@ -186,6 +186,11 @@ class Family(ABC):
     def encode_text(self, comps, captions: list[str]) -> dict[str, Tensor]:
         """Per-caption conditioning tensors [B, ...] (what the denoiser's forward reads)."""
 
+    def encode_empty_prompt(self, comps) -> dict[str, Tensor]:
+        """The unconditional side of classifier-free guidance, [1, ...]: the empty caption encoded, as the
+        pipeline encodes its default negative prompt."""
+        return self.encode_text(comps, [""])
+
     def image_conditioning(self, batch: dict[str, Any], size: tuple[int, int]) -> dict[str, Tensor]:
         """Per-image conditioning [B, 2, ...] from a data batch (SDXL's micro-conditioning); none here."""
         return {}

@@ -71,6 +71,14 @@ class SDXLFamily(SDFamily):
             pooled = out[0]  # the last encoder's pooled output is the one SDXL's add_embedding takes
         return {"hidden": torch.cat(hidden_states, dim=-1), "pooled": pooled}
 
+    def encode_empty_prompt(self, comps) -> dict[str, Tensor]:
+        """Zeros when the pipeline's force_zeros_for_empty_prompt is on (its default, and SDXL base's
+        setting): StableDiffusionXLPipeline then guides against zero embeddings, not the encoded ""."""
+        empty = self.encode_text(comps, [""])
+        if comps.pipeline_config.get("force_zeros_for_empty_prompt", True):
+            return {k: torch.zeros_like(v) for k, v in empty.items()}
+        return empty
+
     def image_conditioning(self, batch: dict[str, Any], size: tuple[int, int]) -> dict[str, Tensor]:
         """{"time_ids": [B, 2, 6]}: each image's own original size and crop, and (H, W) as target."""
         return {"time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], size)}

@@ -32,8 +32,10 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
                       latent_hw: tuple[int, int]):
     """The stochastic sampler of ``comps.family``: a :class:`DDIMSchedule` (eta) built from the pipeline's
     noise schedule for DDPM families, or a :class:`FlowSDESchedule` (noise_level) from its flow-matching
-    scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift (as
-    FluxPipeline computes mu from the packed sequence length h/2 * w/2)."""
+    scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift. The timesteps are
+    those the family's diffusers pipeline samples with (FluxPipeline: sigmas linspace(1, 1/T, T) shifted by
+    mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use."""
+    import numpy as np
     from diffusers import DDIMScheduler
 
     if not comps.family.flow:
@@ -46,7 +48,7 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
         c = scheduler.config
         mu = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
                              c.base_shift, c.max_shift)
-        scheduler.set_timesteps(num_inference_steps, mu=mu)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
         return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level)
     return FlowSDESchedule.from_scheduler(scheduler, num_inference_steps, noise_level)
 
@@ -54,7 +56,7 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
 @dataclass
 class Conditioning:
     """What the denoiser reads for N images: text {name: [N, ...]} (each image's prompt), uncond {name:
-    [N, ...]} (the empty prompt, for guidance), image {name: [N, ...]} (SDXL's time ids), and the scale."""
+    [N, ...]} (the family's empty prompt, for guidance), image {name: [N, ...]} (SDXL's time ids), and the scale."""
 
     text: dict[str, Tensor]
     uncond: dict[str, Tensor]
@@ -69,7 +71,7 @@ class Conditioning:
         order: prompt 0's G images first). ``size``: (H, W) in px, the images' size and SDXL's original
         size with no crop."""
         text = comps.family.encode_text(comps, list(prompts))
-        empty = comps.family.encode_text(comps, [""])
+        empty = comps.family.encode_empty_prompt(comps)
         n = len(prompts) * repeat
         text = {k: v.repeat_interleave(repeat, dim=0) for k, v in text.items()}
         uncond = {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()}
