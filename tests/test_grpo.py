@@ -183,14 +183,18 @@ def test_bad_configs_are_clear_errors(world, tmp_path, capsys):
     assert "online.ref_refresh_every" in capsys.readouterr().out
 
 
-def test_held_out_evaluation_is_logged_with_its_interval(world, tmp_path):
+@pytest.mark.parametrize("family,rank", [("sd", 8), ("sd3", 0)])
+def test_held_out_evaluation_is_logged_with_its_interval(world, tmp_path, family, rank):
+    """A LoRA policy (fused into the pipeline) and a fully fine-tuned SD3 transformer (replacing the
+    pipeline's) are both evaluated against the base."""
     out = tmp_path / "ev"
     result = grpo.run(config(world, out, f"eval.prompts={world['prompts']}", "eval.every=1", "eval.seeds=1",
-                             "eval.n_boot=50", "eval.grid_prompts=2"))
+                             "eval.n_boot=50", "eval.grid_prompts=2", f"model.lora_rank={rank}", family=family))
     rows = [r for r in metrics(out) if "eval/win_rate" in r]
     assert [r["step"] for r in rows] == [1, 2]  # after step 1, and final
     lo, hi = rows[-1]["eval/win_rate_lo"], rows[-1]["eval/win_rate_hi"]
     assert 0 <= lo <= rows[-1]["eval/win_rate"] <= hi <= 1
+    assert rows[-1]["eval/tuned_mean"] != rows[-1]["eval/base_mean"]  # the tuned weights were the ones sampled
     assert result.evaluation == {k: v for k, v in rows[-1].items() if k != "step"}
     assert (out / "eval" / "final" / "report.json").is_file() and any((out / "eval" / "final" / "grids").iterdir())
 
