@@ -216,6 +216,22 @@ def test_two_processes_keep_groups_whole_and_agree(world, tmp_path):
     assert {p.name for p in (out / "checkpoints" / "step-2").iterdir()} >= {"rank-0.pt", "rank-1.pt"}
 
 
+def test_demo_online_defaults_follow_method_and_family():
+    """online.* keys left null take their (method, family)'s measured defaults; given keys win."""
+    from diffusion_dpo.recipes import demo
+    from diffusion_dpo.recipes.demo_online import FAMILY_ONLINE_DEFAULTS, resolve_online_defaults
+
+    def resolved(*overrides):
+        return resolve_online_defaults(load_config(demo.DemoConfig, [], list(overrides))).online
+
+    sd, flow = resolved("method=grpo"), resolved("method=grpo", "family=flow")
+    assert (sd.lora_rank, sd.learning_rate, sd.kl_coef) == (8, 1e-3, 0.04)
+    assert (flow.lora_rank, flow.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
+    assert resolved("method=online_dpo", "family=flow").beta_dpo == 500.0
+    assert resolved("method=grpo", "family=flow", "online.kl_coef=0.01").kl_coef == 0.01
+    assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo") for f in ("sd", "flow")}
+
+
 @pytest.mark.parametrize("method, family", [("grpo", "sd"), ("online_dpo", "sd"), ("grpo", "flow")])
 def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family):
     """``diffusion-dpo demo method=... family=...`` on a slice of the shapes world: report.json's top-level
@@ -231,7 +247,10 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     assert report["family"] == family and report["base"].endswith("base" if family == "sd" else "flow_base")
     tune = json.loads((out / "tune" / "summary.json").read_text())
     assert tune["format"] == "lora" and tune["pretrained"] == report["base"]
-    assert yaml.safe_load((out / "tune" / "config.yaml").read_text())["online"]["clip_range"] == 0.001
+    tuned = yaml.safe_load((out / "tune" / "config.yaml").read_text())
+    assert tuned["online"]["clip_range"] == 0.001
+    assert tuned["model"]["lora_rank"] == (32 if (method, family) == ("grpo", "flow") else 8)  # the family's
+    assert yaml.safe_load((out / "config.yaml").read_text())["online"]["lora_rank"] is not None  # resolved
     assert 0 <= report["win_rate_ci"][0] <= report["win_rate"] <= report["win_rate_ci"][1] <= 1
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1
