@@ -224,6 +224,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def fill_nulls(section: Any, defaults: dict[str, Any]) -> Any:
+    """A copy of the dataclass ``section`` whose fields left null take ``defaults``' values (given ones win)."""
+    return dataclasses.replace(section, **{k: v for k, v in defaults.items() if getattr(section, k) is None})
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():

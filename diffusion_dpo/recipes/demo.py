@@ -42,6 +42,7 @@ from diffusion_dpo.config import (
     RunOptions,
     at_least_one,
     auto_or_null,
+    fill_nulls,
     non_negative,
     option,
     parse_args,
@@ -210,9 +211,7 @@ def resolve_defaults(cfg: DemoConfig) -> DemoConfig:
     """``cfg`` with the train.* keys left null set to the family's defaults (what config.yaml records)."""
     from dataclasses import replace
 
-    given = {k: v for k, v in to_dict(cfg.train).items() if v is not None}
-    defaults = FAMILY_TRAIN_DEFAULTS[cfg.family]
-    return replace(cfg, train=DemoTrainConfig(**{**to_dict(cfg.train), **defaults, **given}))
+    return replace(cfg, train=fill_nulls(cfg.train, FAMILY_TRAIN_DEFAULTS[cfg.family]))
 
 
 def check_base(cfg: DemoConfig) -> str:

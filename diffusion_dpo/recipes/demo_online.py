@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from diffusion_dpo.config import OptimSection, at_least_one, option, save_config, to_dict, validate
+from diffusion_dpo.config import (
+    OptimSection,
+    at_least_one,
+    fill_nulls,
+    option,
+    save_config,
+    to_dict,
+    validate,
+)
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.evaluation.schema import TunedVsBase
 
@@ -77,9 +85,7 @@ FAMILY_ONLINE_DEFAULTS = {
 
 def resolve_online_defaults(cfg):
     """``cfg`` (a DemoConfig) with the online.* keys left null set to its method's and family's defaults."""
-    given = {k: v for k, v in to_dict(cfg.online).items() if v is not None}
-    online = {**to_dict(cfg.online), **FAMILY_ONLINE_DEFAULTS[cfg.method, cfg.family], **given}
-    return dataclasses.replace(cfg, online=OnlineDemoConfig(**online))
+    return dataclasses.replace(cfg, online=fill_nulls(cfg.online, FAMILY_ONLINE_DEFAULTS[cfg.method, cfg.family]))
 
 
 def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
