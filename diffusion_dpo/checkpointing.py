@@ -5,7 +5,7 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-N/`` holding
     trainable.safetensors   the trained parameters only (the LoRA adapter, or the whole UNet), fp32
     training_state.pt       optimizer, LR scheduler and (fp16) gradient-scaler state
     rank-R.pt               per process: RNG states (python, numpy, torch CPU, CUDA) and the data position
-    state.json              step, world size; written last
+    state.json              step, world size, and the SHA-256 of every other file; written last
 
 never the reference model (it is the starting checkpoint, rebuilt at start). It is written into
 ``step-N.tmp/``, every file flushed to disk (fsync), and renamed to ``step-N/`` only when complete, so a
@@ -15,11 +15,17 @@ step) moves the old copy to ``step-N.old/`` for the instant between the two rena
 ``step-N`` beside it is that step's only copy and counts as complete. A write that fails (disk full,
 permissions) removes the ``.tmp`` folder and raises InputError naming the file. ``keep`` bounds how many
 complete checkpoints stay.
+
+A complete checkpoint can still be damaged later (a disk error, a copy cut short, a file edited by hand): at
+resume its files are checked against the digests in state.json, and a damaged one is renamed
+``step-N.damaged`` (set aside, never deleted, never counted as complete) so the previous intact one is used.
+Checkpoints written before digests existed have none and are trusted as they are.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -58,6 +64,67 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None (what ``resume=auto`` resumes from)."""
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------- integrity
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the complete checkpoint ``path`` cannot be trusted (a file missing, or not the bytes its digest in
+    state.json records), or None. One without digests (written before they existed) is trusted."""
+    try:
+        meta = json.loads((path / STATE_FILE).read_text())
+        world = int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path / STATE_FILE} is not readable JSON with a world_size"
+    needed = ["trainable.safetensors", "training_state.pt", *(f"rank-{r}.pt" for r in range(world))]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name, digest in (meta.get("sha256") or {}).items():
+        if not (path / name).is_file():
+            return f"{name} missing"
+        if file_digest(path / name) != digest:
+            return f"{name} is not the file that was saved (its SHA-256 differs from state.json's)"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint ``step-N`` to ``step-N.damaged`` (``.damaged-2``... if taken): kept for a
+    look, never deleted, never counted as complete, never pruned."""
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, target)
+    return target
+
+
+def latest_intact_checkpoint(output_dir: str | Path, say: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint whose files match their digests (what ``resume=auto`` resumes from);
+    each damaged one newer than it is named through ``say`` and set aside. None when there is no checkpoint;
+    InputError when there are some and none is intact. Main process only (it renames)."""
+    found = complete_checkpoints(output_dir)
+    damaged = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        aside = set_aside(path)
+        damaged.append(f"{path.name} ({problem})")
+        say(f"resume: checkpoint {path} is damaged: {problem}; set aside as {aside.name}, trying the one before")
+    if damaged:
+        raise InputError(f"resume: no intact checkpoint in {checkpoints_dir(output_dir)}: {'; '.join(damaged)} "
+                         "(set aside as step-N.damaged); start afresh with overwrite=true")
+    return None
 
 
 # -------------------------------------------------------------------------------------------- RNG state
@@ -147,8 +214,11 @@ def save_checkpoint(
         write(tmp / "training_state.pt", functools.partial(_torch_save, training_state or {}))
     barrier()
     if rank == 0:
-        # state.json is the commit mark: written last, after everything else is on disk.
-        write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps({"step": step, "world_size": world_size})))
+        # state.json is the commit mark: written last, after everything else is on disk, with the digests
+        # a resume checks the files against.
+        digests = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {"step": step, "world_size": world_size, "sha256": digests}
+        write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
         write(tmp, fsync_path)
         write(final, functools.partial(_publish, tmp))  # a rename can fail too (a full directory block)
         write(root, fsync_path)  # the rename itself reaches the disk
@@ -243,9 +313,13 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dic
         if not (path / name).is_file():
             raise InputError(f"resume: checkpoint {path} lacks {name} (removed by hand?); resume from another "
                              f"step in {path.parent}")
-    return {
-        "step": int(meta["step"]),
-        "trainable": load_file(path / "trainable.safetensors"),
-        "training_state": torch.load(path / "training_state.pt", weights_only=True),
-        "rank_state": torch.load(path / f"rank-{rank}.pt", weights_only=True),
-    }
+    try:
+        return {
+            "step": int(meta["step"]),
+            "trainable": load_file(path / "trainable.safetensors"),
+            "training_state": torch.load(path / "training_state.pt", weights_only=True),
+            "rank_state": torch.load(path / f"rank-{rank}.pt", weights_only=True),
+        }
+    except Exception as e:  # a damaged file of a checkpoint without digests: safetensors', pickle's errors
+        raise InputError(f"resume: checkpoint {path} cannot be read ({type(e).__name__}: {e}); resume from "
+                         f"another step in {path.parent}") from e

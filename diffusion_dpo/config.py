@@ -26,7 +26,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -391,6 +391,9 @@ def non_negative(v: Any) -> bool:
 
 @dataclasses.dataclass
 class RunOptions:
+    # RESUME_SAFE (here and in other sections): the keys a resume may change, because they do not change what
+    # the steps already taken meant (engine.resume_settings); every other key must stay as the run had it.
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"output_dir", "mixed_precision"})
     output_dir: str = option("runs/run", "the run's folder: config.yaml, metrics and results go here")
     resume: Optional[str] = option(
         None, "null: start fresh (an output_dir holding a run is refused unless overwrite=true); auto: "
@@ -424,6 +427,8 @@ class GenerationRunOptions(RunOptions):
 
 @dataclasses.dataclass
 class TrainingRunOptions(RunOptions):
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"log_every", "tensorboard", "checkpoint_every",
+                                                       "checkpoints_keep", "max_nonfinite_steps"})
     log_every: int = option(10, "write metrics every N optimizer steps (averaged over them)", at_least_one,
                             "at least 1 step")
     tensorboard: bool = option(True, "also log the metrics to tensorboard under output_dir/logs")
@@ -438,6 +443,7 @@ class TrainingRunOptions(RunOptions):
 
 @dataclasses.dataclass
 class OptimSection:
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"max_steps", "epochs"})  # the step budget
     optimizer: Literal["adamw", "adafactor"] = option(
         "adamw", "adamw (torch) or adafactor (transformers, fixed lr; less memory)")
     learning_rate: float = option(1e-5, "peak learning rate", positive, "a positive number")

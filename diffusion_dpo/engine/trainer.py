@@ -31,14 +31,17 @@ from tqdm.auto import tqdm
 
 from diffusion_dpo import checkpointing
 from diffusion_dpo.config import ConfigError, TrainingRunOptions, save_config, to_dict, validate
-from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
-from diffusion_dpo.errors import RunError
+from diffusion_dpo.engine.resume_settings import RESUME_LOG, check_resume_settings
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
+from diffusion_dpo.errors import InputError, RunError
 from diffusion_dpo.fileio import atomic_write_text
 
 Tensor = torch.Tensor
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What a training run writes into output_dir; overwrite=true removes these (and config.yaml).
-RUN_FILES = ("metrics.jsonl", "logs", "checkpoints", "final", "final.tmp", "summary.json")
+RUN_FILES = ("metrics.jsonl", "logs", "checkpoints", "final", "final.tmp", "summary.json", RESUME_LOG)
+# The files by which a folder written before run.json existed is recognised as a training run's.
+TRAINING_MARKS = ("metrics.jsonl", "logs", "checkpoints", "final", "final.tmp")
 
 
 class NonFiniteError(RunError):
@@ -103,11 +106,12 @@ class Engine:
     """One training run. ``cfg`` is the recipe's config (a :class:`TrainingRunOptions`); ``seed`` seeds every
     generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens);
     ``run_files``: what the recipe writes into output_dir besides RUN_FILES (removed too by overwrite=true);
-    ``name`` names the tensorboard run, ``desc`` the progress bar (default: name)."""
+    ``name`` names the tensorboard run, ``desc`` the progress bar (default: name); ``owner`` the command
+    that owns the folder (default: name; engine.run_folder)."""
 
     def __init__(self, cfg: TrainingRunOptions, *, seed: int, gradient_accumulation_steps: int = 1,
                  unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None,
-                 run_files: tuple[str, ...] = (), desc: str | None = None):
+                 run_files: tuple[str, ...] = (), desc: str | None = None, owner: str | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -128,16 +132,12 @@ class Engine:
         self.is_main = acc.is_main_process
         self.compute_dtype = DTYPES[mixed]
         if self.is_main:
-            claim_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite,
-                             run_files=RUN_FILES + run_files)
+            self._claim(owner or name, run_files)
         acc.wait_for_everyone()
         mode = parse_resume(cfg.resume)
+        # The main process set aside any damaged newer checkpoint: the newest complete one is the intact one.
         self.resume_from = checkpointing.latest_checkpoint(self.out) if mode == "auto" else (
             Path(mode) if mode else None)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.yaml")
-        acc.wait_for_everyone()
         set_seed(seed)
         self.metrics_path = self.out / "metrics.jsonl"
         self.step = 0
@@ -149,6 +149,27 @@ class Engine:
             acc.init_trackers(name, config=_flat(to_dict(self.cfg)))
 
     # ------------------------------------------------------------------------------------------ set-up
+
+    def _claim(self, owner: str, run_files: tuple[str, ...]) -> None:
+        """Main process: the folder's lock and rule, the checkpoint to resume from (intact, with settings
+        that keep its steps' meaning), then config.yaml. A refusal releases the lock."""
+        claim_output_dir(self.out, owner=owner, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
+                         run_files=RUN_FILES + run_files, marks=TRAINING_MARKS)
+        try:
+            mode = parse_resume(self.cfg.resume)
+            checkpoint = checkpointing.latest_intact_checkpoint(self.out) if mode == "auto" else (
+                Path(mode) if mode else None)
+            given = mode not in (None, "auto") and (checkpoint / checkpointing.STATE_FILE).is_file()
+            problem = checkpointing.checkpoint_problem(checkpoint) if given else None
+            if problem:
+                raise InputError(f"config key 'resume': checkpoint {checkpoint} is damaged: {problem}; resume "
+                                 f"from another step in {checkpoint.parent}")
+            if checkpoint is not None:
+                check_resume_settings(self.cfg, self.out, checkpoint)
+            save_config(self.cfg, self.out / "config.yaml")
+        except BaseException:
+            release_output_dir(self.out)
+            raise
 
     def prepare(self, *modules):
         """accelerate's prepare (DDP wrapping, device placement of optimizers)."""
@@ -358,6 +379,8 @@ class Engine:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.is_main:
+            release_output_dir(self.out)
         return summary | {"process_index": self.rank}
 
 

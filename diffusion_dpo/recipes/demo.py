@@ -48,7 +48,7 @@ from diffusion_dpo.config import (
     parse_args,
     to_dict,
 )
-from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
@@ -339,9 +339,8 @@ def run(cfg: DemoConfig) -> DemoReport:
         torch.set_num_threads(cfg.threads)
     base = check_base(cfg)
     out = Path(cfg.output_dir)
-    rounds_there = tuple(p.name for p in out.glob("round-*")) if out.is_dir() else ()
-    claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite,
-                     run_files=("prompts", "report.md", "report.json", "grid.png", *rounds_there))
+    claim_output_dir(out, owner="demo", resume=cfg.resume, overwrite=cfg.overwrite,
+                     run_files=("prompts", "report.md", "report.json", "grid.png", "round-*"), marks=("prompts",))
     out.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, out / "config.yaml")
     train_file, held_out_file = write_prompts(cfg, out / "prompts")
@@ -364,6 +363,7 @@ def run(cfg: DemoConfig) -> DemoReport:
                         train_prompts=n_train, held_out_prompts=n_held_out, rounds=rounds, sft=sft,
                         seconds=ctx.seconds, report=str(out / "report.md"), grid=None)
     _write_report(report, evaluations, cfg.grid_prompts, out)
+    release_output_dir(out)
     return report
 
 

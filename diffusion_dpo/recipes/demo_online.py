@@ -32,7 +32,7 @@ from diffusion_dpo.config import (
     to_dict,
     validate,
 )
-from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
 from diffusion_dpo.evaluation.schema import TunedVsBase
 
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
@@ -124,7 +124,8 @@ def run_online(cfg) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     base = demo.check_base(cfg)
     out = Path(cfg.output_dir)
-    claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES)
+    claim_output_dir(out, owner=f"demo method={cfg.method}", resume=cfg.resume, overwrite=cfg.overwrite,
+                     run_files=RUN_FILES, marks=("prompts",))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     train_file, held_out_file = demo.write_prompts(cfg, out / "prompts")
@@ -159,6 +160,7 @@ def run_online(cfg) -> dict[str, Any]:
         report["grid"] = str(comparison_grid(rows, ["base", name], out / "grid.png"))
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report, name))
+    release_output_dir(out)
     return report
 
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
-from diffusion_dpo.engine.run_folder import claim_output_dir
+from diffusion_dpo.engine.run_folder import claim_output_dir, release_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
@@ -244,9 +244,9 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     device = torch.device(cfg.device) if cfg.device else state.device
     out = Path(cfg.output_dir)
     if state.is_main_process:
-        parts = tuple(p.name for p in out.glob("*.part*.json*")) if out.is_dir() else ()
-        claim_output_dir(out, resume=None if cfg.overwrite else cfg.resume, overwrite=cfg.overwrite,
-                         run_files=RUN_FILES + parts)
+        claim_output_dir(out, owner="evaluate", resume=None if cfg.overwrite else cfg.resume,
+                         overwrite=cfg.overwrite, run_files=RUN_FILES + ("*.part*.json*",),
+                         marks=("generation.json",))
     state.wait_for_everyone()
     scorers = _load_scorers(cfg, device)
     dtype = precision_dtype(cfg.mixed_precision, device)
@@ -277,7 +277,9 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     if not state.is_main_process:
         return EvaluateResult(output_dir=str(out))
     rows = _merged_rows(out, items, scorer_names(cfg.scorers), state.num_processes)
-    return _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
+    result = _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
+    release_output_dir(out)
+    return result
 
 
 def _score_share(pipes: dict, scorers: dict, mine: list[Item], cfg: EvaluateConfig, state, desc: str) -> None:

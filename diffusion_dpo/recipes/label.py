@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
-from diffusion_dpo.engine.run_folder import claim_output_dir
+from diffusion_dpo.engine.run_folder import claim_output_dir, release_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
@@ -346,9 +346,10 @@ def _claim_output_dir(cfg: LabelConfig, shards: ShardSet, state) -> None:
     run there (its shards, manifest and summary) whatever ``resume`` says."""
     if state.is_main_process:
         out = Path(cfg.output_dir)
-        ours = tuple(p.name for p in out.glob(f"{shards.prefix}-*.parquet*")) if out.is_dir() else ()
-        claim_output_dir(out, resume=None if cfg.overwrite else cfg.resume, overwrite=cfg.overwrite,
-                         run_files=("manifest.json", "summary.json", *ours))
+        claim_output_dir(out, owner="label", resume=None if cfg.overwrite else cfg.resume,
+                         overwrite=cfg.overwrite, run_files=("manifest.json", "summary.json",
+                                                             f"{shards.prefix}-*.parquet*"),
+                         marks=("manifest.json",))
     state.wait_for_everyone()
 
 
@@ -394,6 +395,8 @@ def _finish(cfg, shards: ShardSet, state, num_shards: int, mode: str, this_run: 
         path = Path(cfg.output_dir) / "summary.json"
         atomic_write_text(path, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     state.wait_for_everyone()
+    if state.is_main_process:
+        release_output_dir(Path(cfg.output_dir))
     return result
 
 

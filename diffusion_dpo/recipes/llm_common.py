@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,6 +22,7 @@ RUN_FOLDER_HELP = f"config.yaml, metrics.jsonl, checkpoints/, final/ and {DATA_S
 
 @dataclass
 class HeldOutRunOptions(TrainingRunOptions):
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"eval_every"})  # a cadence: resumable
     eval_every: int | None = option(None,
                                     "optimizer steps between held-out evaluations (null: at the end only)",
                                     lambda v: v is None or v >= 1, "null or at least 1 step")
@@ -32,7 +33,7 @@ def start(cfg: TrainingRunOptions, name: str, unit: str = "tokens", run_files: t
     from diffusion_dpo.llm import models
 
     engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit=unit, name=name, run_files=run_files)
+                    unit=unit, name=name, run_files=run_files, owner=f"llm {name}")
     return engine, engine.cfg, models.load_tokenizer(engine.cfg.model.name_or_path)
 
 
