@@ -3,7 +3,13 @@ resumable feed."""
 
 from diffusion_dpo.engine.feed import ExampleFeed
 from diffusion_dpo.engine.optim import build_optimizer, peak_learning_rate
-from diffusion_dpo.engine.run_folder import claim_output_dir, holds_run, parse_resume, release_output_dir
+from diffusion_dpo.engine.run_folder import (
+    claim_output_dir,
+    holds_run,
+    parse_resume,
+    release_output_dir,
+    releases_output_dir,
+)
 from diffusion_dpo.engine.trainer import (
     DTYPES,
     Engine,
@@ -17,4 +23,4 @@ from diffusion_dpo.engine.trainer import (
 
 __all__ = ["DTYPES", "Engine", "ExampleFeed", "Feed", "NonFiniteError", "StepContext", "StepOutput",
            "build_optimizer", "claim_output_dir", "holds_run", "parse_resume", "peak_learning_rate",
-           "release_output_dir", "resolve_mixed_precision", "weights_digest"]
+           "release_output_dir", "releases_output_dir", "resolve_mixed_precision", "weights_digest"]

@@ -14,7 +14,7 @@ and the files that run writes. Then:
 A folder written before owners were recorded (``config.yaml`` but no ``run.json``) is judged by what it
 holds: it is this command's when it holds one of the command's ``marks`` (files only its kind of run
 writes: a training run's checkpoints/ or metrics.jsonl, label's manifest.json, evaluate's generation.json,
-the demo's prompts/), or nothing but config.yaml; otherwise it is another command's and refused.
+the demo's prompts/ or round-*/), or nothing but config.yaml; otherwise it is another command's and refused.
 
 A folder that holds no run is simply used. Before any of this, the folder's lock is taken (engine.run_lock):
 one launch writes a folder at a time. Nothing a previous run wrote is silently emptied or mixed into a new
@@ -23,16 +23,20 @@ one: a fresh run into a used folder is an error that says how to continue or rep
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from diffusion_dpo.engine import run_lock
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text
 
 RUN_MARKER = "config.yaml"
+R = TypeVar("R")
 OWNER_FILE = "run.json"
+_CREATED: set[Path] = set()  # folders this process's claims created (removed again if left empty)
 
 
 def holds_run(out: Path) -> bool:
@@ -65,7 +69,7 @@ def _legacy_foreigner(out: Path, marks: tuple[str, ...]) -> list[str]:
     """For a run folder without run.json: [] when it may be this command's (it holds one of ``marks``, or
     nothing but config.yaml), else what it holds instead."""
     held = sorted(p.name for p in out.iterdir() if p.name not in (RUN_MARKER, run_lock.LOCK_FILE))
-    if not held or any((out / m).exists() for m in marks):
+    if not held or any(any(out.glob(m)) for m in marks):
         return []
     return held
 
@@ -106,8 +110,8 @@ def claim_output_dir(out: Path, *, owner: str, resume: str | None, overwrite: bo
 
     ``owner``: the command (and kind of run) claiming the folder. ``run_files``: the names (or glob patterns)
     a run of this command writes in ``out`` (removed by overwrite=true, and recorded in run.json so that any
-    command's overwrite removes them). ``marks``: the files by which a folder written before run.json existed
-    is recognised as this command's. The lock stays held until :func:`release_output_dir` or the process ends.
+    command's overwrite removes them). ``marks``: the files (names or glob patterns) by which a folder written
+    before run.json existed is recognised as this command's. The lock stays held until :func:`release_output_dir` or the process ends.
     """
     mode = parse_resume(resume)
     if overwrite and mode is not None:
@@ -116,14 +120,17 @@ def claim_output_dir(out: Path, *, owner: str, resume: str | None, overwrite: bo
     if mode not in (None, "auto") and not holds_run(out) and not Path(mode).is_dir():
         raise InputError(f"config key 'resume': checkpoint folder {mode} does not exist (give 'auto', "
                          f"'null' or a folder such as {out / 'checkpoints' / 'step-500'})")
-    existed = out.exists()
+    if not out.exists():
+        _CREATED.add(out.resolve())
     run_lock.acquire(out, owner)
     try:
         continues = _apply_rule(out, owner, mode, overwrite, run_files, marks)
     except BaseException:
-        release_output_dir(out, remove_if_empty=not existed)
+        release_output_dir(out)
         raise
-    atomic_write_text(out / OWNER_FILE, json.dumps({"owner": owner, "files": list(run_files)}, indent=1))
+    record = json.dumps({"owner": owner, "files": list(run_files)}, indent=1)
+    if not (out / OWNER_FILE).is_file() or (out / OWNER_FILE).read_text() != record:
+        atomic_write_text(out / OWNER_FILE, record)
     return continues
 
 
@@ -141,9 +148,27 @@ def _apply_rule(out: Path, owner: str, mode: str | None, overwrite: bool, run_fi
     return False
 
 
-def release_output_dir(out: Path, remove_if_empty: bool = False) -> None:
-    """Release the folder's lock (the end of a run); ``remove_if_empty``: also remove a folder the claim
-    created and that stayed empty (a refused launch leaves nothing behind)."""
+def release_output_dir(out: Path) -> None:
+    """Release the folder's lock (the end of a run, or its failure). A run that failed before it wrote its
+    config.yaml leaves nothing behind: its run.json goes, and so does the folder if the claim made it and it
+    stayed empty (bad input found after the claim writes nothing)."""
     run_lock.release(out)
-    if remove_if_empty and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
+    if (out / OWNER_FILE).is_file() and not holds_run(out):
+        (out / OWNER_FILE).unlink()
+    resolved = out.resolve()
+    if resolved in _CREATED:
+        _CREATED.discard(resolved)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def releases_output_dir(run: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a recipe's ``run(cfg, ...)``: the lock of ``cfg.output_dir`` this process took is released when
+    it returns or raises (a failed run in a notebook must not hold the folder until the kernel ends)."""
+    @functools.wraps(run)
+    def wrapper(cfg, *args, **kwargs) -> R:
+        try:
+            return run(cfg, *args, **kwargs)
+        finally:
+            release_output_dir(Path(cfg.output_dir))
+    return wrapper

@@ -48,7 +48,7 @@ from diffusion_dpo.config import (
     parse_args,
     to_dict,
 )
-from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
@@ -329,6 +329,7 @@ class _Context:
     console: Console
 
 
+@releases_output_dir
 def run(cfg: DemoConfig) -> DemoReport:
     """Label, train (DPO and SFT), evaluate and report into ``cfg.output_dir``; return the report."""
     import torch
@@ -340,7 +341,8 @@ def run(cfg: DemoConfig) -> DemoReport:
     base = check_base(cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, owner="demo", resume=cfg.resume, overwrite=cfg.overwrite,
-                     run_files=("prompts", "report.md", "report.json", "grid.png", "round-*"), marks=("prompts",))
+                     run_files=("prompts", "report.md", "report.json", "grid.png", "round-*"),
+                     marks=("prompts", "round-*", "report.md", "report.json"))
     out.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, out / "config.yaml")
     train_file, held_out_file = write_prompts(cfg, out / "prompts")
@@ -363,7 +365,6 @@ def run(cfg: DemoConfig) -> DemoReport:
                         train_prompts=n_train, held_out_prompts=n_held_out, rounds=rounds, sft=sft,
                         seconds=ctx.seconds, report=str(out / "report.md"), grid=None)
     _write_report(report, evaluations, cfg.grid_prompts, out)
-    release_output_dir(out)
     return report
 
 

@@ -32,7 +32,7 @@ from diffusion_dpo.config import (
     to_dict,
     validate,
 )
-from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
+from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.evaluation.schema import TunedVsBase
 
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
@@ -112,6 +112,7 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
         mixed_precision=cfg.mixed_precision)
 
 
+@releases_output_dir
 def run_online(cfg) -> dict[str, Any]:
     """Tune online, evaluate against the base, write the reports; return report.json's content."""
     import torch
@@ -125,7 +126,7 @@ def run_online(cfg) -> dict[str, Any]:
     base = demo.check_base(cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, owner=f"demo method={cfg.method}", resume=cfg.resume, overwrite=cfg.overwrite,
-                     run_files=RUN_FILES, marks=("prompts",))
+                     run_files=RUN_FILES, marks=("prompts", "tune", "report.md", "report.json"))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     train_file, held_out_file = demo.write_prompts(cfg, out / "prompts")
@@ -160,7 +161,6 @@ def run_online(cfg) -> dict[str, Any]:
         report["grid"] = str(comparison_grid(rows, ["base", name], out / "grid.png"))
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report, name))
-    release_output_dir(out)
     return report
 
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
-from diffusion_dpo.engine.run_folder import claim_output_dir, release_output_dir
+from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
@@ -226,6 +226,7 @@ def _images_for(pipe, items: list[Item], out: Path, model: str, cfg: EvaluateCon
     return images
 
 
+@releases_output_dir
 def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     """Generate, score and report into ``cfg.output_dir``; ``desc`` names the progress bar."""
     import torch
@@ -277,9 +278,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     if not state.is_main_process:
         return EvaluateResult(output_dir=str(out))
     rows = _merged_rows(out, items, scorer_names(cfg.scorers), state.num_processes)
-    result = _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
-    release_output_dir(out)
-    return result
+    return _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
 
 
 def _score_share(pipes: dict, scorers: dict, mine: list[Item], cfg: EvaluateConfig, state, desc: str) -> None:

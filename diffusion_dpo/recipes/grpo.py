@@ -36,7 +36,7 @@ import torch
 from diffusion_dpo import models
 from diffusion_dpo.config import PreferenceLossSection, parse_args
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
-from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput
+from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.online.advantages import group_advantages
@@ -358,6 +358,7 @@ def reference_state(cfg: GrpoConfig, built: Built) -> dict[str, Any]:
                           if k in names}}
 
 
+@releases_output_dir
 def run(cfg: GrpoConfig) -> GrpoResult:
     """Tune as ``cfg`` says: sample, score, update, log, checkpoint, evaluate; save final/."""
     from accelerate.utils import set_seed

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
-from diffusion_dpo.engine.run_folder import claim_output_dir, release_output_dir
+from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
@@ -395,11 +395,10 @@ def _finish(cfg, shards: ShardSet, state, num_shards: int, mode: str, this_run: 
         path = Path(cfg.output_dir) / "summary.json"
         atomic_write_text(path, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     state.wait_for_everyone()
-    if state.is_main_process:
-        release_output_dir(Path(cfg.output_dir))
     return result
 
 
+@releases_output_dir
 def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None, *, desc: str = "label") -> LabelResult:
     """Label (or relabel) into ``cfg.output_dir``; return the result (also written to summary.json).
 

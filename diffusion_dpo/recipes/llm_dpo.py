@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_dpo.config import ConfigError, OptimSection, PreferenceLossSection, option, parse_args
-from diffusion_dpo.engine import Engine, StepContext, StepOutput
+from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import PairCollator
 from diffusion_dpo.llm.data import tokenize_pairs
@@ -224,6 +224,7 @@ def held_out_metrics(engine: Engine, policy, loader, cfg: DPOConfig, reference) 
     return out
 
 
+@releases_output_dir
 def run(cfg: DPOConfig) -> dict:
     """Train as ``cfg`` says: data, policy and reference, optimizer (resumed if asked), the engine's loop with
     held-out evaluations, final/; returns the summary (also in summary.json) with every process's weight

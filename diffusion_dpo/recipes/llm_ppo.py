@@ -38,7 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusion_dpo.config import parse_args
-from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, build_optimizer
+from diffusion_dpo.engine import (
+    Engine,
+    ExampleFeed,
+    StepContext,
+    StepOutput,
+    build_optimizer,
+    releases_output_dir,
+)
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.llm import models, rl
 from diffusion_dpo.llm.collate import DemoCollator, pad
@@ -355,6 +362,7 @@ def mean_over_processes(engine: Engine, stats: dict[str, float]) -> dict[str, fl
     return dict(zip(stats, engine.accelerator.reduce(t, reduction="mean").tolist()))
 
 
+@releases_output_dir
 def run(cfg: PPOConfig) -> dict:
     """Set up models and data, then ppo.iterations of rollout + update, then save; returns the summary (also
     in summary.json)."""

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from diffusion_dpo.config import OptimSection, option, parse_args
-from diffusion_dpo.engine import Engine, StepContext, StepOutput
+from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import PairCollator, RankingCollator
 from diffusion_dpo.llm.data import tokenize_pairs, tokenize_rankings
@@ -188,6 +188,7 @@ def tokenizer_and_collate(cfg: RewardConfig, tokenizer):
     return partial(tokenize, tokenizer=tokenizer, **common.token_budget(d)), collate
 
 
+@releases_output_dir
 def run(cfg: RewardConfig) -> dict:
     """Train as ``cfg`` says: data, scorer, optimizer (resumed if asked), the engine's loop with held-out
     evaluations, final/ and its normalisation; returns the summary (also in summary.json)."""

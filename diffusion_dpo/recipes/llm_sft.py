@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from diffusion_dpo.config import OptimSection, option, parse_args
-from diffusion_dpo.engine import Engine, StepContext, StepOutput
+from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import DemoCollator
 from diffusion_dpo.llm.data import tokenize_demos
@@ -80,6 +80,7 @@ def held_out_loss(engine: Engine, model, loader) -> dict[str, float]:
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
 
+@releases_output_dir
 def run(cfg: SFTConfig) -> dict:
     """Train as ``cfg`` says: data, model, optimizer (resumed if asked), the engine's loop with held-out
     evaluations, final/; returns the summary (also in summary.json)."""

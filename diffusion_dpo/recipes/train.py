@@ -52,7 +52,7 @@ from diffusion_dpo.denoising import (
     unet_forward,
     winner_errors,
 )
-from diffusion_dpo.engine import Engine, StepContext, StepOutput
+from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.fileio import atomic_write_text
@@ -287,6 +287,7 @@ def make_step(cfg: TrainConfig, unet, built: Models, vae_config, engine: Engine)
 
 # ---------------------------------------------------------------------------------------------- run
 
+@releases_output_dir
 def run(cfg: TrainConfig, *, desc: str = "train") -> TrainResult:
     """Train as ``cfg`` says: set up models, optimizer and data, train, save final/; return the result.
     ``desc`` names the progress bar (the demo's stages)."""
