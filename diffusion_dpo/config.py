@@ -293,7 +293,7 @@ def _read_config(cls: type[T], config_files: list[str] | tuple[str, ...], overri
     values: dict[str, Any] = {}
     for path in config_files:
         try:
-            loaded = _load_yaml(read_text(path, "config file"))
+            loaded = _load_yaml(read_text(path, "config file", ConfigError))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         loaded = {} if loaded is None else loaded  # an empty file sets nothing

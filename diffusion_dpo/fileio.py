@@ -72,27 +72,27 @@ def not_a_file(path: str | Path) -> str:
     return "is a folder; expected a file" if Path(path).is_dir() else "does not exist"
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
+def read_text(path: str | Path, what: str = "file", error: type[InputError] = InputError) -> str:
     """The whole of a UTF-8 text file ``path`` (``what`` names it in errors: "config file", "prompt file").
 
-    Raises InputError naming the file when it does not exist, is a folder, cannot be read, or is not UTF-8
-    (then with the line and the byte of the first undecodable byte), never a raw OSError or
+    Raises ``error`` (an InputError) naming the file when it does not exist, is a folder, cannot be read, or
+    is not UTF-8 (then with the line and the byte of the first undecodable byte), never a raw OSError or
     UnicodeDecodeError."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{what} {path} {not_a_file(path)}")
+        raise error(f"{what} {path} {not_a_file(path)}")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
+        raise error(f"{what} {path} does not exist") from None
     except OSError as e:
-        raise InputError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+        raise error(f"{what} {path} cannot be read: {e.strerror or e}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line_start = data.rfind(b"\n", 0, e.start) + 1
         line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{what} {path}, line {line}: byte {e.start - line_start + 1} of the line "
+        raise error(f"{what} {path}, line {line}: byte {e.start - line_start + 1} of the line "
                          f"(0x{data[e.start]:02x}) is not UTF-8; expected UTF-8 text (save the file as "
                          "UTF-8)") from None
 
