@@ -93,8 +93,32 @@ def read_text(path: str | Path, what: str = "file", error: type[InputError] = In
         line_start = data.rfind(b"\n", 0, e.start) + 1
         line = data.count(b"\n", 0, e.start) + 1
         raise error(f"{what} {path}, line {line}: byte {e.start - line_start + 1} of the line "
-                         f"(0x{data[e.start]:02x}) is not UTF-8; expected UTF-8 text (save the file as "
-                         "UTF-8)") from None
+                    f"(0x{data[e.start]:02x}) is not UTF-8; expected UTF-8 text (save the file as UTF-8)") from None
+
+
+def check_folder(path: str | Path, what: str = "output_dir") -> Path:
+    """Raise InputError naming ``path`` and why when it cannot be, or become, a folder this process writes
+    into (a file in the way, a name too long, no permission), without creating anything: bad input found
+    later must leave no folder behind. :func:`make_folder` creates it."""
+    path = Path(path)
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:  # the kernel's answer for a name too long, or a path it cannot look up
+        raise InputError(f"{what} {path} cannot be created: {_reason(e)}") from None
+    if not existing.is_dir():
+        raise InputError(f"{what} {path}: {existing} is a file; expected a folder (or a path that does not "
+                         "exist yet)")
+    longest = max(len(os.fsencode(part)) for part in path.parts)
+    if longest > os.pathconf(existing, "PC_NAME_MAX"):
+        raise InputError(f"{what} {path} cannot be created: the name is too long ({longest} bytes in one part)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path} cannot be {'written into' if existing == path else 'created'}: "
+                         f"permission denied on {existing}")
+    return path
+
+
+def _reason(e: OSError) -> str:
+    return "the name is too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
 
 
 def make_folder(path: str | Path, what: str = "output_dir") -> Path:
@@ -108,8 +132,7 @@ def make_folder(path: str | Path, what: str = "output_dir") -> Path:
         raise InputError(f"{what} {path}: {in_the_way} is a file; expected a folder (or a path that does not "
                          "exist yet)") from None
     except OSError as e:
-        reason = "the name is too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
-        raise InputError(f"{what} {path} cannot be created: {reason}") from None
+        raise InputError(f"{what} {path} cannot be created: {_reason(e)}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"{what} {path} cannot be written into: permission denied")
     return path

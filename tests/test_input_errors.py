@@ -206,3 +206,16 @@ def test_ctrl_c_during_training_prints_one_line_and_resume_auto_continues(tmp_pa
     assert summary["steps"] == 30 and summary["resumed_from"], summary
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))
+
+
+def test_an_output_dir_without_write_permission_is_named_before_anything_is_made(tmp_path, capsys, monkeypatch):
+    """Root may write anywhere, so the permission is taken away where the package asks for it."""
+    import diffusion_dpo.fileio
+
+    real_access = os.access
+    monkeypatch.setattr(diffusion_dpo.fileio.os, "access",
+                        lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    code, err = run_cli(capsys, "train", "--config", TINY, f"output_dir={tmp_path / 'run'}")
+    assert_one_message(code, err, f"output_dir {tmp_path / 'run'} cannot be created: permission denied on "
+                       f"{tmp_path}")
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import make_folder
+from diffusion_dpo.fileio import check_folder
 
 RUN_MARKER = "config.yaml"
 
@@ -39,7 +39,7 @@ def claim_output_dir(out: Path, *, resume: str | None, overwrite: bool, run_file
     ``run_files``: the names a run of this command writes in ``out`` (removed by overwrite=true). Only the
     main process calls this.
     """
-    make_folder(out)  # a file in the way, no permission or a name too long: said here, naming out
+    check_folder(out)  # a file in the way, no permission or a name too long: said here, naming out
     mode = parse_resume(resume)
     if overwrite and mode is not None:
         raise InputError(f"output_dir {out}: overwrite=true starts afresh and resume={resume!r} continues; "

@@ -33,7 +33,7 @@ from diffusion_dpo import checkpointing
 from diffusion_dpo.config import ConfigError, TrainingRunOptions, save_config, to_dict, validate
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume
 from diffusion_dpo.errors import RunError
-from diffusion_dpo.fileio import atomic_write_text
+from diffusion_dpo.fileio import atomic_write_text, make_folder
 
 Tensor = torch.Tensor
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -135,7 +135,7 @@ class Engine:
         self.resume_from = checkpointing.latest_checkpoint(self.out) if mode == "auto" else (
             Path(mode) if mode else None)
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_folder(self.out)
             save_config(self.cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
         set_seed(seed)

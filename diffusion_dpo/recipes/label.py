@@ -33,7 +33,7 @@ from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import atomic_write_text, make_folder
+from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
 from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_generate, summarise_relabel
 from diffusion_dpo.labeling.relabel import relabel_rows, shard_rows, source_size
@@ -345,7 +345,7 @@ def _claim_output_dir(cfg: LabelConfig, shards: ShardSet, state) -> None:
     """The one folder rule (engine.run_folder), before the shards are checked: overwrite=true removes the
     run there (its shards, manifest and summary) whatever ``resume`` says."""
     if state.is_main_process:
-        out = make_folder(cfg.output_dir)  # a path that cannot be a folder is said before it is looked into
+        out = check_folder(cfg.output_dir)  # a path that cannot be a folder is said before it is looked into
         ours = tuple(p.name for p in out.glob(f"{shards.prefix}-*.parquet*")) if out.is_dir() else ()
         claim_output_dir(out, resume=None if cfg.overwrite else cfg.resume, overwrite=cfg.overwrite,
                          run_files=("manifest.json", "summary.json", *ours))
@@ -359,7 +359,7 @@ def _bar_desc(desc: str, state) -> str:
 def _prepare_output(cfg: LabelConfig, shards: ShardSet, state, num_shards: int | None) -> None:
     """Main process: clear stale temporaries, write config.yaml and the manifest; then all processes go."""
     if state.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(cfg.output_dir)
         shards.clean_tmp()
         config.save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         shards.write_manifest(num_shards)

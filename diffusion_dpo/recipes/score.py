@@ -23,7 +23,7 @@ from typing import Optional
 from diffusion_dpo.config import option, parse_args
 from diffusion_dpo.data.columns import ColumnMap, check_column_map
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import atomic_write_text, make_folder, not_a_file
+from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, not_a_file
 from diffusion_dpo.labeling.relabel import score_pairs as score_pair_images
 from diffusion_dpo.labeling.scoring import ScorerConfig, load_scorer
 
@@ -74,8 +74,8 @@ def run(cfg: ScoreConfig) -> dict:
                          "data.source=SOURCE (not both, not neither)")
     if cfg.output and Path(cfg.output).is_dir():
         raise InputError(f"config key 'output': {cfg.output} is a folder; expected a file to write")
-    if cfg.output:  # its folder made now: a path that cannot be written fails before the scoring
-        make_folder(Path(cfg.output).parent, "the folder of config key 'output'")
+    if cfg.output:  # a path that cannot be written fails before the scoring, not after
+        check_folder(Path(cfg.output).parent, "the folder of config key 'output'")
     scorer = load_scorer(cfg.scorer, cfg.device)
     if cfg.data.source:
         result = score_pairs(scorer, cfg.data.source, split=cfg.data.split, limit=cfg.data.max_pairs,
@@ -86,6 +86,7 @@ def run(cfg: ScoreConfig) -> dict:
         result = {"scores": score_files(scorer, cfg.images, cfg.prompts or cfg.prompt)}
         text = "".join(f"{path}\t{value:.6f}\n" for path, value in zip(cfg.images, result["scores"]))
     if cfg.output:
+        make_folder(Path(cfg.output).parent, "the folder of config key 'output'")
         atomic_write_text(cfg.output, text)
     return result
 
