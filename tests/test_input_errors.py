@@ -61,6 +61,14 @@ def test_a_prompt_file_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys
     assert_one_message(code, err, str(prompts), "line 2" if name != "prompts.tsv" else "line 3", "UTF-8")
 
 
+def test_a_prompts_column_file_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "a red dog"}\n{"prompt": "' + LATIN1 + b'"}\n')
+    code, err = run_cli(capsys, "label", f"prompts={prompts}", "prompts_column=prompt",
+                        f"output_dir={tmp_path / 'out'}")
+    assert_one_message(code, err, str(prompts), "line 2", "UTF-8")
+
+
 def test_an_llm_jsonl_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys, lm):
     rows = tmp_path / "pairs.jsonl"
     rows.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "' + LATIN1 + b'"}\n')

@@ -47,6 +47,14 @@ def test_a_reward_function_must_give_one_finite_number_per_response(tmp_path, ca
         assert word in err, (word, err)
 
 
+def test_a_reward_function_file_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys, world):
+    path = tmp_path / "rule.py"
+    path.write_bytes(b"def reward(prompts, responses):\n    return [0.0] * len('caf\xe9')\n")
+    code, err = ppo(capsys, world, tmp_path / "out", f"reward.function={path}:reward")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"reward.function: {path}, line 2: not valid Python" in err and "utf-8" in err, err
+
+
 def test_a_causal_lm_given_as_reward_model_is_refused(tmp_path, capsys, world):
     code, err = ppo(capsys, world, tmp_path / "out", f"reward.model={world['model']}")
     assert code == 2, err

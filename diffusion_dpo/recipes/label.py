@@ -33,7 +33,7 @@ from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder
+from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, read_text
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
 from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_generate, summarise_relabel
 from diffusion_dpo.labeling.relabel import relabel_rows, shard_rows, source_size
@@ -136,6 +136,8 @@ def _dataset_column(source: str, column: str, limit: int | None) -> list[str]:
         builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix)
         if builder is None:
             raise InputError(f"prompts {source}: expected a parquet, JSONL or CSV file with prompts_column")
+        if builder != "parquet":  # datasets would fail on a byte that is not UTF-8 without naming the line
+            read_text(path, "prompts file")
         ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
     else:
         try:

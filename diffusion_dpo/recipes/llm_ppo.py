@@ -64,7 +64,10 @@ def load_function(spec: str) -> Callable:
             raise InputError(f"reward.function: file {where} {not_a_file(where)}")
         module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:  # also a file that is not UTF-8 (or its declared encoding)
+            raise InputError(f"reward.function: {where}, line {e.lineno}: not valid Python ({e.msg})") from None
     else:
         try:
             module = importlib.import_module(where)
