@@ -227,3 +227,17 @@ def test_an_output_dir_without_write_permission_is_named_before_anything_is_made
     assert_one_message(code, err, f"output_dir {tmp_path / 'run'} cannot be created: permission denied on "
                        f"{tmp_path}")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_immutable_output_dir_is_named(tmp_path, capsys):
+    """``chattr +i`` (root with CAP_LINUX_IMMUTABLE on a filesystem that has the flag; skipped elsewhere)."""
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for out, why in ((frozen, "cannot be written into"), (frozen / "run", "cannot be created")):
+            code, err = run_cli(capsys, "train", "--config", TINY, f"output_dir={out}")
+            assert_one_message(code, err, f"output_dir {out} {why}: permission denied on {frozen}")
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=True)
