@@ -4,13 +4,19 @@ Each command is a recipe module with ``main(argv) -> int`` that reads
 ``[--config FILE.yaml]... [key=value]...``.
 Modules are imported only when their command runs, so ``diffusion-dpo --help`` stays fast and a command's
 heavy dependencies load only for that command.
+
+One handler turns the package's errors into a message and an exit code: InputError (bad input) 2, RunError
+(a run that had to stop) 1, Ctrl-C 130 with a line saying how to continue; any other exception is a bug and
+keeps its traceback. ``DIFFUSION_DPO_TRACEBACK=1`` prints the traceback of the first three as well.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from typing import Union
+import traceback
+from typing import Callable, Union
 
 from diffusion_dpo.errors import InputError, RunError
 
@@ -35,6 +41,14 @@ COMMANDS: Table = {
     "llm": (LLM_METHODS, "language-model paths: sft, reward, dpo, ppo"),
 }
 
+TRACEBACK_VARIABLE = "DIFFUSION_DPO_TRACEBACK"
+# What a Ctrl-C'd command says about continuing; every other command keeps a run folder that resume=auto
+# continues from its last complete state.
+INTERRUPT_HINTS = {
+    "score": "",
+    "llm ppo": "; PPO keeps no checkpoints: start it again (overwrite=true replaces the folder)",
+}
+
 
 def _usage(prog: str, table: Table, noun: str) -> str:
     width = max(map(len, table))
@@ -46,7 +60,7 @@ def _usage(prog: str, table: Table, noun: str) -> str:
 
 def _dispatch(prog: str, table: Table, noun: str, argv: list[str]) -> int:
     """Run the entry of ``table`` that ``argv[0]`` names with the rest of ``argv``; a table entry (``llm``)
-    dispatches again on its methods. Bad input is printed as ``<prog> <name>: message`` (exit 2)."""
+    dispatches again on its methods (:func:`run_command` turns the errors into messages and exit codes)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(prog, table, noun))
         return 0
@@ -57,15 +71,29 @@ def _dispatch(prog: str, table: Table, noun: str, argv: list[str]) -> int:
     target = table[name][0]
     if isinstance(target, dict):
         return _dispatch(f"{prog} {name}", target, "method", rest)
-    module = importlib.import_module(target)
+    return run_command(f"{prog} {name}", lambda: importlib.import_module(target).main(rest))
+
+
+def run_command(label: str, command: Callable[[], int | None]) -> int:
+    """``command()``'s exit code, with the package's errors as one message on stderr (``label: message``):
+    InputError 2, RunError 1, KeyboardInterrupt 130. Other exceptions propagate with their traceback."""
+    show_traceback = os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return module.main(rest) or 0
-    except InputError as e:
-        print(f"{prog} {name}: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"{prog} {name}: stopped: {e}", file=sys.stderr)
-        return 1
+        return command() or 0
+    except (InputError, RunError, KeyboardInterrupt) as e:
+        if show_traceback:
+            traceback.print_exc()
+        if isinstance(e, InputError):
+            message, code = str(e), 2
+        elif isinstance(e, RunError):
+            message, code = f"stopped: {e}", 1
+        else:
+            hint = INTERRUPT_HINTS.get(label.removeprefix("diffusion-dpo "), "; continue with resume=auto")
+            message, code = f"interrupted{hint}", 130
+        # On a terminal a progress bar may be redrawing the current line: the message starts a new one.
+        start = "\n" if code == 130 and sys.stderr.isatty() else ""
+        print(f"{start}{label}: {message}", file=sys.stderr)
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:

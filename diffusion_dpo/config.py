@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union, g
 import yaml
 
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import read_text
 
 T = TypeVar("T")
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -291,11 +292,8 @@ def _read_config(cls: type[T], config_files: list[str] | tuple[str, ...], overri
     """:func:`load_config` before its checks."""
     values: dict[str, Any] = {}
     for path in config_files:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = _load_yaml(p.read_text())
+            loaded = _load_yaml(read_text(path, "config file", ConfigError))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         loaded = {} if loaded is None else loaded  # an empty file sets nothing

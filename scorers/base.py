@@ -254,7 +254,8 @@ def load_state_dict(path: str | Path, *, option: str, what: str) -> dict[str, An
     """The tensors of a torch checkpoint file (loaded with ``weights_only=True``, on the CPU)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise InputError(f"{what} file {path} (option {option}=) does not exist")
+        problem = "is a folder; expected a file" if path.is_dir() else "does not exist"
+        raise InputError(f"{what} file {path} (option {option}=) {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:

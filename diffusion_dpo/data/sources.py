@@ -23,6 +23,7 @@ Rows carry ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image bytes) and ``la
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any, Iterator, Optional
 from diffusion_dpo.data.columns import ColumnMap, is_default, map_columns
 from diffusion_dpo.data.images import keep_images_encoded
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import read_text
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
@@ -113,7 +115,15 @@ def _parquet_files(folder: Path, split: str) -> list[Path]:
 
 def _load_parquet(files: list[Path], source: str, streaming: bool, cache_dir: str | None):
     import datasets
+    import pyarrow
+    import pyarrow.parquet as pq
 
+    for file in files:  # a footer per file, read now: datasets would fail on one without naming it
+        try:
+            pq.read_metadata(file)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise InputError(f"data source {source}: {file} is not a readable parquet file ({e}); expected a "
+                             "whole parquet file (one cut short lacks its footer)") from None
     try:
         return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train",
                                      streaming=streaming, cache_dir=cache_dir)
@@ -137,18 +147,18 @@ def check_columns(ds, source: str) -> None:
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, object)`` for each non-empty line; a line that is not a JSON object is an InputError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    # Lines as a file object splits them (at \n, \r\n or \r), not at the other breaks str.splitlines knows.
+    for lineno, line in enumerate(io.StringIO(read_text(path, "data source"), newline=None), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
 
 
 def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:

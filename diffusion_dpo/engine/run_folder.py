@@ -31,7 +31,7 @@ from typing import Callable, TypeVar
 
 from diffusion_dpo.engine import run_lock
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import atomic_write_text
+from diffusion_dpo.fileio import atomic_write_text, check_folder
 
 RUN_MARKER = "config.yaml"
 R = TypeVar("R")
@@ -113,6 +113,7 @@ def claim_output_dir(out: Path, *, owner: str, resume: str | None, overwrite: bo
     command's overwrite removes them). ``marks``: the files (names or glob patterns) by which a folder written
     before run.json existed is recognised as this command's. The lock stays held until :func:`release_output_dir` or the process ends.
     """
+    check_folder(out)  # a file in the way, no permission or a name too long: said here, naming out
     mode = parse_resume(resume)
     if overwrite and mode is not None:
         raise InputError(f"output_dir {out}: overwrite=true starts afresh and resume={resume!r} continues; "

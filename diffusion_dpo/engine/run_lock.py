@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import make_folder
 
 LOCK_FILE = "run.lock"
 
@@ -83,7 +84,7 @@ def acquire(out: Path, command: str) -> RunLock:
     out = Path(out).resolve()
     if out in _HELD:
         return _HELD[out]
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     path = out / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -25,6 +25,7 @@ or style, a missing or empty file raise :class:`InputError` naming what is valid
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from diffusion_dpo import ASSETS
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import read_text
 
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 HPS_HUB_DATASET = "zhwang/HPDv2"
@@ -165,7 +167,7 @@ def _from_file(path: Path) -> list[Prompt]:
         return [Prompt(t, path.stem, i) for i, t in enumerate(_read_json_list(path))]
     if path.suffix.lower() == ".tsv":
         return _read_tsv(path)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(path, "prompt file").splitlines()]
     texts = [line for line in lines if line]
     if not texts:
         raise InputError(f"prompt file {path} is empty (expected one prompt per line)")
@@ -174,7 +176,7 @@ def _from_file(path: Path) -> list[Prompt]:
 
 def _read_json_list(path: Path) -> list[str]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        data = json.loads(read_text(path, "prompt file") or "[]")
     except json.JSONDecodeError as e:
         raise InputError(f"prompt file {path} is not valid JSON: {e}") from None
     if not isinstance(data, list):
@@ -188,8 +190,7 @@ def _read_json_list(path: Path) -> list[str]:
 
 
 def _read_tsv(path: Path) -> list[Prompt]:
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "prompt file"), newline=""), delimiter="\t"))
     if not rows:
         raise InputError(f"prompt file {path} is empty (expected a header with a Prompt column, then rows)")
     if "Prompt" not in rows[0]:

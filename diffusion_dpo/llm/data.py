@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.fileio import read_text
 
 Message = dict[str, str]
 # Which side of a too-long prompt loses tokens: "left" keeps the end (latest turns, generation header),
@@ -48,7 +49,7 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
         except Exception as e:  # pyarrow raises several types for a corrupt file
             raise InputError(f"{path}: not a readable parquet file ({e})") from None
         return
-    text = path.read_text()
+    text = read_text(path, "data source")
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -239,24 +240,63 @@ class Encoder:
 
 @dataclass
 class TokenStats:
-    """How many rows were read, kept whole, cut to fit, or dropped because the prompt fills the budget."""
+    """How many rows were read, kept whole, cut to fit, dropped because the prompt fills the budget, or left
+    out as bad rows (``bad_rows``: reason -> count, e.g. identical_pair, empty_response; ``first_bad``: the
+    first one's message), as the diffusion data counts its bad rows."""
 
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    first_bad: str | None = None
 
     @property
     def kept(self) -> int:
-        return self.rows - self.dropped
+        return self.rows - self.dropped - sum(self.bad_rows.values())
+
+    def count_bad(self, reason: str, message: str) -> None:
+        self.bad_rows[reason] = self.bad_rows.get(reason, 0) + 1
+        self.first_bad = self.first_bad or message
 
     def describe(self, what: str = "rows") -> str:
-        return (
-            f"{self.rows} {what}: {self.kept} kept, {self.truncated} truncated to fit, "
-            f"{self.dropped} dropped (prompt fills max_length)"
-        )
+        text = (f"{self.rows} {what}: {self.kept} kept, {self.truncated} truncated to fit, "
+                f"{self.dropped} dropped (prompt fills max_length)")
+        if self.bad_rows:
+            text += ", bad rows: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.bad_rows.items()))
+            text += f" (first: {self.first_bad})"
+        return text
 
-    def as_dict(self) -> dict[str, int]:
-        return {"rows": self.rows, "kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
+    def as_dict(self) -> dict[str, Any]:
+        counts = {"rows": self.rows, "kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
+        return counts | ({"bad_rows": dict(self.bad_rows), "first_bad": self.first_bad} if self.bad_rows else {})
+
+
+class BadRow(Exception):
+    """A row that cannot teach a preference (``reason``: identical_pair, empty_response): counted in
+    :class:`TokenStats` and left out, not an error."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _is_empty(completion: str | list[Message]) -> bool:
+    """An empty text, or a conversation whose last message (the response) is empty."""
+    if isinstance(completion, str):
+        return not completion.strip()
+    return not str(completion[-1]["content"]).strip()
+
+
+def check_comparison(completions: list[Any], columns: list[str], where: str) -> None:
+    """Raise :class:`BadRow` when two completions of one row (as stored, in ``columns``) are the same or one
+    is empty: such a row says nothing about which response is better."""
+    for i in range(len(completions)):
+        for j in range(i + 1, len(completions)):
+            if completions[i] == completions[j]:
+                raise BadRow("identical_pair", f"{where}: {columns[i]} and {columns[j]} are the same")
+    for column, completion in zip(columns, completions):
+        if _is_empty(completion):
+            raise BadRow("empty_response", f"{where}: {column} is empty")
 
 
 def cut_prompt(prompt: list[int], max_prompt_length: int, side: Truncation = "left") -> list[int]:
@@ -291,9 +331,12 @@ def fit(
     return prompt, completions, cut
 
 
-def _column(row: dict[str, Any], name: str, where: str, required: bool = True) -> Any:
+def _column(row: dict[str, Any], name: str, where: str, required: bool = True,
+            expected: str = "a string or a list of messages") -> Any:
     if name in row and row[name] is not None:
         return row[name]
+    if required and name in row:
+        raise InputError(f"{where}: column '{name}' is null; expected {expected}")
     if required:
         raise InputError(f"{where}: missing column '{name}' (columns: {', '.join(sorted(row))})")
     return None
@@ -308,7 +351,11 @@ def _fit_rows(rows: Iterable[dict[str, Any]], tokenizer, split: Callable, *, max
     for i, row in enumerate(rows):
         where = f"{source}, row {i}"
         stats.rows += 1
-        prompt, completions, build = split(row, where)
+        try:
+            prompt, completions, build = split(row, where)
+        except BadRow as bad:
+            stats.count_bad(bad.reason, str(bad))
+            continue
         fitted = fit(enc.prompt(prompt, where), [enc.completion(prompt, c, where) for c in completions],
                      max_length, max_prompt_length, prompt_truncation)
         if fitted is None:
@@ -328,14 +375,12 @@ def tokenize_pairs(rows: Iterable[dict[str, Any]], tokenizer, *, max_length: int
     """Preference rows -> examples {"prompt", "chosen", "rejected": ids [, "margin": float]} and stats."""
 
     def split(row, where):
-        prompt, completions = normalize(
-            _column(row, prompt_column, where, required=False),
-            [_column(row, chosen_column, where), _column(row, rejected_column, where)],
-            where,
-        )
+        stored = [_column(row, chosen_column, where), _column(row, rejected_column, where)]
+        prompt, completions = normalize(_column(row, prompt_column, where, required=False), stored, where)
+        check_comparison(stored, [f"column '{chosen_column}'", f"column '{rejected_column}'"], where)
         extra: dict[str, Any] = {}
         if margin_column is not None:
-            margin = _column(row, margin_column, where)
+            margin = _column(row, margin_column, where, expected="a number")
             if isinstance(margin, bool) or not isinstance(margin, (int, float)):
                 raise InputError(f"{where}: column '{margin_column}' must be a number, got {margin!r}")
             extra["margin"] = float(margin)
@@ -352,12 +397,14 @@ def tokenize_rankings(rows: Iterable[dict[str, Any]], tokenizer, *, max_length: 
     """Ranking rows (K >= 2 responses, best first) -> examples {"prompt", "responses": [ids]} and stats."""
 
     def split(row, where):
-        responses = _column(row, responses_column, where)
+        responses = _column(row, responses_column, where, expected="a list of responses, best first")
         if not isinstance(responses, list) or len(responses) < 2:
             raise InputError(
                 f"{where}: column '{responses_column}' must list at least 2 responses, best first"
             )
+        stored = responses
         prompt, responses = normalize(_column(row, prompt_column, where, required=False), responses, where)
+        check_comparison(stored, [f"response {k}" for k in range(len(stored))], where)
         return prompt, responses, lambda p, rs: {"prompt": p, "responses": rs}
 
     return _fit_rows(rows, tokenizer, split, max_length=max_length, max_prompt_length=max_prompt_length,

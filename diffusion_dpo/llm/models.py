@@ -135,17 +135,36 @@ def load_score_model(
     dtype: torch.dtype = torch.float32,
     attn: str | None = None,
     option: str = "model.name_or_path",
+    trained_head: bool = False,
 ) -> tuple[nn.Module, float]:
     """A sequence-classification model with one output (a new, randomly initialised head when ``path`` is a
     causal LM), and the bias from reward-model normalisation (0.0 when the folder has none). ``option`` is
-    the config key ``path`` came from (for errors)."""
+    the config key ``path`` came from (for errors). ``trained_head``: ``path`` must be a reward model, whose
+    score head was trained; a causal LM (transformers would make a random head) is refused."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification, path, dtype, attn, option, num_labels=1)
+    check_info = trained_head and not _is_adapter(path)
+    if trained_head and not check_info:
+        task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise InputError(_not_a_reward_model(path, option, f"its LoRA adapter is for {task}, not SEQ_CLS"))
+    model = _load(AutoModelForSequenceClassification, path, dtype, attn, option, num_labels=1,
+                  **({"output_loading_info": True} if check_info else {}))
+    if check_info:
+        model, info = model
+        new = sorted(k for k in info["missing_keys"] if k.split(".")[0] in ("score", "classifier"))
+        if new:
+            raise InputError(_not_a_reward_model(path, option, f"transformers would initialise its "
+                                                 f"{', '.join(new)} at random"))
     model.config.pad_token_id = pad_token_id
     norm = Path(path) / NORMALIZATION_FILE
     bias = json.loads(norm.read_text())["bias"] if norm.is_file() else 0.0
     return model, float(bias)
+
+
+def _not_a_reward_model(path: str, option: str, why: str) -> str:
+    return (f"{option}={path} is not a reward model: it has no trained score head ({why}); train one from it "
+            "with `diffusion-dpo llm reward` and give that run's final/ folder")
 
 
 def add_lora(model, cfg: LoraSection, task_type: str):

@@ -32,7 +32,7 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
-from diffusion_dpo.fileio import atomic_write, atomic_write_text
+from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 
 # Items (prompt, seed) held in memory per model between generating and scoring.
@@ -245,6 +245,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     device = torch.device(cfg.device) if cfg.device else state.device
     out = Path(cfg.output_dir)
     if state.is_main_process:
+        check_folder(out)  # a path that cannot be a folder is said before it is looked into
         claim_output_dir(out, owner="evaluate", resume=None if cfg.overwrite else cfg.resume,
                          overwrite=cfg.overwrite, run_files=RUN_FILES + ("*.part*.json*",),
                          marks=("generation.json",))
@@ -265,7 +266,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     _check_resume(out, fingerprint)
     state.wait_for_everyone()
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         config.save_config(cfg, out / "config.yaml")
         atomic_write_text(out / "generation.json", json.dumps(fingerprint, indent=1))
     state.wait_for_everyone()

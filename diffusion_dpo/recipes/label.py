@@ -33,7 +33,7 @@ from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import atomic_write_text
+from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, read_text
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
 from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_generate, summarise_relabel
 from diffusion_dpo.labeling.relabel import relabel_rows, shard_rows, source_size
@@ -136,6 +136,8 @@ def _dataset_column(source: str, column: str, limit: int | None) -> list[str]:
         builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix)
         if builder is None:
             raise InputError(f"prompts {source}: expected a parquet, JSONL or CSV file with prompts_column")
+        if builder != "parquet":  # datasets would fail on a byte that is not UTF-8 without naming the line
+            read_text(path, "prompts file")
         ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
     else:
         try:
@@ -345,7 +347,7 @@ def _claim_output_dir(cfg: LabelConfig, shards: ShardSet, state) -> None:
     """The one folder rule (engine.run_folder), before the shards are checked: overwrite=true removes the
     run there (its shards, manifest and summary) whatever ``resume`` says."""
     if state.is_main_process:
-        out = Path(cfg.output_dir)
+        out = check_folder(cfg.output_dir)  # a path that cannot be a folder is said before it is looked into
         claim_output_dir(out, owner="label", resume=None if cfg.overwrite else cfg.resume,
                          overwrite=cfg.overwrite, run_files=("manifest.json", "summary.json",
                                                              f"{shards.prefix}-*.parquet*"),
@@ -360,7 +362,7 @@ def _bar_desc(desc: str, state) -> str:
 def _prepare_output(cfg: LabelConfig, shards: ShardSet, state, num_shards: int | None) -> None:
     """Main process: clear stale temporaries, write config.yaml and the manifest; then all processes go."""
     if state.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(cfg.output_dir)
         shards.clean_tmp()
         config.save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         shards.write_manifest(num_shards)

@@ -46,7 +46,8 @@ from diffusion_dpo.engine import (
     build_optimizer,
     releases_output_dir,
 )
-from diffusion_dpo.errors import InputError
+from diffusion_dpo.errors import InputError, RunError
+from diffusion_dpo.fileio import not_a_file
 from diffusion_dpo.llm import models, rl
 from diffusion_dpo.llm.collate import DemoCollator, pad
 from diffusion_dpo.llm.data import read_rows, tokenize_prompts
@@ -67,10 +68,13 @@ def load_function(spec: str) -> Callable:
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
         if not Path(where).is_file():
-            raise InputError(f"reward.function: file {where} does not exist")
+            raise InputError(f"reward.function: file {where} {not_a_file(where)}")
         module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:  # also a file that is not UTF-8 (or its declared encoding)
+            raise InputError(f"reward.function: {where}, line {e.lineno}: not valid Python ({e.msg})") from None
     else:
         try:
             module = importlib.import_module(where)
@@ -153,7 +157,8 @@ def setup_models(cfg: PPOConfig, engine: Engine, pad_id: int) -> tuple[ActorCrit
         reference = AdapterOff(lm)
     reward_model, reward_fn = None, None
     if cfg.reward.model is not None:
-        rm, bias = models.load_score_model(cfg.reward.model, pad_id, frozen, attn)
+        rm, bias = models.load_score_model(cfg.reward.model, pad_id, frozen, attn, option="reward.model",
+                                           trained_head=True)
         reward_model = models.TokenScorer(models.freeze(rm), bias).to(device)
     else:
         reward_fn = load_function(cfg.reward.function)
@@ -236,26 +241,50 @@ def sample(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, prompts: lis
     return query, query_mask, responses, mask, has_eos
 
 
+def checked_rewards(values, prompts: list[str], responses: list[str], source: str, iteration: int,
+                    error: type[Exception]) -> torch.Tensor:
+    """``values`` as float32 [B] when they are one finite number per response, else ``error`` naming the
+    ``source`` of the rewards, the iteration, the prompt and what came back (never broadcast, never NaN)."""
+    at = f"{source} at iteration {iteration}"
+    try:
+        scores = torch.as_tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise error(f"{at} returned {values!r:.200}; expected one number per response") from None
+    if scores.shape != (len(responses),):
+        raise error(f"{at} returned {scores.numel()} value(s) of shape {tuple(scores.shape)} for "
+                    f"{len(responses)} responses; expected one number per response (first prompt: "
+                    f"{prompts[0]!r:.80})")
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise error(f"{at} returned {scores[i].item()} for response {i} (prompt {prompts[i]!r:.80}, response "
+                    f"{responses[i]!r:.80}); expected a finite number ({len(bad)} of {len(responses)} not)")
+    return scores
+
+
 def scores_and_reference(m: PPOModels, cfg: PPOConfig, tokenizer, input_ids, attention_mask, query,
-                         responses):
-    """The reward of each whole response [B] and the reference's log-probs of its tokens [B, Tr]."""
+                         responses, iteration: int):
+    """The reward of each whole response [B] (checked: one finite number each) and the reference's log-probs
+    of its tokens [B, Tr]."""
     pos, q = position_ids(attention_mask), query.shape[1]
     with m.reference.model() as ref:
         ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                          use_cache=False).logits
     ref_logprobs = token_logps(response_logits(ref_logits, q, cfg.rollout.temperature), responses)
-    if m.reward_model is not None:
-        scores = models.last_token(m.reward_model(input_ids, attention_mask, pos), attention_mask)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    prompts = tokenizer.batch_decode(query, skip_special_tokens=True)
+    if m.reward_model is not None:  # a model that gives NaN is a run to stop, not bad input
+        scores = models.last_token(m.reward_model(input_ids, attention_mask, pos), attention_mask).float().cpu()
+        scores = checked_rewards(scores, prompts, texts, f"reward.model {cfg.reward.model}", iteration, RunError)
     else:
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        prompts = tokenizer.batch_decode(query, skip_special_tokens=True)
-        scores = torch.as_tensor(m.reward_fn(prompts, texts), dtype=torch.float32, device=input_ids.device)
-    return scores.float(), ref_logprobs
+        scores = checked_rewards(m.reward_fn(prompts, texts), prompts, texts,
+                                 f"reward.function {cfg.reward.function}", iteration, InputError)
+    return scores.to(input_ids.device), ref_logprobs
 
 
 @torch.no_grad()
 def rollout(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, controller,
-            prompts: list[list[int]]) -> tuple[Rollout, dict[str, float]]:
+            prompts: list[list[int]], iteration: int) -> tuple[Rollout, dict[str, float]]:
     """Sample, score and compute the KL-penalised per-token rewards, values, GAE advantages and returns."""
     query, query_mask, responses, mask, has_eos = sample(m, cfg, engine, tokenizer, prompts)
     input_ids = torch.cat([query, responses], dim=1)
@@ -266,7 +295,7 @@ def rollout(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, controller,
                                                      cfg.rollout.temperature)
         entropy = entropy_from_logits(response_logits(logits, q, cfg.rollout.temperature))
         scores, ref_logprobs = scores_and_reference(m, cfg, tokenizer, input_ids, attention_mask, query,
-                                                    responses)
+                                                    responses, iteration)
     scores = scores - cfg.reward.no_eos_penalty * (~has_eos).float()
     kl = rl.kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator) * mask
     rewards = -controller.value * kl
@@ -385,7 +414,7 @@ def run(cfg: PPOConfig) -> dict:
     history = []
     for iteration in tqdm(range(1, cfg.ppo.iterations + 1), desc="ppo", disable=not engine.is_main):
         t0 = time.perf_counter()
-        ro, stats = rollout(m, cfg, engine, tokenizer, controller, next(prompts))
+        ro, stats = rollout(m, cfg, engine, tokenizer, controller, next(prompts), iteration)
         t1 = time.perf_counter()
         stats |= update(m, cfg, engine, optimizer, scheduler, ro, iteration, ptx)
         stats = mean_over_processes(engine, stats | {"rollout_s": t1 - t0,

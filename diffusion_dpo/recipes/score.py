@@ -23,7 +23,7 @@ from typing import Optional
 from diffusion_dpo.config import option, parse_args
 from diffusion_dpo.data.columns import ColumnMap, check_column_map
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.fileio import atomic_write_text
+from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, not_a_file
 from diffusion_dpo.labeling.relabel import score_pairs as score_pair_images
 from diffusion_dpo.labeling.scoring import ScorerConfig, load_scorer
 
@@ -72,6 +72,10 @@ def run(cfg: ScoreConfig) -> dict:
     if bool(cfg.images) == bool(cfg.data.source):
         raise InputError("give either image files to score (images=[...] or plain paths) or "
                          "data.source=SOURCE (not both, not neither)")
+    if cfg.output and Path(cfg.output).is_dir():
+        raise InputError(f"config key 'output': {cfg.output} is a folder; expected a file to write")
+    if cfg.output:  # a path that cannot be written fails before the scoring, not after
+        check_folder(Path(cfg.output).parent, "the folder of config key 'output'")
     scorer = load_scorer(cfg.scorer, cfg.device)
     if cfg.data.source:
         result = score_pairs(scorer, cfg.data.source, split=cfg.data.split, limit=cfg.data.max_pairs,
@@ -82,6 +86,7 @@ def run(cfg: ScoreConfig) -> dict:
         result = {"scores": score_files(scorer, cfg.images, cfg.prompts or cfg.prompt)}
         text = "".join(f"{path}\t{value:.6f}\n" for path, value in zip(cfg.images, result["scores"]))
     if cfg.output:
+        make_folder(Path(cfg.output).parent, "the folder of config key 'output'")
         atomic_write_text(cfg.output, text)
     return result
 
@@ -98,7 +103,7 @@ def score_files(scorer, paths: list[str], prompts: str | list[str] | None) -> li
         raise InputError(f"scorer {scorer.name} reads prompts: give prompt=TEXT (or prompts=[...])")
     for path in paths:
         if not Path(path).is_file():
-            raise InputError(f"image file {path} does not exist")
+            raise InputError(f"image file {path} {not_a_file(path)}")
     scores: list[float] = []
     bar = tqdm(total=len(paths), unit="img", desc=f"scoring ({scorer.name})", disable=len(paths) <= _CHUNK,
                file=sys.stderr)
