@@ -212,12 +212,19 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; known keys under '{prefix or '(top)'}': "
-            f"{', '.join(sorted(names))}"
-        )
+        raise _unknown_key(cls, prefix, unknown[0])
     kwargs = {name: _check(v, hints[name], f"{prefix}{name}") for name, v in values.items()}
     return cls(**kwargs)
+
+
+def _unknown_key(cls: type, prefix: str, name: str) -> ConfigError:
+    """The error for key ``name`` of section ``cls`` (at ``prefix``): its new name when the section lists it
+    in a ``RENAMED_KEYS`` class mapping (old name -> new dotted name under the same section), else the keys."""
+    renamed = getattr(cls, "RENAMED_KEYS", {}).get(name)
+    if renamed:
+        return ConfigError(f"config key '{prefix}{name}' is now called '{prefix}{renamed}'")
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return ConfigError(f"unknown config key '{prefix}{name}'; known keys under '{prefix.rstrip('.') or '(top)'}': {known}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -225,8 +232,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def fill_nulls(section: Any, defaults: dict[str, Any]) -> Any:
-    """A copy of the dataclass ``section`` whose fields left null take ``defaults``' values (given ones win)."""
-    return dataclasses.replace(section, **{k: v for k, v in defaults.items() if getattr(section, k) is None})
+    """A copy of the dataclass ``section`` whose fields left null take ``defaults``' values (given ones win);
+    a mapping in ``defaults`` fills the sub-section of that name the same way."""
+    filled = {k: fill_nulls(getattr(section, k), v) if isinstance(v, dict) else v for k, v in defaults.items()
+              if isinstance(v, dict) or getattr(section, k) is None}
+    return dataclasses.replace(section, **filled)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -253,9 +263,7 @@ def _field_type(cls: type, dotted: str) -> Any:
             raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(walked)}' has no sub-keys")
         hints = _hints(tp)
         if part not in hints:
-            known = ", ".join(sorted(f.name for f in dataclasses.fields(tp)))
-            where = ".".join(walked) or "(top)"
-            raise ConfigError(f"unknown config key '{dotted}'; known keys under '{where}': {known}")
+            raise _unknown_key(tp, "".join(w + "." for w in walked), part)
         tp = hints[part]
         walked.append(part)
     return tp

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from diffusion_dpo import ASSETS, config
 from diffusion_dpo.config import (
@@ -62,10 +62,10 @@ DEFAULT_BASE = BASES["sd"]
 # losers' error and the winners' with it, and loses to the base; beta 500 improves on it, and a rank-32
 # adapter at lr 5e-5 was the one setting above 50% on all three seeds' pairs.
 FAMILY_TRAIN_DEFAULTS = {
-    "sd": dict(lora_rank=8, beta_dpo=5000.0, learning_rate=3e-4, max_steps=200, sft_learning_rate=3e-4,
-               sft_max_steps=200),
-    "flow": dict(lora_rank=32, beta_dpo=500.0, learning_rate=5e-5, max_steps=200, sft_learning_rate=3e-4,
-                 sft_max_steps=200),
+    "sd": dict(model=dict(lora_rank=8), loss=dict(beta=5000.0), optim=dict(learning_rate=3e-4, max_steps=200),
+               sft_optim=dict(learning_rate=3e-4, max_steps=200)),
+    "flow": dict(model=dict(lora_rank=32), loss=dict(beta=500.0), optim=dict(learning_rate=5e-5, max_steps=200),
+                 sft_optim=dict(learning_rate=3e-4, max_steps=200)),
 }
 
 
@@ -93,20 +93,55 @@ class SamplingConfig:
     batch_size: int = option(64, "images per generation batch")
 
 
+# The demo's train.* keys carry the names of the train command's keys they set (train.optim.learning_rate
+# sets optim.learning_rate), in sections holding only what the demo passes on.
 @dataclass
-class DemoTrainConfig:
+class DemoModelSection:
     lora_rank: int | None = option(None, "0: full fine-tune of the denoiser; r > 0: a rank-r LoRA adapter on the "
                                    "attention projections (null: the family's: 8 sd, 32 flow)")
-    beta_dpo: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for "
-                                    "sd; 500 for flow)")
+
+
+@dataclass
+class DemoDataSection:
+    caption_dropout: float = option(0.0, "probability a caption is dropped during tuning (DPO and SFT)")
+
+
+@dataclass
+class DemoLossSection:
+    beta: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for sd; "
+                                "500 for flow)")
+
+
+@dataclass
+class DemoOptimSection:
     learning_rate: float | None = option(None, "DPO learning rate, not scaled by the batch (null: the family's, "
                                          "3e-4 sd, 5e-5 flow); a full fine-tune (lora_rank=0) wants about 1e-5")
     max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, 200)")
-    batch_size: int = option(16, "pairs per DPO step")
-    lr_warmup_steps: int = option(20, "linear warm-up steps (DPO and SFT)")
-    caption_dropout: float = option(0.0, "probability a caption is dropped during tuning (DPO and SFT)")
-    sft_learning_rate: float | None = option(None, "SFT baseline learning rate (null: the family's, 3e-4)")
-    sft_max_steps: int | None = option(None, "SFT baseline optimizer steps (null: the family's, as max_steps)")
+    batch_size: int = option(16, "pairs per step (DPO and SFT)")
+    warmup_steps: int = option(20, "linear warm-up steps (DPO and SFT)")
+
+
+@dataclass
+class DemoSftOptimSection:
+    learning_rate: float | None = option(None, "SFT baseline learning rate (null: the family's, 3e-4)")
+    max_steps: int | None = option(None, "SFT baseline optimizer steps (null: the family's, 200)")
+
+
+@dataclass
+class DemoTrainConfig:
+    model: DemoModelSection = option(DemoModelSection, "the train command's model.* keys the demo sets")
+    data: DemoDataSection = option(DemoDataSection, "the train command's data.* keys the demo sets")
+    loss: DemoLossSection = option(DemoLossSection, "the DPO run's loss.* keys")
+    optim: DemoOptimSection = option(DemoOptimSection, "the DPO run's optim.* keys (batch_size and warmup_steps "
+                                     "also the SFT run's)")
+    sft_optim: DemoSftOptimSection = option(DemoSftOptimSection, "the SFT baseline run's optim.* keys that "
+                                            "differ from the DPO run's")
+    # The keys' names before they took the train command's (an old name is refused with its new one).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "lora_rank": "model.lora_rank", "beta_dpo": "loss.beta", "learning_rate": "optim.learning_rate",
+        "max_steps": "optim.max_steps", "batch_size": "optim.batch_size", "lr_warmup_steps": "optim.warmup_steps",
+        "caption_dropout": "data.caption_dropout", "sft_learning_rate": "sft_optim.learning_rate",
+        "sft_max_steps": "sft_optim.max_steps"}
 
 
 @dataclass
@@ -167,17 +202,17 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
     from diffusion_dpo.recipes import train
 
     t = cfg.train
-    dpo = method == "dpo"
+    run_optim = t.optim if method == "dpo" else t.sft_optim
     return train.TrainConfig(
         method=method,
-        model=train.ModelConfig(pretrained=policy, lora_rank=t.lora_rank),
+        model=train.ModelConfig(pretrained=policy, lora_rank=t.model.lora_rank),
         data=DataConfig(source=str(pairs), resolution=_resolution(policy), random_flip=True,
-                        caption_dropout=t.caption_dropout),
-        loss=PreferenceLossSection(beta=t.beta_dpo),
+                        caption_dropout=t.data.caption_dropout),
+        loss=PreferenceLossSection(beta=t.loss.beta),
         optim=OptimSection(
-            learning_rate=t.learning_rate if dpo else t.sft_learning_rate, scale_lr=False,
-            scheduler="constant_with_warmup", warmup_steps=t.lr_warmup_steps, batch_size=t.batch_size,
-            max_steps=t.max_steps if dpo else t.sft_max_steps, seed=1000 * cfg.seed + round_),
+            learning_rate=run_optim.learning_rate, scale_lr=False, scheduler="constant_with_warmup",
+            warmup_steps=t.optim.warmup_steps, batch_size=t.optim.batch_size, max_steps=run_optim.max_steps,
+            seed=1000 * cfg.seed + round_),
         precompute=True, output_dir=str(out), checkpoint_every=0, log_every=10, resume=resume,
         mixed_precision=cfg.mixed_precision,
     )
@@ -382,8 +417,9 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     console.say(f"{labelled.pairs_written} pairs; mean winner score {labelled.mean_winner_score:.3f}, mean loser "
                 f"score {labelled.mean_loser_score:.3f}.")
     t = cfg.train
-    kind = f"a rank-{t.lora_rank} LoRA" if t.lora_rank else "the full denoiser"
-    console.stage(f"train DPO: {t.max_steps} steps of {t.batch_size} pairs, {kind}, beta_dpo {t.beta_dpo:g}")
+    kind = f"a rank-{t.model.lora_rank} LoRA" if t.model.lora_rank else "the full denoiser"
+    console.stage(f"train DPO: {t.optim.max_steps} steps of {t.optim.batch_size} pairs, {kind}, beta_dpo "
+                  f"{t.loss.beta:g}")
     trained = _timed(seconds, f"train_dpo_{r}", train.run,
                      train_config(cfg, "dpo", policy, rdir / "pairs", rdir / "dpo", r, resume))
     m = trained.last_metrics
@@ -391,7 +427,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
                 f"{m.get('implicit_acc', float('nan')):.2f}.")
     sft_run = None
     if r == 1 and cfg.sft:
-        console.stage(f"train SFT: the paper's baseline, {t.sft_max_steps} steps on the winners of the same pairs")
+        console.stage(f"train SFT: the paper's baseline, {t.sft_optim.max_steps} steps on the winners of the same pairs")
         sft_run = _timed(seconds, "train_sft", train.run,
                          train_config(cfg, "sft", policy, rdir / "pairs", rdir / "sft", r, resume))
     new_policy = policy_pipeline(policy, Path(trained.final), trained.format, rdir / "policy")
