@@ -4,6 +4,7 @@ and transforming a pair winner first, and collating pairs into a training batch.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -103,10 +104,9 @@ def row_verdict(caption: Any, label_0: Any, label_1: Any, problem: Optional[str]
         return "missing_caption", f"column caption is {caption!r}, expected a string"
     if problem:
         return "bad_label", problem
-    try:
-        verdict = _VERDICTS.get((float(label_0), float(label_1)))
-    except (TypeError, ValueError):
-        verdict = None
+    # Numbers only, as a mapped source's labels (data.columns): the text "1" or true is not the label 1.
+    numeric = all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in (label_0, label_1))
+    verdict = _VERDICTS.get((float(label_0), float(label_1))) if numeric else None
     if verdict is None:
         return "bad_label", (f"columns label_0, label_1 are {label_0!r}, {label_1!r}; expected 1/0, 0/1 or "
                              "0.5/0.5")
