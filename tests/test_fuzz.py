@@ -76,10 +76,32 @@ def _prechecks(command: str, cfg: Any) -> None:
 
         train.check_inputs(cfg)
     elif command == "demo":
-        from diffusion_dpo.recipes import demo, demo_online
+        _demo_stages_accept(cfg)
 
-        resolved = demo_online.resolve_online_defaults(cfg) if cfg.method != "offline_dpo" else cfg
-        demo.check_base(demo.resolve_defaults(resolved))
+
+def _demo_stages_accept(cfg: Any) -> None:
+    """The demo's own checks stand for those of the commands it runs: a demo config it accepts must give
+    every stage (label, train, evaluate, grpo) a config that stage accepts, and prompts on both sides of the
+    world's split; else the demo would fail minutes in, after writing, naming a key the user did not type."""
+    from diffusion_dpo.config import ConfigError
+    from diffusion_dpo.recipes import demo, demo_online
+    from scorers.shapes.world import split_prompts
+
+    base, where = demo.check_base(cfg), Path("unused")
+    stages = {"evaluate": demo.evaluate_config(cfg, base, base, where, where, None)}
+    if cfg.method in demo.ONLINE_METHODS:
+        stages["grpo"] = demo_online.grpo_config(demo_online.resolve_online_defaults(cfg), base, where, where, None)
+    else:
+        cfg = demo.resolve_defaults(cfg)
+        stages |= {"label": demo.label_config(cfg, base, where, where, 1, None),
+                   "train dpo": demo.train_config(cfg, "dpo", base, where, where, 1, None),
+                   "train sft": demo.train_config(cfg, "sft", base, where, where, 1, None)}
+    for name, stage in stages.items():
+        try:
+            validate(stage)
+        except ConfigError as e:
+            raise AssertionError(f"the demo accepted a config its {name} stage refuses: {e}") from None
+    assert all(split_prompts(cfg.world.held_out_fraction, cfg.world.split_seed)), "a side of the split is empty"
 
 
 def _run_cli(command: str, args: list[str]) -> tuple[Any, int, str]:
@@ -222,7 +244,7 @@ def test_fuzz_command_line_values(command, tmp_path, data):
 def test_fuzz_config_file_values(command, tmp_path, data):
     key = data.draw(_keys_and_junk(command), label="key")
     value = data.draw(YAML_VALUES, label="value")
-    assume(all(yaml.safe_load(yaml.safe_dump({p: 1})) == {p: 1} for p in key.split(".")))  # YAML keeps the key
+    assume(all(yaml.safe_load(yaml.safe_dump({p: 1}, allow_unicode=True)) == {p: 1} for p in key.split(".")))
     nested: Any = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
@@ -346,7 +368,8 @@ def test_fuzz_jsonl_pair_rows(tmp_path_factory, rows):
     objects = [_jsonl_object(i, k, c, tmp) for i, (k, c) in enumerate(rows)]
     source = tmp / "pairs.jsonl"
     source.write_text("".join(json.dumps(o) + "\n" for o in objects))
-    refused = [i for i, k in enumerate(kinds) if k in JSONL_REFUSED]
+    # A JSONL label must be a number: a null one refuses the file (naming its line), as a text one does.
+    refused = [i for i, k in enumerate(kinds) if k in JSONL_REFUSED or k == "label_null"]
     if refused:
         from diffusion_dpo.data import DataConfig, PreferencePairs
 

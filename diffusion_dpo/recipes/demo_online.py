@@ -41,6 +41,10 @@ RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy"
 # The demo's online.* keys carry the names of the grpo command's keys they set: online.model.lora_rank sets
 # model.lora_rank, online.optim.* optim.*, online.sampling.* sampling.*, and the keys directly under online.*
 # grpo's online.* of the same name.
+def _null_or_positive(v) -> bool:
+    return v is None or v > 0
+
+
 @dataclass
 class OnlineDemoModelSection:
     lora_rank: Optional[int] = option(None, "rank of the LoRA adapter on the denoiser's attention projections "
@@ -63,7 +67,8 @@ class OnlineDemoOptimSection:
                             "updates); 48 x 4 x 8 = 1536 images, as many as the offline demo labels (1512)",
                             at_least_one, "at least 1")
     learning_rate: Optional[float] = option(None, "learning rate of the LoRA adapter (null: the method's and "
-                                            "family's, see FAMILY_ONLINE_DEFAULTS)")
+                                            "family's, see FAMILY_ONLINE_DEFAULTS)", _null_or_positive,
+                                            "null or a positive number")
     batch_size: int = option(32, "grpo: micro-batch in transitions (online_dpo trains on a step's pairs, one "
                              "per prompt, in one batch)", at_least_one, "at least 1")
 
@@ -78,15 +83,17 @@ class OnlineDemoConfig:
     train_steps: int = option(3, "grpo: transitions trained per image, of the sampling.num_inference_steps",
                               at_least_one, "at least 1")
     kl_coef: Optional[float] = option(None, "grpo: weight of the KL to the base per transition (null: the "
-                                      "family's)")
+                                      "family's)", lambda v: v is None or v >= 0, "null or 0 or more")
     clip_range: float = option(1e-4, "grpo: PPO clip range of the importance ratio (DDPO's 1e-4)",
                                lambda v: v > 0, "a positive number")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: int = option(3, "grpo: optimizer steps per pass (online_dpo: 1)", at_least_one,
                                     "at least 1")
     beta_dpo: Optional[float] = option(None, "online_dpo: Diffusion-DPO beta (null: the family's, as the offline "
-                                       "demo's: 5000 sd, 500 flow)")
-    ref_refresh_every: int = option(0, "online_dpo: refresh the reference to the policy every N steps (0: never)")
+                                       "demo's: 5000 sd, 500 flow)", _null_or_positive,
+                                       "null or a positive number")
+    ref_refresh_every: int = option(0, "online_dpo: refresh the reference to the policy every N steps (0: never)",
+                                    lambda v: v >= 0, "0 or more")
     # The keys' names before they took the grpo command's (an old name is refused with its new one).
     RENAMED_KEYS: ClassVar[dict[str, str]] = {
         "steps": "optim.max_steps", "learning_rate": "optim.learning_rate", "batch_size": "optim.batch_size",
