@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 from unittest import mock
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -160,6 +161,24 @@ YAML_VALUES = st.recursive(
     max_leaves=6)
 
 
+# The edges of numbers: where most checks live, and where YAML reads surprising things.
+INT_EDGES = ["0", "-0", "-1", "1", "99999999999999999999999", "0.5", "1e3", "null", "true", "[1]", "x"]
+FLOAT_EDGES = [".nan", ".inf", "-.inf", "1e999", "-1e999", str(10 ** 400), "0", "-1", "-1e-8", "1e-4", "null"]
+
+
+def _holds(tp: Any, kind: type) -> bool:
+    """Whether a declared type holds ``kind`` (in a union or a list too)."""
+    return tp is kind or any(_holds(arm, kind) for arm in get_args(tp))
+
+
+def _values_for(command: str, key: str):
+    """Values for ``key``: mostly the edges of its type (hypothesis picks an arm of one_of evenly), or
+    anything."""
+    tp = dict(KEYS[command]).get(key)
+    edges = st.sampled_from(FLOAT_EDGES if _holds(tp, float) else INT_EDGES if _holds(tp, int) else EDGE_VALUES)
+    return st.one_of(edges, edges, VALUES)
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
@@ -230,12 +249,22 @@ def _output_dir(command: str, tmp_path: Path) -> list[str]:
 @given(data=st.data())
 def test_fuzz_command_line_values(command, tmp_path, data):
     key = data.draw(_keys_and_junk(command), label="key")
-    value = data.draw(VALUES, label="value")
+    value = data.draw(_values_for(command, key), label="value")
     cfg, code, err = _run_cli(command, [*_output_dir(command, tmp_path), f"{key}={value}"])
     _check_outcome(command, key, cfg, code, err, tmp_path)
     if cfg is not None and dict(KEYS[command]).get(key) is str:
         assert _get(cfg, key) == value  # a string key keeps exactly what was typed
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_key_meets_the_values_every_check_must_stop(command, tmp_path):
+    """The sweep beside the random draws: every key once with a value that holds itself, every number key
+    with the non-finite numbers (a random draw meets each of these only now and then)."""
+    for key, tp in KEYS[command]:
+        for value in ["&a [*a]", *([".nan", "-.inf", "1e999"] if _holds(tp, float) else [])]:
+            cfg, code, err = _run_cli(command, [*_output_dir(command, tmp_path), f"{key}={value}"])
+            _check_outcome(command, key, cfg, code, err, tmp_path)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -414,3 +443,43 @@ def test_fuzz_parquet_pair_rows(tmp_path_factory, rows, label_type):
     number = label_type in ("float64", "int64")
     _check_pairs(tmp / "pairs", kinds, [c if c is not None else "" for c in captions], tmp,
                  "number" if number else label_type)
+
+
+# ------------------------------------------------------------------------------ what the fuzzing found
+
+@pytest.mark.parametrize("command, override, message", [
+    ("train", "optim.learning_rate=.inf", "'optim.learning_rate': expected a finite number, got inf"),
+    ("train", "optim.learning_rate=1e999", "'optim.learning_rate': expected a finite number, got inf"),
+    ("grpo", "online.clip_range=.inf", "'online.clip_range': expected a finite number"),
+    ("grpo", "sampling.guidance_scale=.nan", "'sampling.guidance_scale': expected a finite number"),
+    ("train", f"optim.eps={10 ** 400}", "'optim.eps': expected a finite number"),
+    ("train", "overwrite=&a [*a]", "alias *a refers to the value that holds it"),
+    ("train", "\xa0=1", "has no key before '='"),
+    ("demo", "train.loss.beta=0", "'train.loss.beta': expected null or a positive number"),
+    ("demo", "train.optim.batch_size=0", "'train.optim.batch_size': expected at least 1"),
+    ("demo", "world.held_out_fraction=1e-4", "'world.held_out_fraction'"),
+    ("demo", "sampling.num_inference_steps=0", "'sampling.num_inference_steps': expected at least 1"),
+    ("demo", "online.optim.learning_rate=-1", "'online.optim.learning_rate': expected null or a positive number"),
+])
+def test_what_fuzzing_found_is_refused_naming_the_key(tmp_path, command, override, message):
+    cfg, code, err = _run_cli(command, [f"output_dir={tmp_path / 'run'}", override])
+    assert cfg is None and code == 2 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_value_holding_itself_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("optim: &a {learning_rate: 1, nested: *a}\n")
+    cfg, code, err = _run_cli("train", ["--config", str(path), f"output_dir={tmp_path / 'run'}"])
+    assert code == 2 and f"config file {path} is not valid YAML" in err and "refers to the value that holds it" in err
+
+
+def test_labels_are_numbers_not_text_or_booleans():
+    """An unmapped source's labels are read as a mapped one's: the text "1" or true is not the label 1."""
+    from diffusion_dpo.data import row_verdict
+
+    assert row_verdict("c", 1, 0) == ("first", "") and row_verdict("c", 0.0, 1.0) == ("second", "")
+    assert row_verdict("c", np.float64(0.5), np.int64(0) + 0.5)[0] == "tie"
+    for labels in (("1", "0"), (True, False), ("0.5", "0.5"), (None, 1)):
+        reason, detail = row_verdict("c", *labels)
+        assert reason == "bad_label" and repr(labels[0]) in detail
