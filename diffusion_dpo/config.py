@@ -184,14 +184,16 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def _unknown_key(cls: type, prefix: str, name: str) -> ConfigError:
-    """The error for key ``name`` of section ``cls`` (at ``prefix``): its new name when the section lists it
-    in a ``RENAMED_KEYS`` class mapping (old name -> new dotted name under the same section), else the keys."""
+def _unknown_key(cls: type, prefix: str, name: str, typed: str = "") -> ConfigError:
+    """The error for key ``name`` of section ``cls`` (at ``prefix``; ``typed``: the whole key as given): its
+    new name when the section lists it in a ``RENAMED_KEYS`` class mapping (old name -> new dotted name under
+    the same section), else the section's keys."""
     renamed = getattr(cls, "RENAMED_KEYS", {}).get(name)
     if renamed:
         return ConfigError(f"config key '{prefix}{name}' is now called '{prefix}{renamed}'")
     known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
-    return ConfigError(f"unknown config key '{prefix}{name}'; known keys under '{prefix.rstrip('.') or '(top)'}': {known}")
+    return ConfigError(f"unknown config key '{typed or prefix + name}'; known keys under "
+                       f"'{prefix.rstrip('.') or '(top)'}': {known}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -230,7 +232,7 @@ def _field_type(cls: type, dotted: str) -> Any:
             raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(walked)}' has no sub-keys")
         hints = _hints(tp)
         if part not in hints:
-            raise _unknown_key(tp, "".join(w + "." for w in walked), part)
+            raise _unknown_key(tp, "".join(w + "." for w in walked), part, dotted)
         tp = hints[part]
         walked.append(part)
     return tp
