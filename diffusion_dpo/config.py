@@ -231,7 +231,7 @@ def _field_type(cls: type, dotted: str) -> Any:
                 continue
             raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(walked)}' has no sub-keys")
         hints = _hints(tp)
-        if part not in hints:
+        if part not in {f.name for f in dataclasses.fields(tp)}:  # not a ClassVar such as RENAMED_KEYS
             raise _unknown_key(tp, "".join(w + "." for w in walked), part, dotted)
         tp = hints[part]
         walked.append(part)
