@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -30,6 +31,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union, g
 
 import yaml
 
+from diffusion_dpo.config_yaml import Plain, load_yaml, resolved
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import read_text
 
@@ -41,46 +43,8 @@ class ConfigError(InputError):
     """A config file or override that does not fit the recipe's dataclass."""
 
 
-class _Plain(typing.NamedTuple):
-    """An unquoted YAML scalar: YAML 1.1's reading of it (``value``) and the text as written (``text``)."""
-
-    value: Any
-    text: str
-
-
-class _Loader(yaml.SafeLoader):
-    """A safe loader that keeps the text of every unquoted scalar, so the declared type can pick its reading."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        value = super().construct_object(node, deep=deep)
-        if isinstance(node, yaml.ScalarNode) and node.style is None:
-            return _Plain(value, node.value)
-        return value
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # Keys are names (config keys, scorer names): an unquoted key such as `on` is the word, not True.
-        mapping = super().construct_mapping(node, deep=deep)
-        return {k.text if isinstance(k, _Plain) else k: v for k, v in mapping.items()}
-
-
-def _load_yaml(text: str) -> Any:
-    """YAML text -> Python values, with each unquoted scalar as a :class:`_Plain`."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: builds plain data only
-
-
-def _resolved(value: Any) -> Any:
-    """``value`` with every :class:`_Plain` replaced by YAML's reading of it (for keys with no declared type)."""
-    if isinstance(value, _Plain):
-        return value.value
-    if isinstance(value, dict):
-        return {k: _resolved(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolved(v) for v in value]
-    return value
-
-
 def _mismatch(key: str, expected: str, value: Any) -> ConfigError:
-    return ConfigError(f"config key '{key}': expected {expected}, got {_resolved(value)!r}")
+    return ConfigError(f"config key '{key}': expected {expected}, got {resolved(value)!r}")
 
 
 def _wants_text(tp: Any) -> bool:
@@ -144,25 +108,25 @@ def _type_name(tp: Any) -> str:
 def _check(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` if it fits type ``tp`` (int is accepted for float), else raise naming ``key``.
 
-    An unquoted scalar (:class:`_Plain`) is taken as its text where ``tp`` wants a string, else as YAML's
+    An unquoted scalar (:class:`Plain`) is taken as its text where ``tp`` wants a string, else as YAML's
     reading of it; in a union, YAML's reading is tried on every arm first, so ``null`` for ``Optional[str]``
     is None while ``no`` is ``"no"``.
     """
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        readings = [value.value, value] if isinstance(value, _Plain) else [value]
+        readings = [value.value, value] if isinstance(value, Plain) else [value]
         for reading in readings:
             for arg in get_args(tp):
                 try:
                     return _check(reading, arg, key)
                 except ConfigError:
                     pass
-        raise _mismatch(key, _type_name(tp), value.text if isinstance(value, _Plain) else value)
-    if isinstance(value, _Plain):
+        raise _mismatch(key, _type_name(tp), value.text if isinstance(value, Plain) else value)
+    if isinstance(value, Plain):
         # An error below then quotes what the user wrote (`No`, `maybe`), not YAML's reading of it.
         value = value.text if _wants_text(tp) else value.value
     if tp is Any:
-        return _resolved(value)
+        return resolved(value)
     if origin is Literal:
         if value not in get_args(tp):
             raise _mismatch(key, f"one of {_type_name(tp)}", value)
@@ -189,10 +153,13 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, prefix=f"{key}.")
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value):
-            return float(value)  # YAML 1.1 reads 1e-8 (no dot) as a string; it is the number the user meant
+            value = float(value)  # YAML 1.1 reads 1e-8 (no dot) as a string; it is the number the user meant
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _mismatch(key, "a number", value)
-        return float(value)
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):  # .nan, .inf, 1e999, 10**400: no setting means them
+            raise _mismatch(key, "a finite number", value)
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _mismatch(key, "an integer", value)
@@ -213,12 +180,21 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; known keys under '{prefix or '(top)'}': "
-            f"{', '.join(sorted(names))}"
-        )
+        raise _unknown_key(cls, prefix, unknown[0])
     kwargs = {name: _check(v, hints[name], f"{prefix}{name}") for name, v in values.items()}
     return cls(**kwargs)
+
+
+def _unknown_key(cls: type, prefix: str, name: str, typed: str = "") -> ConfigError:
+    """The error for key ``name`` of section ``cls`` (at ``prefix``; ``typed``: the whole key as given): its
+    new name when the section lists it in a ``RENAMED_KEYS`` class mapping (old name -> new dotted name under
+    the same section), else the section's keys."""
+    renamed = getattr(cls, "RENAMED_KEYS", {}).get(name)
+    if renamed:
+        return ConfigError(f"config key '{prefix}{name}' is now called '{prefix}{renamed}'")
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return ConfigError(f"unknown config key '{typed or prefix + name}'; known keys under "
+                       f"'{prefix.rstrip('.') or '(top)'}': {known}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -226,8 +202,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def fill_nulls(section: Any, defaults: dict[str, Any]) -> Any:
-    """A copy of the dataclass ``section`` whose fields left null take ``defaults``' values (given ones win)."""
-    return dataclasses.replace(section, **{k: v for k, v in defaults.items() if getattr(section, k) is None})
+    """A copy of the dataclass ``section`` whose fields left null take ``defaults``' values (given ones win);
+    a mapping in ``defaults`` fills the sub-section of that name the same way."""
+    filled = {k: fill_nulls(getattr(section, k), v) if isinstance(v, dict) else v for k, v in defaults.items()
+              if isinstance(v, dict) or getattr(section, k) is None}
+    return dataclasses.replace(section, **filled)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -253,10 +232,8 @@ def _field_type(cls: type, dotted: str) -> Any:
                 continue
             raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(walked)}' has no sub-keys")
         hints = _hints(tp)
-        if part not in hints:
-            known = ", ".join(sorted(f.name for f in dataclasses.fields(tp)))
-            where = ".".join(walked) or "(top)"
-            raise ConfigError(f"unknown config key '{dotted}'; known keys under '{where}': {known}")
+        if part not in {f.name for f in dataclasses.fields(tp)}:  # not a ClassVar such as RENAMED_KEYS
+            raise _unknown_key(tp, "".join(w + "." for w in walked), part, dotted)
         tp = hints[part]
         walked.append(part)
     return tp
@@ -267,12 +244,14 @@ def _parse_override(cls: type, item: str) -> dict[str, Any]:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key before '=' (expected key=value)")
     tp = _field_type(cls, key)
     if tp is str or (get_origin(tp) in (Union, types.UnionType) and str in get_args(tp) and raw != "null"):
         value: Any = raw  # a path or prompt stays exactly what the user typed
     else:
         try:
-            value = _load_yaml(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"config key '{key}': cannot parse value {raw!r}: {e}") from None
     nested: dict[str, Any] = value
@@ -293,12 +272,12 @@ def _read_config(cls: type[T], config_files: list[str] | tuple[str, ...], overri
     values: dict[str, Any] = {}
     for path in config_files:
         try:
-            loaded = _load_yaml(read_text(path, "config file", ConfigError))
+            loaded = load_yaml(read_text(path, "config file", ConfigError))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         loaded = {} if loaded is None else loaded  # an empty file sets nothing
         if not isinstance(loaded, dict):
-            found = type(_resolved(loaded)).__name__
+            found = type(resolved(loaded)).__name__
             raise ConfigError(f"config file {path}: expected a mapping at the top level, got {found}")
         values = _merge(values, loaded)
     for item in overrides:

@@ -173,3 +173,36 @@ def test_wrong_values_name_the_key_and_the_text_as_written(tmp_path):
     path.write_text("no\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_config(Top, [str(path)])
+
+
+def test_demo_keys_are_the_names_of_the_keys_they_set_and_old_names_say_the_new_one(tmp_path, capsys):
+    """The demo's train.* and online.* keys are the train and grpo commands' names (train.optim.learning_rate
+    sets train's optim.learning_rate); an old name, on the command line or in a file, is refused with its new
+    name. The settings the demo hands to train are the ones it always did."""
+    from diffusion_dpo.recipes import demo
+
+    cases = [("train.beta_dpo=100", "'train.loss.beta'"), ("train.learning_rate=1e-4", "'train.optim.learning_rate'"),
+             ("train.lora_rank=4", "'train.model.lora_rank'"), ("train.max_steps=3", "'train.optim.max_steps'"),
+             ("train.batch_size=2", "'train.optim.batch_size'"), ("train.lr_warmup_steps=0", "'train.optim.warmup_steps'"),
+             ("train.caption_dropout=0.1", "'train.data.caption_dropout'"),
+             ("train.sft_learning_rate=1e-4", "'train.sft_optim.learning_rate'"),
+             ("train.sft_max_steps=3", "'train.sft_optim.max_steps'"), ("online.steps=2", "'online.optim.max_steps'"),
+             ("online.learning_rate=1e-3", "'online.optim.learning_rate'"), ("online.lora_rank=4", "'online.model.lora_rank'"),
+             ("online.batch_size=4", "'online.optim.batch_size'"),
+             ("online.num_inference_steps=2", "'online.sampling.num_inference_steps'"),
+             ("online.noise_level=0.5", "'online.sampling.noise_level'")]
+    for override, new in cases:
+        assert cli.main(["demo", override, f"output_dir={tmp_path / 'd'}"]) == 2
+        assert f"is now called {new}" in capsys.readouterr().err, override
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  beta_dpo: 100\n")
+    with pytest.raises(ConfigError, match="'train.beta_dpo' is now called 'train.loss.beta'"):
+        load_config(demo.DemoConfig, [str(path)])
+    assert not (tmp_path / "d").exists()
+
+    cfg = demo.resolve_defaults(load_config(demo.DemoConfig, [], ["train.optim.learning_rate=1e-4"]))
+    dpo = demo.train_config(cfg, "dpo", str(demo.BASES["sd"]), tmp_path / "p", tmp_path / "o", 1, None)
+    sft = demo.train_config(cfg, "sft", str(demo.BASES["sd"]), tmp_path / "p", tmp_path / "o", 1, None)
+    assert (dpo.model.lora_rank, dpo.loss.beta, dpo.optim.learning_rate, dpo.optim.max_steps) == (8, 5000.0, 1e-4, 200)
+    assert (dpo.optim.batch_size, dpo.optim.warmup_steps, dpo.data.caption_dropout) == (16, 20, 0.0)
+    assert (sft.optim.learning_rate, sft.optim.max_steps, sft.optim.batch_size) == (3e-4, 200, 16)

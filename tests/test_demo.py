@@ -35,8 +35,8 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
 
 TINY = [
     "world.train_prompts=4", "world.held_out_prompts=3", "candidates_per_prompt=2", "eval_seeds=1",
-    "sampling.num_inference_steps=2", "train.max_steps=2", "train.sft_max_steps=2", "train.batch_size=2",
-    "train.lr_warmup_steps=0", "n_boot=20", "grid_prompts=2",
+    "sampling.num_inference_steps=2", "train.optim.max_steps=2", "train.sft_optim.max_steps=2", "train.optim.batch_size=2",
+    "train.optim.warmup_steps=0", "n_boot=20", "grid_prompts=2",
 ]
 
 
@@ -89,8 +89,8 @@ def test_an_earlier_demo_is_refused_replaced_or_continued_and_the_demo_talks(tmp
 
 FAST = [
     "world.train_prompts=48", "world.held_out_prompts=16", "candidates_per_prompt=4", "eval_seeds=2",
-    "sampling.num_inference_steps=10", "train.max_steps=60", "train.sft_max_steps=60", "train.batch_size=8",
-    "train.lr_warmup_steps=5", "n_boot=200", "grid_prompts=4",
+    "sampling.num_inference_steps=10", "train.optim.max_steps=60", "train.sft_optim.max_steps=60", "train.optim.batch_size=8",
+    "train.optim.warmup_steps=5", "n_boot=200", "grid_prompts=4",
 ]
 
 

@@ -12,8 +12,8 @@ from diffusion_dpo.recipes import demo
 FLOW_BASE = demo.BASES["flow"]
 TINY = [
     "world.train_prompts=4", "world.held_out_prompts=3", "candidates_per_prompt=2", "eval_seeds=1",
-    "sampling.num_inference_steps=2", "train.max_steps=2", "train.sft_max_steps=2", "train.batch_size=2",
-    "train.lr_warmup_steps=0", "n_boot=20", "grid_prompts=2",
+    "sampling.num_inference_steps=2", "train.optim.max_steps=2", "train.sft_optim.max_steps=2", "train.optim.batch_size=2",
+    "train.optim.warmup_steps=0", "n_boot=20", "grid_prompts=2",
 ]
 
 
@@ -29,11 +29,11 @@ def test_shipped_flow_base_is_a_small_sd3_pipeline():
 
 
 def test_family_picks_the_base_and_its_tuning_defaults():
-    flow = demo.resolve_defaults(load_config(demo.DemoConfig, [], ["family=flow", "train.max_steps=7"]))
-    assert flow.train.beta_dpo == demo.FAMILY_TRAIN_DEFAULTS["flow"]["beta_dpo"] != 5000.0
-    assert flow.train.max_steps == 7  # given keys win over the family's defaults
+    flow = demo.resolve_defaults(load_config(demo.DemoConfig, [], ["family=flow", "train.optim.max_steps=7"]))
+    assert flow.train.loss.beta == demo.FAMILY_TRAIN_DEFAULTS["flow"]["loss"]["beta"] != 5000.0
+    assert flow.train.optim.max_steps == 7  # given keys win over the family's defaults
     sd = demo.resolve_defaults(load_config(demo.DemoConfig, [], []))
-    assert (sd.family, sd.train.beta_dpo, sd.train.learning_rate) == ("sd", 5000.0, 3e-4)
+    assert (sd.family, sd.train.loss.beta, sd.train.optim.learning_rate) == ("sd", 5000.0, 3e-4)
     assert demo.check_base(flow) == str(FLOW_BASE) and demo.check_base(sd) == str(demo.DEFAULT_BASE)
 
 
@@ -54,7 +54,7 @@ def test_flow_demo_runs_label_dpo_sft_evaluate(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["win_rate"] == saved["dpo_win_rate"] == report.rounds[0].dpo.win_rate
     assert 0 <= saved["win_rate_ci"][0] <= saved["win_rate"] <= saved["win_rate_ci"][1] <= 1
-    assert saved["config"]["family"] == "flow" and saved["config"]["train"]["beta_dpo"] == 500.0
+    assert saved["config"]["family"] == "flow" and saved["config"]["train"]["loss"]["beta"] == 500.0
     policy = out / "round-1" / "policy"
     assert detect(str(policy)).name == "sd3" and (policy / "transformer" / "config.json").is_file()
     assert not (policy / "samples.png").exists()

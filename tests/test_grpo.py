@@ -225,8 +225,8 @@ def test_demo_online_defaults_follow_method_and_family():
         return resolve_online_defaults(load_config(demo.DemoConfig, [], list(overrides))).online
 
     sd, flow = resolved("method=grpo"), resolved("method=grpo", "family=flow")
-    assert (sd.lora_rank, sd.learning_rate, sd.kl_coef) == (8, 1e-3, 0.04)
-    assert (flow.lora_rank, flow.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
+    assert (sd.model.lora_rank, sd.optim.learning_rate, sd.kl_coef) == (8, 1e-3, 0.04)
+    assert (flow.model.lora_rank, flow.optim.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
     assert resolved("method=online_dpo", "family=flow").beta_dpo == 500.0
     assert resolved("method=grpo", "family=flow", "online.kl_coef=0.01").kl_coef == 0.01
     assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo") for f in ("sd", "flow")}
@@ -238,9 +238,9 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     keys, the grid, and the sentences on stdout; family=flow tunes the shipped flow base with the SDE."""
     out = tmp_path / method
     args = ["demo", f"method={method}", f"family={family}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
-            "sampling.num_inference_steps=2", "online.steps=2", "online.prompts_per_step=2", "online.group_size=2",
-            "online.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
-            "online.batch_size=4", "online.clip_range=0.001", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
+            "sampling.num_inference_steps=2", "online.optim.max_steps=2", "online.prompts_per_step=2", "online.group_size=2",
+            "online.sampling.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
+            "online.optim.batch_size=4", "online.clip_range=0.001", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
     assert cli.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["images_generated"] == 2 * 2 * 2
@@ -250,7 +250,7 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     tuned = yaml.safe_load((out / "tune" / "config.yaml").read_text())
     assert tuned["online"]["clip_range"] == 0.001
     assert tuned["model"]["lora_rank"] == (32 if (method, family) == ("grpo", "flow") else 8)  # the family's
-    assert yaml.safe_load((out / "config.yaml").read_text())["online"]["lora_rank"] is not None  # resolved
+    assert yaml.safe_load((out / "config.yaml").read_text())["online"]["model"]["lora_rank"] is not None  # resolved
     assert 0 <= report["win_rate_ci"][0] <= report["win_rate"] <= report["win_rate_ci"][1] <= 1
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1

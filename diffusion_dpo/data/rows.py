@@ -4,6 +4,7 @@ and transforming a pair winner first, and collating pairs into a training batch.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -21,8 +22,9 @@ from diffusion_dpo.errors import InputError
 class DataConfig:
     """The ``data:`` section of the train config."""
 
-    source: str = option("yuvalkirstain/pickapic_v2", "preference pairs: a hub dataset id, a local folder of "
-                         "parquet shards, a .parquet file, or a .jsonl file naming image files")
+    source: Optional[str] = option(None, "preference pairs: a hub dataset id, a local folder of parquet shards, a "
+                                   ".parquet file, or a .jsonl file naming image files; no default (Pick-a-Pic "
+                                   "left the hub): see missing_source_error")
     columns: ColumnMap = option(ColumnMap, "which of the source's columns hold caption, images and labels, "
                                 "and the label form (defaults: the Pick-a-Pic columns, read unchanged)")
     split: str = option("train", "split of a hub dataset, or subfolder of a local folder when it exists")
@@ -56,7 +58,18 @@ class DataConfig:
                                   "retry")
 
 
+def missing_source_error() -> InputError:
+    """What a train run without ``data.source`` is told: where pairs come from now that Pick-a-Pic, once the
+    default, has left the hub (April 2025)."""
+    return InputError("config key 'data.source': no preference pairs given (there is no default). Make pairs "
+                      "from a model with `diffusion-dpo label` and pass its output_dir, or name a public set "
+                      "with one of the column maps in assets/configs/data/ (--config "
+                      "assets/configs/data/<set>.yaml), or a parquet folder or JSONL file of your own")
+
+
 def _check_config(cfg: DataConfig) -> None:
+    if not cfg.source:
+        raise missing_source_error()
     checks = [
         ("resolution", cfg.resolution > 0, "a positive number of pixels"),
         ("caption_dropout", 0.0 <= cfg.caption_dropout <= 1.0, "a probability in [0, 1]"),
@@ -91,10 +104,9 @@ def row_verdict(caption: Any, label_0: Any, label_1: Any, problem: Optional[str]
         return "missing_caption", f"column caption is {caption!r}, expected a string"
     if problem:
         return "bad_label", problem
-    try:
-        verdict = _VERDICTS.get((float(label_0), float(label_1)))
-    except (TypeError, ValueError):
-        verdict = None
+    # Numbers only, as a mapped source's labels (data.columns): the text "1" or true is not the label 1.
+    numeric = all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in (label_0, label_1))
+    verdict = _VERDICTS.get((float(label_0), float(label_1))) if numeric else None
     if verdict is None:
         return "bad_label", (f"columns label_0, label_1 are {label_0!r}, {label_1!r}; expected 1/0, 0/1 or "
                              "0.5/0.5")

@@ -52,62 +52,16 @@ from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, rele
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
+from diffusion_dpo.recipes.demo_config import (
+    FAMILY_TRAIN_DEFAULTS,
+    DemoTrainConfig,
+    SamplingConfig,
+    WorldConfig,
+)
 from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
 
 BASES = {"sd": ASSETS / "demo" / "base", "flow": ASSETS / "demo" / "flow_base"}
 DEFAULT_BASE = BASES["sd"]
-
-# Each demo base's tuning defaults (train.* keys left null). The flow base's were measured on its pairs
-# (docs/BENCHMARKS.md): flow_grpo's beta 100 on mean errors at lr 3e-4 wins the DPO loss by raising the
-# losers' error and the winners' with it, and loses to the base; beta 500 improves on it, and a rank-32
-# adapter at lr 5e-5 was the one setting above 50% on all three seeds' pairs.
-FAMILY_TRAIN_DEFAULTS = {
-    "sd": dict(lora_rank=8, beta_dpo=5000.0, learning_rate=3e-4, max_steps=200, sft_learning_rate=3e-4,
-               sft_max_steps=200),
-    "flow": dict(lora_rank=32, beta_dpo=500.0, learning_rate=5e-5, max_steps=200, sft_learning_rate=3e-4,
-                 sft_max_steps=200),
-}
-
-
-def _null_or_positive(v) -> bool:
-    return v is None or v >= 1
-
-
-@dataclass
-class WorldConfig:
-    held_out_fraction: float = option(0.25, "share of the world's 252 prompts held out from labelling and "
-                                      "training, for evaluation")
-    split_seed: int = option(0, "seed of the train/held-out prompt split (0: the split the base was "
-                             "evaluated on)")
-    train_prompts: int | None = option(None, "use only the first N training prompts (null: all 189)",
-                                       _null_or_positive, "null or at least 1")
-    held_out_prompts: int | None = option(None, "evaluate on only the first N held-out prompts (null: all "
-                                          "63)", _null_or_positive, "null or at least 1")
-
-
-@dataclass
-class SamplingConfig:
-    num_inference_steps: int = option(20, "sampler steps (DDIM, or the flow base's Euler) for every generated "
-                                      "image (labelling and evaluation)")
-    guidance_scale: float = option(4.0, "classifier-free guidance scale")
-    batch_size: int = option(64, "images per generation batch")
-
-
-@dataclass
-class DemoTrainConfig:
-    lora_rank: int | None = option(None, "0: full fine-tune of the denoiser; r > 0: a rank-r LoRA adapter on the "
-                                   "attention projections (null: the family's: 8 sd, 32 flow)")
-    beta_dpo: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for "
-                                    "sd; 500 for flow)")
-    learning_rate: float | None = option(None, "DPO learning rate, not scaled by the batch (null: the family's, "
-                                         "3e-4 sd, 5e-5 flow); a full fine-tune (lora_rank=0) wants about 1e-5")
-    max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, 200)")
-    batch_size: int = option(16, "pairs per DPO step")
-    lr_warmup_steps: int = option(20, "linear warm-up steps (DPO and SFT)")
-    caption_dropout: float = option(0.0, "probability a caption is dropped during tuning (DPO and SFT)")
-    sft_learning_rate: float | None = option(None, "SFT baseline learning rate (null: the family's, 3e-4)")
-    sft_max_steps: int | None = option(None, "SFT baseline optimizer steps (null: the family's, as max_steps)")
-
 
 @dataclass
 class DemoConfig(RunOptions):
@@ -167,17 +121,17 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
     from diffusion_dpo.recipes import train
 
     t = cfg.train
-    dpo = method == "dpo"
+    run_optim = t.optim if method == "dpo" else t.sft_optim
     return train.TrainConfig(
         method=method,
-        model=train.ModelConfig(pretrained=policy, lora_rank=t.lora_rank),
+        model=train.ModelConfig(pretrained=policy, lora_rank=t.model.lora_rank),
         data=DataConfig(source=str(pairs), resolution=_resolution(policy), random_flip=True,
-                        caption_dropout=t.caption_dropout),
-        loss=PreferenceLossSection(beta=t.beta_dpo),
+                        caption_dropout=t.data.caption_dropout),
+        loss=PreferenceLossSection(beta=t.loss.beta),
         optim=OptimSection(
-            learning_rate=t.learning_rate if dpo else t.sft_learning_rate, scale_lr=False,
-            scheduler="constant_with_warmup", warmup_steps=t.lr_warmup_steps, batch_size=t.batch_size,
-            max_steps=t.max_steps if dpo else t.sft_max_steps, seed=1000 * cfg.seed + round_),
+            learning_rate=run_optim.learning_rate, scale_lr=False, scheduler="constant_with_warmup",
+            warmup_steps=t.optim.warmup_steps, batch_size=t.optim.batch_size, max_steps=run_optim.max_steps,
+            seed=1000 * cfg.seed + round_),
         precompute=True, output_dir=str(out), checkpoint_every=0, log_every=10, resume=resume,
         mixed_precision=cfg.mixed_precision,
     )
@@ -383,8 +337,9 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     console.say(f"{labelled.pairs_written} pairs; mean winner score {labelled.mean_winner_score:.3f}, mean loser "
                 f"score {labelled.mean_loser_score:.3f}.")
     t = cfg.train
-    kind = f"a rank-{t.lora_rank} LoRA" if t.lora_rank else "the full denoiser"
-    console.stage(f"train DPO: {t.max_steps} steps of {t.batch_size} pairs, {kind}, beta_dpo {t.beta_dpo:g}")
+    kind = f"a rank-{t.model.lora_rank} LoRA" if t.model.lora_rank else "the full denoiser"
+    console.stage(f"train DPO: {t.optim.max_steps} steps of {t.optim.batch_size} pairs, {kind}, beta_dpo "
+                  f"{t.loss.beta:g}")
     trained = _timed(seconds, f"train_dpo_{r}", train.run,
                      train_config(cfg, "dpo", policy, rdir / "pairs", rdir / "dpo", r, resume))
     m = trained.last_metrics
@@ -392,7 +347,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
                 f"{m.get('implicit_acc', float('nan')):.2f}.")
     sft_run = None
     if r == 1 and cfg.sft:
-        console.stage(f"train SFT: the paper's baseline, {t.sft_max_steps} steps on the winners of the same pairs")
+        console.stage(f"train SFT: the paper's baseline, {t.sft_optim.max_steps} steps on the winners of the same pairs")
         sft_run = _timed(seconds, "train_sft", train.run,
                          train_config(cfg, "sft", policy, rdir / "pairs", rdir / "sft", r, resume))
     new_policy = policy_pipeline(policy, Path(trained.final), trained.format, rdir / "policy")

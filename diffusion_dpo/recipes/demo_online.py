@@ -7,7 +7,7 @@ the offline demo evaluates (same prompts, seeds, sampler and statistics).
     diffusion-dpo demo method=grpo family=flow output_dir=runs/demo-grpo-flow    # the flow-matching base
 
 ``family`` picks the shipped base as for the offline demo: sd samples with DDIM at eta 1 (DDPO), flow with
-the SDE form of its flow ODE (Flow-GRPO), ``online.noise_level`` setting its noise.
+the SDE form of its flow ODE (Flow-GRPO), ``online.sampling.noise_level`` setting its noise.
 
 Writes report.md, report.json (top level: method, win_rate, win_rate_ci, base_mean, tuned_mean,
 images_generated) and grid.png into output_dir; the tuning run is in tune/, the tuned pipeline in policy/,
@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from diffusion_dpo.config import (
     OptimSection,
@@ -38,37 +38,67 @@ from diffusion_dpo.evaluation.schema import TunedVsBase
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
 
 
+# The demo's online.* keys carry the names of the grpo command's keys they set: online.model.lora_rank sets
+# model.lora_rank, online.optim.* optim.*, online.sampling.* sampling.*, and the keys directly under online.*
+# grpo's online.* of the same name.
+def _null_or_positive(v) -> bool:
+    return v is None or v > 0
+
+
 @dataclass
-class OnlineDemoConfig:
-    steps: int = option(48, "sampling steps (each: prompts_per_step prompts x group_size images, then one "
-                        "update); 48 x 4 x 8 = 1536 images, as many as the offline demo labels (1512)",
-                        at_least_one, "at least 1")
-    prompts_per_step: int = option(4, "training prompts per step", at_least_one, "at least 1")
-    group_size: int = option(8, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
-    num_inference_steps: int = option(10, "T: stochastic steps of each image sampled while tuning (sd: DDIM "
-                                      "with eta 1; flow: the SDE); evaluation uses sampling.num_inference_steps",
-                                      at_least_one, "at least 1")
-    noise_level: float = option(0.7, "family flow: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7)",
-                                lambda v: v > 0, "a positive number")
-    train_steps: int = option(3, "grpo: transitions trained per image, of the num_inference_steps",
-                              at_least_one, "at least 1")
-    learning_rate: Optional[float] = option(None, "learning rate of the LoRA adapter (null: the method's and "
-                                            "family's, see FAMILY_ONLINE_DEFAULTS)")
+class OnlineDemoModelSection:
     lora_rank: Optional[int] = option(None, "rank of the LoRA adapter on the denoiser's attention projections "
                                       "(null: the method's and family's)", lambda v: v is None or v >= 1,
                                       "null or at least 1")
-    kl_coef: Optional[float] = option(None, "grpo: weight of the KL to the base per transition (null: the "
-                                      "family's)")
-    clip_range: float = option(1e-4, "grpo: PPO clip range of the importance ratio (DDPO's 1e-4)",
-                               lambda v: v > 0, "a positive number")
+
+
+@dataclass
+class OnlineDemoSamplingSection:
+    num_inference_steps: int = option(10, "T: stochastic steps of each image sampled while tuning (sd: DDIM "
+                                      "with eta 1; flow: the SDE); evaluation uses the demo's "
+                                      "sampling.num_inference_steps", at_least_one, "at least 1")
+    noise_level: float = option(0.7, "family flow: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7)",
+                                lambda v: v > 0, "a positive number")
+
+
+@dataclass
+class OnlineDemoOptimSection:
+    max_steps: int = option(48, "sampling steps (each: prompts_per_step prompts x group_size images, then the "
+                            "updates); 48 x 4 x 8 = 1536 images, as many as the offline demo labels (1512)",
+                            at_least_one, "at least 1")
+    learning_rate: Optional[float] = option(None, "learning rate of the LoRA adapter (null: the method's and "
+                                            "family's, see FAMILY_ONLINE_DEFAULTS)", _null_or_positive,
+                                            "null or a positive number")
     batch_size: int = option(32, "grpo: micro-batch in transitions (online_dpo trains on a step's pairs, one "
                              "per prompt, in one batch)", at_least_one, "at least 1")
+
+
+@dataclass
+class OnlineDemoConfig:
+    model: OnlineDemoModelSection = option(OnlineDemoModelSection, "the grpo command's model.* keys the demo sets")
+    sampling: OnlineDemoSamplingSection = option(OnlineDemoSamplingSection, "the stochastic sampler while tuning")
+    optim: OnlineDemoOptimSection = option(OnlineDemoOptimSection, "the grpo command's optim.* keys the demo sets")
+    prompts_per_step: int = option(4, "training prompts per step", at_least_one, "at least 1")
+    group_size: int = option(8, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
+    train_steps: int = option(3, "grpo: transitions trained per image, of the sampling.num_inference_steps",
+                              at_least_one, "at least 1")
+    kl_coef: Optional[float] = option(None, "grpo: weight of the KL to the base per transition (null: the "
+                                      "family's)", lambda v: v is None or v >= 0, "null or 0 or more")
+    clip_range: float = option(1e-4, "grpo: PPO clip range of the importance ratio (DDPO's 1e-4)",
+                               lambda v: v > 0, "a positive number")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: int = option(3, "grpo: optimizer steps per pass (online_dpo: 1)", at_least_one,
                                     "at least 1")
     beta_dpo: Optional[float] = option(None, "online_dpo: Diffusion-DPO beta (null: the family's, as the offline "
-                                       "demo's: 5000 sd, 500 flow)")
-    ref_refresh_every: int = option(0, "online_dpo: refresh the reference to the policy every N steps (0: never)")
+                                       "demo's: 5000 sd, 500 flow)", _null_or_positive,
+                                       "null or a positive number")
+    ref_refresh_every: int = option(0, "online_dpo: refresh the reference to the policy every N steps (0: never)",
+                                    lambda v: v >= 0, "0 or more")
+    # The keys' names before they took the grpo command's (an old name is refused with its new one).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "steps": "optim.max_steps", "learning_rate": "optim.learning_rate", "batch_size": "optim.batch_size",
+        "lora_rank": "model.lora_rank", "num_inference_steps": "sampling.num_inference_steps",
+        "noise_level": "sampling.noise_level"}
 
 
 # Each (method, family)'s online.* keys left null, measured on the demo (docs/grpo.md). GRPO on the flow base
@@ -76,10 +106,12 @@ class OnlineDemoConfig:
 # variations above 50%); a rank-32 adapter at lr 3e-4 without the KL, as the flow offline demo's wider
 # adapter, is above 50% on each of three seeds, its interval above 50% on two (chosen on seed 0).
 FAMILY_ONLINE_DEFAULTS = {
-    ("grpo", "sd"): dict(lora_rank=8, learning_rate=1e-3, kl_coef=0.04, beta_dpo=5000.0),
-    ("grpo", "flow"): dict(lora_rank=32, learning_rate=3e-4, kl_coef=0.0, beta_dpo=500.0),
-    ("online_dpo", "sd"): dict(lora_rank=8, learning_rate=1e-3, kl_coef=0.04, beta_dpo=5000.0),
-    ("online_dpo", "flow"): dict(lora_rank=8, learning_rate=1e-3, kl_coef=0.04, beta_dpo=500.0),
+    ("grpo", "sd"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04, beta_dpo=5000.0),
+    ("grpo", "flow"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
+    ("online_dpo", "sd"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
+                               beta_dpo=5000.0),
+    ("online_dpo", "flow"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
+                                 beta_dpo=500.0),
 }
 
 
@@ -96,18 +128,18 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
 
     o, s = cfg.online, cfg.sampling
     return g.GrpoConfig(
-        method=cfg.method, model=ModelConfig(pretrained=base, lora_rank=o.lora_rank),
+        method=cfg.method, model=ModelConfig(pretrained=base, lora_rank=o.model.lora_rank),
         prompts=g.PromptsSection(source=str(train_file)), scorer=ScorerConfig(name="shapes"),
-        sampling=g.StochasticSamplingSection(num_inference_steps=o.num_inference_steps,
-                                             guidance_scale=s.guidance_scale, noise_level=o.noise_level),
+        sampling=g.StochasticSamplingSection(num_inference_steps=o.sampling.num_inference_steps,
+                                             guidance_scale=s.guidance_scale, noise_level=o.sampling.noise_level),
         online=g.OnlineSection(prompts_per_step=o.prompts_per_step, group_size=o.group_size,
                                train_steps=o.train_steps, kl_coef=o.kl_coef, clip_range=o.clip_range,
                                beta_dpo=o.beta_dpo, ref_refresh_every=o.ref_refresh_every,
                                inner_epochs=o.inner_epochs,
                                updates_per_epoch=o.updates_per_epoch if cfg.method == "grpo" else 1),
-        optim=OptimSection(learning_rate=o.learning_rate, scheduler="constant", warmup_steps=0,
-                           batch_size=o.batch_size if cfg.method == "grpo" else o.prompts_per_step,
-                           max_steps=o.steps, seed=cfg.seed),
+        optim=OptimSection(learning_rate=o.optim.learning_rate, scheduler="constant", warmup_steps=0,
+                           batch_size=o.optim.batch_size if cfg.method == "grpo" else o.prompts_per_step,
+                           max_steps=o.optim.max_steps, seed=cfg.seed),
         output_dir=str(out), checkpoint_every=0, tensorboard=False, resume=resume,
         mixed_precision=cfg.mixed_precision)
 
@@ -134,9 +166,10 @@ def run_online(cfg) -> dict[str, Any]:
     resume, o, seconds = parse_resume(cfg.resume), cfg.online, {}
     console = demo.Console(total=2)
     name = {"grpo": "GRPO", "online_dpo": "online DPO"}[cfg.method]
-    console.stage(f"tune ({name}): {o.steps} steps of {o.prompts_per_step} training prompts x {o.group_size} "
+    console.stage(f"tune ({name}): {o.optim.max_steps} steps of {o.prompts_per_step} training prompts x "
+                  f"{o.group_size} "
                   f"images from the current policy ({'the flow SDE' if cfg.family == 'flow' else 'DDIM, eta 1'}), "
-                  f"scored by shapes; a rank-{o.lora_rank} LoRA")
+                  f"scored by shapes; a rank-{o.model.lora_rank} LoRA")
     start = time.perf_counter()
     tuned = demo._timed(seconds, "tune", grpo.run, grpo_config(cfg, base, train_file, out / "tune", resume))
     m = tuned.last_metrics
