@@ -106,3 +106,44 @@ def test_cli_pairs_agreement_matches_independent_count(tmp_path, capsys):
     summary = score_pairs(load_scorer("jpeg_incompressibility"), str(folder))
     assert (summary["pairs"], summary["ties"], summary["decided"]) == (12, 3, 9)
     assert summary["accuracy"] == pytest.approx(agree / 9)
+
+
+@pytest.mark.parametrize("name", ["hpdv2", "open_image_preferences", "pickapic_v2_urls", "rapidata_700k"])
+def test_shipped_data_configs_are_score_configs(name):
+    """score.md says a public set mapped with a data config works: score's data section is train's."""
+    cfg = load_config(ScoreConfig, [f"assets/configs/data/{name}.yaml"], [])
+    assert cfg.data.source
+
+
+def test_url_data_config_scores_a_local_file(tmp_path, capsys):
+    """The Pick-a-Pic URL config's columns (image_0_url, image_1_url) on a local parquet file whose
+    "URLs" are image paths: 4 pairs, the labelled winner the noisier (larger JPEG) image in 3."""
+    import datasets
+
+    rng = np.random.RandomState(0)
+    rows = []
+    for i, first_noisy in enumerate([True, True, True, False]):
+        noisy, flat = tmp_path / f"noisy{i}.png", tmp_path / f"flat{i}.png"
+        Image.fromarray(rng.randint(0, 256, (24, 24, 3), dtype=np.uint8)).save(noisy)
+        Image.new("RGB", (24, 24), (10, 20, 30)).save(flat)
+        rows.append({"caption": f"c{i}", "image_0_url": str(noisy), "image_1_url": str(flat),
+                     "label_0": 1.0 if first_noisy else 0.0, "label_1": 0.0 if first_noisy else 1.0})
+    (tmp_path / "p").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p" / "train-0.parquet"))
+    command = ["score", "--config", "assets/configs/data/pickapic_v2_urls.yaml", "scorer.name=jpeg_incompressibility",
+               f"data.source={tmp_path / 'p'}", f"data.image_cache_dir={tmp_path / 'cache'}"]
+    assert cli_main(command) == 0
+    out = capsys.readouterr().out
+    assert "pairs: 4 (4 with a preference" in out and "agreement: 75.00% (3 of 4;" in out
+
+
+def test_missing_weights_message_names_the_command_key(monkeypatch, tmp_path, capsys):
+    """Offline, PickScore's processor is not cached: the message names scorer.options.processor, the key
+    the command takes (the scorers library itself says processor=, its Python option)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    paths = _write_images(tmp_path)
+    assert cli_main(["score", "scorer.name=pickscore", "scorer.options.processor=nobody-xyz/no-such-processor",
+                     "prompt=x", *paths]) == 2
+    err = capsys.readouterr().err
+    assert "nobody-xyz/no-such-processor" in err and "with scorer.options.processor=PATH" in err

@@ -42,15 +42,17 @@ def relabel_rows(scorer, rows: list[tuple[int, dict]], where: str, *, scorer_nam
     stats.update({k: counts[k] for k in ("pairs", "original_ties", "new_ties", "compared", "agree")})
     return pa.Table.from_pylist(out, schema=RELABEL_SCHEMA), stats
 
-def score_pairs(scorer, rows: list[tuple[int, dict]], where: str) -> list[float]:
+def score_pairs(scorer, rows: list[tuple[int, dict]], where: str, *, fetcher=None) -> list[float]:
     """Scores of both images of each ``(source_index, row)`` of ``where``, each with the row's caption:
-    ``[score(row 0 jpg_0), score(row 0 jpg_1), score(row 1 jpg_0), ...]`` (2 per row, scorer units)."""
+    ``[score(row 0 jpg_0), score(row 0 jpg_1), score(row 1 jpg_0), ...]`` (2 per row, scorer units).
+    ``fetcher``: the :class:`~diffusion_dpo.data.images.ImageFetcher` for URL images (None: its defaults)."""
     from diffusion_dpo.data import decode_image
 
     images, prompts = [], []
     for idx, row in rows:
         for col in ("jpg_0", "jpg_1"):
-            images.append(decode_image(row[col], f"row {idx} column {col} of {where}", convert_non_rgb=True))
+            images.append(decode_image(row[col], f"row {idx} column {col} of {where}", convert_non_rgb=True,
+                                       fetcher=fetcher))
             prompts.append(row["caption"] or "")
     return [float(x) for x in scorer.score(images, prompts).tolist()] if images else []
 

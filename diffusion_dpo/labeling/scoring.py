@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,19 @@ def load_scorer(section: ScorerConfig, device):
     options = scorer_options(section.name, section.options, device)
     try:
         return scorers.load_scorer(section.name, **options)
-    except InputError:
-        raise
+    except InputError as e:
+        raise InputError(command_line_keys(str(e), section.name)) from None
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
         raise InputError(f"cannot load scorer {section.name!r} with options {options}: {e}") from None
+
+
+def command_line_keys(message: str, name: str) -> str:
+    """A scorer's error ``message`` with the options it names (``option processor=``, ``with model=PATH``)
+    written as the command's keys (``scorer.options.processor=``): the scorers library cannot know them.
+    A combo's parts take their options under ``scorer.options.options.<part>``, so its message stays."""
+    if name == "combo":
+        return message
+    return re.sub(r"\b(option |with )(\w+)=", r"\1scorer.options.\2=", message)
 
 
 def scorer_identity(section: ScorerConfig) -> dict[str, Any]:

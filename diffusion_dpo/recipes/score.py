@@ -22,6 +22,8 @@ from typing import Optional
 
 from diffusion_dpo.config import option, parse_args
 from diffusion_dpo.data.columns import ColumnMap, check_column_map
+from diffusion_dpo.data.images import ImageFetcher
+from diffusion_dpo.data.rows import DataConfig
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, not_a_file
 from diffusion_dpo.labeling.relabel import score_pairs as score_pair_images
@@ -31,15 +33,14 @@ _CHUNK = 64  # images (or pairs) read into memory at a time
 
 
 @dataclass
-class PairsConfig:
-    """The ``data:`` section: a preference source to measure agreement on."""
+class PairsConfig(DataConfig):
+    """The ``data:`` section: a preference source to measure agreement on. It is train's data section (so
+    the files of ``assets/configs/data/`` that map a public set work here too), with no source by default;
+    what shapes training images (resolution, crops, flips, caption dropout, workers, shuffling, ties kept)
+    has no effect on scoring, and the URL-fetching keys (image_cache_dir, fetch_*) apply to URL columns."""
 
     source: Optional[str] = option(None, "preference pairs to score (hub dataset id, parquet folder or file, "
                                    "or JSONL); null: score the image files in images")
-    columns: ColumnMap = option(ColumnMap, "which of the source's columns hold caption, images and labels "
-                                "(as train's data.columns; defaults: the Pick-a-Pic columns, read unchanged)")
-    split: str = option("train", "split of data.source")
-    streaming: bool = option(False, "stream data.source from the hub instead of downloading it")
     max_pairs: Optional[int] = option(None, "score only the first N pairs of data.source; null: all",
                                       lambda v: v is None or v >= 1, "null or a positive number of pairs")
 
@@ -78,8 +79,11 @@ def run(cfg: ScoreConfig) -> dict:
         check_folder(Path(cfg.output).parent, "the folder of config key 'output'")
     scorer = load_scorer(cfg.scorer, cfg.device)
     if cfg.data.source:
-        result = score_pairs(scorer, cfg.data.source, split=cfg.data.split, limit=cfg.data.max_pairs,
-                             streaming=cfg.data.streaming, columns=cfg.data.columns)
+        data = cfg.data
+        limits = [n for n in (data.max_pairs, data.max_rows) if n is not None]
+        fetcher = ImageFetcher(data.image_cache_dir, data.fetch_retries, data.fetch_timeout, data.fetch_backoff)
+        result = score_pairs(scorer, data.source, split=data.split, limit=min(limits) if limits else None,
+                             streaming=data.streaming, columns=data.columns, fetcher=fetcher)
         print(format_summary(result))
         text = json.dumps(result, indent=2) + "\n"
     else:
@@ -128,7 +132,8 @@ def score_files(scorer, paths: list[str], prompts: str | list[str] | None) -> li
 
 
 def score_pairs(scorer, source: str, *, split: str = "train", limit: int | None = None,
-                streaming: bool = False, columns: ColumnMap | None = None) -> dict:
+                streaming: bool = False, columns: ColumnMap | None = None,
+                fetcher: ImageFetcher | None = None) -> dict:
     """Score both images of each pair with its caption; count how often the preferred one scores higher.
 
     Returns ``{"pairs", "ties", "decided", "agree", "accuracy", "score_ties"}``: ``ties`` are label ties
@@ -149,9 +154,9 @@ def score_pairs(scorer, source: str, *, split: str = "train", limit: int | None 
             break
         chunk.append((index, row))
         if len(chunk) == _CHUNK // 2:
-            _count_chunk(scorer, chunk, f"{source} ({split})", counts, bar)
+            _count_chunk(scorer, chunk, f"{source} ({split})", counts, bar, fetcher)
     if chunk:
-        _count_chunk(scorer, chunk, f"{source} ({split})", counts, bar)
+        _count_chunk(scorer, chunk, f"{source} ({split})", counts, bar, fetcher)
     bar.close()
     if counts["pairs"] == 0:
         raise InputError(f"{source} ({split}) has no pairs to score")
@@ -159,11 +164,12 @@ def score_pairs(scorer, source: str, *, split: str = "train", limit: int | None 
     return counts
 
 
-def _count_chunk(scorer, chunk: list[tuple[int, dict]], where: str, counts: dict, bar) -> None:
+def _count_chunk(scorer, chunk: list[tuple[int, dict]], where: str, counts: dict, bar,
+                 fetcher: ImageFetcher | None = None) -> None:
     """Score the pairs of ``chunk``, add them to ``counts`` and empty ``chunk``."""
     labels = [(_label(row, "label_0", f"row {i} of {where}"), _label(row, "label_1", f"row {i} of {where}"))
               for i, row in chunk]
-    scores = score_pair_images(scorer, chunk, where)
+    scores = score_pair_images(scorer, chunk, where, fetcher=fetcher)
     for i, (label_0, label_1) in enumerate(labels):
         counts["pairs"] += 1
         if label_0 == label_1:
