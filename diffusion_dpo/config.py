@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Optional, TypeVar, Union, get_args, g
 
 import yaml
 
+from diffusion_dpo.config_files import resolve_config
 from diffusion_dpo.errors import InputError
 
 T = TypeVar("T")
@@ -291,9 +292,10 @@ def _read_config(cls: type[T], config_files: list[str] | tuple[str, ...], overri
     """:func:`load_config` before its checks."""
     values: dict[str, Any] = {}
     for path in config_files:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        try:
+            p = resolve_config(str(path))  # a file path, or a packaged config's name (sd15_train)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
         try:
             loaded = _load_yaml(p.read_text())
         except yaml.YAMLError as e:
@@ -346,7 +348,7 @@ def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "", 
     for arg in it:
         if arg in ("-h", "--help"):
             usage = f" [{positional.upper()}]..." if positional else ""
-            print(f"usage: {prog} [--config FILE.yaml]... [key=value]...{usage}\n")
+            print(f"usage: {prog} [--config FILE.yaml|NAME]... [key=value]...{usage}\n")
             if description:
                 print(description.strip() + "\n")
             print("keys:")
@@ -356,7 +358,7 @@ def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "", 
             try:
                 files.append(next(it))
             except StopIteration:
-                raise ConfigError("--config needs a file path") from None
+                raise ConfigError("--config needs a file path or a packaged config name") from None
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])
         elif arg.startswith("-"):
