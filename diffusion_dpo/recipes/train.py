@@ -68,9 +68,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 @dataclass
 class ModelConfig:
-    pretrained: str = option("runwayml/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a local diffusers "
-                             "folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from model_index.json); 'tiny' / "
-                             "'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
+    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a "
+                             "local diffusers folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from "
+                             "model_index.json); 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
                              "<output_dir>/tiny/ (offline)")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit) of model.pretrained")
     variant: Optional[str] = option(None, "weight-file variant to load, e.g. 'fp16' (null: the full files)")
