@@ -150,3 +150,14 @@ def test_engine_config_is_validated(tmp_path):
     cfg = dataclasses.replace(TrainingRunOptions(output_dir=str(tmp_path / "v")), log_every=0)
     with pytest.raises(InputError, match="'log_every'"):
         Engine(cfg, seed=0)
+
+
+def test_train_without_data_source_points_at_label_and_the_column_maps(tmp_path, capsys):
+    """data.source has no default (Pick-a-Pic left the hub): missing, it is refused before anything is
+    written, naming the key, `diffusion-dpo label` and the shipped column maps."""
+    for given in ([], ["data.source=null"], ["data.source="]):
+        out = tmp_path / "x"
+        assert cli.main(["train", "model.pretrained=tiny", f"output_dir={out}", *given]) == 2
+        assert not out.exists()
+        err = capsys.readouterr().err
+        assert "'data.source'" in err and "diffusion-dpo label" in err and "assets/configs/data/" in err

@@ -33,6 +33,7 @@ from diffusion_dpo.data.rows import (
     collate,
     content_id,
     load_pair,
+    missing_source_error,
     pair_draws,
     row_verdict,
 )
@@ -48,6 +49,6 @@ __all__ = [
     "IMAGE_COLUMNS", "IMAGE_REASONS", "REQUIRED_COLUMNS", "ROW_REASONS", "BadImage", "BadPair", "ColumnMap",
     "DataConfig", "DataStats", "ImageFetcher", "NonRGBImage", "Pair", "PreferencePairs", "UnreachableImage",
     "check_columns", "collate", "content_id", "decode_image", "default_image_cache", "is_default",
-    "load_pair", "map_columns", "open_image", "open_pairs", "pair_draws", "read_jsonl_rows", "row_verdict",
-    "to_rgb", "transform_image",
+    "load_pair", "map_columns", "missing_source_error", "open_image", "open_pairs", "pair_draws",
+    "read_jsonl_rows", "row_verdict", "to_rgb", "transform_image",
 ]

@@ -21,8 +21,9 @@ from diffusion_dpo.errors import InputError
 class DataConfig:
     """The ``data:`` section of the train config."""
 
-    source: str = option("yuvalkirstain/pickapic_v2", "preference pairs: a hub dataset id, a local folder of "
-                         "parquet shards, a .parquet file, or a .jsonl file naming image files")
+    source: Optional[str] = option(None, "preference pairs: a hub dataset id, a local folder of parquet shards, a "
+                                   ".parquet file, or a .jsonl file naming image files; no default (Pick-a-Pic "
+                                   "left the hub): see missing_source_error")
     columns: ColumnMap = option(ColumnMap, "which of the source's columns hold caption, images and labels, "
                                 "and the label form (defaults: the Pick-a-Pic columns, read unchanged)")
     split: str = option("train", "split of a hub dataset, or subfolder of a local folder when it exists")
@@ -56,7 +57,18 @@ class DataConfig:
                                   "retry")
 
 
+def missing_source_error() -> InputError:
+    """What a train run without ``data.source`` is told: where pairs come from now that Pick-a-Pic, once the
+    default, has left the hub (April 2025)."""
+    return InputError("config key 'data.source': no preference pairs given (there is no default). Make pairs "
+                      "from a model with `diffusion-dpo label` and pass its output_dir, or name a public set "
+                      "with one of the column maps in assets/configs/data/ (--config "
+                      "assets/configs/data/<set>.yaml), or a parquet folder or JSONL file of your own")
+
+
 def _check_config(cfg: DataConfig) -> None:
+    if not cfg.source:
+        raise missing_source_error()
     checks = [
         ("resolution", cfg.resolution > 0, "a positive number of pixels"),
         ("caption_dropout", 0.0 <= cfg.caption_dropout <= 1.0, "a probability in [0, 1]"),

@@ -43,7 +43,7 @@ from diffusion_dpo.config import (
     parse_args,
     to_dict,
 )
-from diffusion_dpo.data import DataConfig, PreferencePairs
+from diffusion_dpo.data import DataConfig, PreferencePairs, missing_source_error
 from diffusion_dpo.denoising import (
     PairInputs,
     draw_pair_noise,
@@ -171,7 +171,10 @@ OBJECTIVES = {"dpo": dpo_objective, "sft": sft_objective}
 # -------------------------------------------------------------------------------------------- set-up
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Local paths that do not exist fail here, before a tiny pipeline is built or output_dir is made."""
+    """A missing data.source and local paths that do not exist fail here, before a tiny pipeline is built or
+    output_dir is made."""
+    if not cfg.data.source:
+        raise missing_source_error()
     for key, value, built in (("model.pretrained", cfg.model.pretrained, TINY),
                               ("data.source", cfg.data.source, ("tiny",))):
         path = Path(value).expanduser()
