@@ -185,7 +185,7 @@ def test_bad_configs_are_clear_errors(world, tmp_path, capsys):
         (["method=ppo"], "method"),
     ]
     for overrides, message in cases:
-        assert cli.main(["train", f"output_dir={tmp_path / 'x'}", *overrides]) == 2
+        assert cli.main(["train", f"output_dir={tmp_path / 'x'}", f"data.source={world['pairs']}", *overrides]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing was started
 
