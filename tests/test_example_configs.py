@@ -107,3 +107,17 @@ def test_evaluate_reads_what_the_train_config_it_names_writes():
     assert train.model.lora_rank == 0 and evaluation.model.lora is None
     assert evaluation.model.denoiser == f"{train.output_dir}/final"
     assert evaluation.training_pairs == train.data.source
+
+
+@pytest.mark.parametrize("name", REAL_TRAIN)
+def test_docs_table_of_each_real_config_gives_the_numbers_the_config_does(name):
+    text = comment(name)
+    drawn, labelled, epochs = re.search(rf"= {NUMBER} pairs drawn from {NUMBER} labelled pairs .*?: ([\d.]+) epochs",
+                                        text).groups()
+    docs = (ROOT / "docs" / "train.md").read_text()
+    table = docs.split(f"**{name}** (")[1].split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[2:]}
+    assert {"anchor", "pairs", "epochs", "GPU-hours"} <= set(rows), name
+    assert f"= {labelled} labelled" in rows["pairs"] and f"= {drawn} drawn" in rows["pairs"]
+    assert rows["epochs"].split()[0] == epochs
+    assert any(key.startswith("deviation") for key in rows), f"{name}: no deviation row"

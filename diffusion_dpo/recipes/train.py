@@ -8,8 +8,8 @@ Real checkpoints (SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1, detected from the pipeli
 one GPU or many, on
 pairs that ``diffusion-dpo label`` wrote (or any preference set mapped with data.columns):
 
-    diffusion-dpo train --config assets/configs/sd15_train.yaml
-    accelerate launch --num_processes 8 -m diffusion_dpo train --config assets/configs/sdxl_train.yaml
+    diffusion-dpo train --config sd15_train
+    accelerate launch --num_processes 16 -m diffusion_dpo train --config sdxl_train
 
 Writes into ``output_dir``: config.yaml (resolved), metrics.jsonl, tensorboard logs under logs/,
 checkpoints/step-N/ (exact resume), and final/ (a UNet or transformer folder, or LoRA weights for
