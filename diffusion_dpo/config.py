@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union, g
 import yaml
 
 from diffusion_dpo.config_yaml import Plain, load_yaml, resolved
+from diffusion_dpo.config_files import resolve_config
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import read_text
 
@@ -272,7 +273,11 @@ def _read_config(cls: type[T], config_files: list[str] | tuple[str, ...], overri
     values: dict[str, Any] = {}
     for path in config_files:
         try:
-            loaded = load_yaml(read_text(path, "config file", ConfigError))
+            p = resolve_config(str(path))  # a file path, or a packaged config's name (sd15_train)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            loaded = load_yaml(read_text(p, "config file", ConfigError))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         loaded = {} if loaded is None else loaded  # an empty file sets nothing
@@ -323,7 +328,7 @@ def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "", 
     for arg in it:
         if arg in ("-h", "--help"):
             usage = f" [{positional.upper()}]..." if positional else ""
-            print(f"usage: {prog} [--config FILE.yaml]... [key=value]...{usage}\n")
+            print(f"usage: {prog} [--config FILE.yaml|NAME]... [key=value]...{usage}\n")
             if description:
                 print(description.strip() + "\n")
             print("keys:")
@@ -333,7 +338,7 @@ def parse_args(cls: type[T], argv: list[str], prog: str, description: str = "", 
             try:
                 files.append(next(it))
             except StopIteration:
-                raise ConfigError("--config needs a file path") from None
+                raise ConfigError("--config needs a file path or a packaged config name") from None
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])
         elif arg.startswith("-"):

@@ -1,6 +1,6 @@
 """Diffusion components for training, whatever the model family: loading, image encoding, pair batches, LoRA.
 
-    comps = load_components("runwayml/stable-diffusion-v1-5")     # or a local diffusers pipeline folder
+    comps = load_components("stable-diffusion-v1-5/stable-diffusion-v1-5")  # or a local diffusers pipeline folder
     comps.family                                                   # SDFamily, SDXLFamily, SD3Family, FluxFamily
     text = encode_prompts(comps, ["a red dog", ""])                # {name: [B, ...]} the denoiser reads
     moments = encode_latent_moments(comps.vae, pixel_values)       # VAE posterior parameters, no grad
@@ -80,7 +80,7 @@ def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, An
     except (OSError, ValueError) as e:
         raise InputError(
             f"model.pretrained {pretrained!r}: not a diffusers pipeline (a hub id such as "
-            f"runwayml/stable-diffusion-v1-5, or a local folder with model_index.json): {e}"
+            f"stable-diffusion-v1-5/stable-diffusion-v1-5, or a local folder with model_index.json): {e}"
         ) from None
 
 

@@ -13,7 +13,7 @@ class PipelineSection:
     """``model.*`` of every command that generates images (label, evaluate): a base checkpoint, optionally
     with tuned weights on it."""
 
-    pretrained: str = option("runwayml/stable-diffusion-v1-5",
+    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
                              "the base checkpoint: a hub id or a local diffusers pipeline folder")
     denoiser: str | None = option(None, "tuned weights: a denoiser folder (UNet, or SD3/FLUX transformer; a full "
                                   "fine-tune's final/) replacing the base's; null: the base's")

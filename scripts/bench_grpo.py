@@ -3,7 +3,7 @@ log-probs, decoding and scoring) and images/s trained (the update over K of T tr
 run's own metrics.jsonl, median over the steps after the first (warm-up).
 
     python scripts/bench_grpo.py --threads 1                           # the four tiny families on the CPU
-    python scripts/bench_grpo.py --pretrained runwayml/stable-diffusion-v1-5 --steps 4 --prompts 4 \\
+    python scripts/bench_grpo.py --pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 4 --prompts 4 \\
         --group-size 8 --num-inference-steps 20 --train-steps 10 --batch-size 8          # SD1.5, 512 px, GPU
     python scripts/bench_grpo.py --pretrained stabilityai/stable-diffusion-3.5-medium --steps 4 --prompts 2 \\
         --group-size 8 --num-inference-steps 10 --train-steps 5 --batch-size 4 --guidance 4.5   # SD3.5-medium

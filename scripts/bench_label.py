@@ -4,7 +4,7 @@
     python scripts/bench_label.py --size tiny --device cpu
     # GPU, SD1.5-size: a real checkpoint if given, else random weights with SD1.5's architecture
     # (UNet 860M, VAE 84M, CLIP ViT-L text encoder); speed does not depend on the weights' values.
-    python scripts/bench_label.py --size sd15 --device cuda [--pretrained runwayml/stable-diffusion-v1-5]
+    python scripts/bench_label.py --size sd15 --device cuda [--pretrained stable-diffusion-v1-5/stable-diffusion-v1-5]
 
 Generation is timed after one warm-up batch, with ``diffusion_dpo.sampling.generate`` exactly as the
 recipe calls it (one CPU generator per image, classifier-free guidance on). Scoring is timed for

@@ -83,7 +83,8 @@ def test_every_shipped_config_names_its_command():
     assert names == ["hpdv2", "open_image_preferences", "pickapic_v2_urls", "rapidata_700k"]
     for name in names:
         first = (SHIPPED / f"{name}.yaml").read_text().splitlines()[0]
-        assert first.startswith("# diffusion-dpo train --config ") and f"data/{name}.yaml" in first
+        assert first.startswith("# accelerate launch --num_processes 16 -m diffusion_dpo train --config sd15_train ")
+        assert f"--config data/{name} " in first
 
 
 # ----------------------------------------------------------------------------- open-image-preferences

@@ -12,6 +12,7 @@ from diffusion_dpo import sampling
 from diffusion_dpo.cli import main as cli_main
 from diffusion_dpo.config import load_config, parse_args
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.reports import (
     CAPTION_LINES,
     LINE_HEIGHT,
@@ -169,14 +170,25 @@ def test_one_folder_rule_continue_refuse_replace(world, tmp_path, monkeypatch):
     assert [r["score"] for r in replaced.rows] == pytest.approx([r["score"] for r in first.rows], abs=0.05)
 
 
-def test_identical_models_win_exactly_half_and_implicit_accuracy_is_half(world, tmp_path):
+def test_identical_models_win_exactly_half_and_implicit_accuracy_is_half(world, tmp_path, capsys):
     """A LoRA whose B matrices are zero leaves the base unchanged: every image is identical, every pair a
     tie (win rate exactly 0.5 with a [0.5, 0.5] interval), and every implicit reward is exactly 0 because
-    both UNets see the same noise and timestep (accuracy 0.5; the tie row of the pairs is skipped)."""
+    both UNets see the same noise and timestep (accuracy 0.5; the tie row of the pairs is skipped). One of
+    the evaluated prompts is a caption of the training pairs given: one warning line says so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photo = load_prompts("hpsv2-offline:photo")
+    (tmp_path / "trained_on").mkdir()
+    pq.write_table(pa.table({"caption": [photo[1].text, "a red dog"]}), tmp_path / "trained_on" / "a.parquet")
     out = tmp_path / "same"
     summary = run(_cfg(world, out, f"model.lora={world['zero_lora']}", "prompts=hpsv2-offline:photo",
                        "max_prompts_per_style=3", "seeds=2", "scorers=jpeg_compressibility",
-                       f"implicit_reward.source={world['pairs']}", "implicit_reward.noise_draws=1"))
+                       f"implicit_reward.source={world['pairs']}", "implicit_reward.noise_draws=1",
+                       f"training_pairs={tmp_path / 'trained_on'}"))
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: 1 of 3 evaluation prompts are captions of the 2 distinct training captions in "
+                      f"{tmp_path / 'trained_on'} (e.g. {photo[1].text[:60]!r}): scores on them are not held out"]
     report = json.loads((out / "report.json").read_text())
     result = report["scorers"]["jpeg_compressibility"]
     assert result["win_rate"] == 0.5 and result["win_rate_ci"] == [0.5, 0.5]

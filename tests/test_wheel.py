@@ -2,7 +2,8 @@
 
 Builds the wheel offline from a copy of the sources (no build isolation, no downloads), checks its contents,
 installs it with --no-deps into a fresh virtual environment and, from a folder outside the repository with no
-PYTHONPATH, checks that ``diffusion_dpo.ASSETS`` points into that environment and the demo base loads there.
+PYTHONPATH, checks that ``diffusion_dpo.ASSETS`` points into that environment, the demo base loads there and
+``--config NAME`` reads the packaged example config.
 """
 
 import json
@@ -50,10 +51,17 @@ import json, sys
 import diffusion_dpo
 from diffusion_dpo import ASSETS
 from diffusers import StableDiffusionPipeline
+from diffusion_dpo.config import load_config
+from diffusion_dpo.config_files import resolve_config
+from diffusion_dpo.recipes.train import TrainConfig
 
+# A launch line's --config NAME, run from a folder with no assets/ link: the packaged file is read.
+by_name = load_config(TrainConfig, ["sd15_train", "data/hpdv2"])
 pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "demo" / "base")
 print(json.dumps({"package": diffusion_dpo.__file__, "assets": str(ASSETS), "prefix": sys.prefix,
-                  "unet_params": sum(p.numel() for p in pipe.unet.parameters())}))
+                  "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+                  "sd15_train": str(resolve_config("sd15_train")), "max_steps": by_name.optim.max_steps,
+                  "caption_column": by_name.data.columns.caption}))
 """
 
 
@@ -112,3 +120,5 @@ def test_wheel_carries_the_assets_and_an_install_loads_the_demo_base(tmp_path):
     assert Path(found["assets"]).resolve().is_relative_to(prefix), found
     assert Path(found["assets"]).resolve() == Path(found["package"]).resolve().parent / "assets"
     assert found["unet_params"] > 0
+    assert Path(found["sd15_train"]).resolve() == Path(found["assets"]).resolve() / "configs" / "sd15_train.yaml"
+    assert (found["max_steps"], found["caption_column"]) == (2000, "prompt")

@@ -3,7 +3,8 @@ images.
 
 A source is one of
 
-* a hub dataset id (``yuvalkirstain/pickapic_v2``; ``streaming=True`` reads it without downloading 335 GB),
+* a hub dataset id (``Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3``; ``streaming=True`` reads a
+  large one without downloading it),
 * a local folder of parquet shards (every ``*.parquet`` directly in it, sorted by name, or in its
   ``<split>/`` subfolder when that exists; other files are ignored),
 * a single ``.parquet`` file,
@@ -93,7 +94,7 @@ def _open_raw(source_str: str, split: str, streaming: bool, cache_dir: str | Non
         raise InputError(f"data source {source_str} does not exist")
     else:
         raise InputError(f"data source {source_str} is neither an existing file or folder nor a hub dataset "
-                         "id of the form owner/name (e.g. yuvalkirstain/pickapic_v2)")
+                         "id of the form owner/name (e.g. ymhao/HPDv2)")
     return ds, base_dir
 
 

@@ -6,6 +6,10 @@ A spec is one of
   ``concept-art``, ``paintings``, ``photo``), the JSON files ``benchmark/<style>.json`` of the hub dataset
   ``zhwang/HPDv2``. With ``prompts_dir=`` they are read from a local folder holding those four files
   instead of the hub. Without the hub and without ``prompts_dir`` the error points to the two ways out.
+- ``hpdv2-train``: the prompts of HPDv2's train split (``train.json`` of the same hub dataset, each prompt
+  once, in file order; style ``hpdv2-train``) less every prompt that is also an ``hpsv2`` benchmark prompt,
+  so pairs labelled from it never share a prompt with an evaluation on ``hpsv2``. With ``prompts_dir=`` they
+  are read from a local copy of the dataset (a folder holding ``train.json`` and ``benchmark/<style>.json``).
 - ``hpsv2-offline`` / ``hpsv2-offline:<style>``: our own prompts in the same four styles, shipped in
   ``assets/prompts/hpsv2_offline/<style>.json`` (written for this package, not copied from HPDv2), so
   evaluation and the demo work with no network.
@@ -38,7 +42,8 @@ from diffusion_dpo.fileio import read_text
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 HPS_HUB_DATASET = "zhwang/HPDv2"
 OFFLINE_DIR = ASSETS / "prompts" / "hpsv2_offline"
-BUILTIN_SETS = ("hpsv2", "hpsv2-offline")
+HPD_TRAIN_SET = "hpdv2-train"
+BUILTIN_SETS = ("hpsv2", "hpsv2-offline", HPD_TRAIN_SET)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def load_prompts(spec: str, *, prompts_dir: str | None = None) -> list[Prompt]:
     """The prompts named by ``spec`` (see the module docstring), grouped by style in source order.
 
     ``prompts_dir``: a local folder with the official ``<style>.json`` files, used for ``hpsv2`` instead of
-    the hub.
+    the hub; for ``hpdv2-train``, a local copy of the HPDv2 dataset (``train.json``, ``benchmark/``).
     """
     spec = str(spec).strip()
     if not spec:
@@ -63,6 +68,10 @@ def load_prompts(spec: str, *, prompts_dir: str | None = None) -> list[Prompt]:
     name, style = _split_style(spec)
     if name == "hpsv2":
         prompts = _official_hps(style, prompts_dir)
+    elif name == HPD_TRAIN_SET:
+        if style is not None:
+            raise InputError(f"prompt set {HPD_TRAIN_SET!r} has no styles; got {spec!r}")
+        prompts = _hpd_train_prompts(prompts_dir)
     elif name == "hpsv2-offline":
         prompts = _from_folder(OFFLINE_DIR, HPS_STYLES if style is None else (style,), set_name=name)
     else:
@@ -143,6 +152,65 @@ def _hub_benchmark_file(style: str) -> Path:
             f"{HPS_HUB_DATASET}{offline}: {type(e).__name__}: {e}. Use prompts=hpsv2-offline for the built-in "
             f"offline set, or prompts_dir=<folder holding {', '.join(s + '.json' for s in HPS_STYLES)}>"
         ) from None
+
+
+def _hpd_train_prompts(prompts_dir: str | None) -> list[Prompt]:
+    """HPDv2's train-split prompts, each once, without the benchmark's (the split this set promises)."""
+    if prompts_dir:
+        folder = Path(prompts_dir)
+        if not (folder / "train.json").is_file() or not (folder / "benchmark").is_dir():
+            raise InputError(f"prompts_dir {prompts_dir!r}: expected a copy of the hub dataset {HPS_HUB_DATASET} "
+                             "holding train.json and benchmark/<style>.json")
+        train_file, benchmark = folder / "train.json", _official_hps(None, str(folder / "benchmark"))
+    else:
+        train_file, benchmark = _hub_dataset_file("train.json"), _official_hps(None, None)
+    held_out = {p.text for p in benchmark}
+    texts = [t for t in dict.fromkeys(_read_train_prompts(train_file)) if t not in held_out]
+    if not texts:
+        raise InputError(f"{train_file}: no train prompt left once the HPSv2 benchmark prompts are held out")
+    return [Prompt(t, HPD_TRAIN_SET, i) for i, t in enumerate(texts)]
+
+
+def _read_train_prompts(path: Path) -> list[str]:
+    """The ``prompt`` of every row of HPDv2's ``train.json`` (a JSON list of objects), stripped."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+    except json.JSONDecodeError as e:
+        raise InputError(f"HPDv2 train file {path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"HPDv2 train file {path}: expected a non-empty JSON list of rows with a 'prompt'")
+    texts = []
+    for i, row in enumerate(rows):
+        text = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"HPDv2 train file {path}: row {i} has no non-empty 'prompt' string")
+        texts.append(text.strip())
+    return texts
+
+
+def _hub_dataset_file(filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HPS_HUB_DATASET, filename, repo_type="dataset"))
+    except Exception as e:  # offline, no such file, auth: all mean "not reachable" to the user
+        raise InputError(
+            f"cannot fetch {filename} from the hub dataset {HPS_HUB_DATASET} for prompts={HPD_TRAIN_SET}: "
+            f"{type(e).__name__}: {e}. Download the dataset's train.json and benchmark/ folder elsewhere and "
+            f"pass prompts_dir=<that folder>"
+        ) from None
+
+
+def overlap_warning(prompts: list[Prompt], captions: set[str], where: str) -> str | None:
+    """One line saying how many of ``prompts`` are among ``captions`` (the training pairs' in ``where``), with
+    examples; None when none is. A tuned model scored on prompts it was trained on measures recall, not
+    what it learnt."""
+    shared = [p.text for p in prompts if p.text.strip() in captions]
+    if not shared:
+        return None
+    examples = "; ".join(repr(t[:60]) for t in shared[:3])
+    return (f"warning: {len(shared)} of {len(prompts)} evaluation prompts are captions of the {len(captions)} "
+            f"distinct training captions in {where} (e.g. {examples}): scores on them are not held out")
 
 
 def _from_folder(folder: Path, styles: tuple[str, ...] | None, set_name: str) -> list[Prompt]:

@@ -29,7 +29,7 @@ from diffusion_dpo import config
 from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, styles_of, take_per_style
+from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, overlap_warning, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
 from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
@@ -88,6 +88,9 @@ class EvaluateConfig(GenerationRunOptions):
                                "0 or more")
     grid_cell: int = option(192, "width in px of each image in the grids", lambda v: v >= 8, "at least 8 px")
     implicit_reward: ImplicitRewardConfig = option(ImplicitRewardConfig, "implicit-reward accuracy on held-out pairs")
+    training_pairs: str | None = option(None, "the pairs the tuned model was trained on (its train config's "
+                                        "data.source: a parquet folder or file, JSONL or hub id); a warning "
+                                        "says how many evaluation prompts are among their captions")
 
 
 # What an evaluation writes into output_dir besides config.yaml (overwrite=true removes them; the per-process
@@ -243,6 +246,10 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     # Without cpu=True, accelerate ignores a multi-process launch on a machine without GPUs.
     state = PartialState(cpu=not torch.cuda.is_available() or str(cfg.device).startswith("cpu"))
     device = torch.device(cfg.device) if cfg.device else state.device
+    if cfg.training_pairs and state.is_main_process:
+        warning = overlap_warning(prompts, training_captions(cfg.training_pairs), cfg.training_pairs)
+        if warning:
+            print(warning, flush=True)
     out = Path(cfg.output_dir)
     if state.is_main_process:
         check_folder(out)  # a path that cannot be a folder is said before it is looked into
@@ -355,6 +362,31 @@ def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: 
         n_prompts=report.n_prompts, n_seeds=cfg.seeds, n_images=2 * len(items),
         report_json=str(out / "report.json"), report_md=str(out / "report.md"), scores=str(out / "scores.jsonl"),
         grids=grids, chart=str(chart))
+
+
+def training_captions(source: str) -> set[str]:
+    """The distinct captions of the pairs in ``source`` (its ``train/`` subfolder when there is one); a local
+    parquet folder or file is read by its caption column alone, without the images."""
+    path = Path(source)
+    if not (path.is_dir() or path.suffix == ".parquet"):
+        from diffusion_dpo.data import open_pairs
+
+        rows = open_pairs(source, split="train", streaming=True)
+        return {str(row["caption"]).strip() for row in rows if row.get("caption")}
+    import pyarrow.parquet as pq
+
+    where = path / "train" if (path / "train").is_dir() else path
+    files = [path] if path.is_file() else sorted(where.glob("*.parquet"))
+    if not files:
+        raise InputError(f"training_pairs {source}: no *.parquet files in {where}")
+    captions = set()
+    for f in files:
+        try:
+            column = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+        except (KeyError, ValueError, OSError) as e:
+            raise InputError(f"training_pairs {source}: cannot read the caption column of {f}: {e}") from None
+        captions.update(str(c).strip() for c in column if c)
+    return captions
 
 
 def _open_held_out_pairs(icfg: ImplicitRewardConfig):

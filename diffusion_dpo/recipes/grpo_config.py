@@ -39,7 +39,8 @@ class StochasticSamplingSection:
     noise_level: float = option(0.7, "flow families (SD3, FLUX.1): the SDE's a in sigma_t = a sqrt(t / (1 - "
                                 "t)) (Flow-GRPO: 0.7)", positive, "a positive number")
     resolution: Optional[int] = option(None, "image side in px (null: the denoiser's sample_size x the VAE's "
-                                       "downsampling)", lambda v: v is None or v >= 8, "null or at least 8")
+                                       "downsampling, the native size: 1024 for SD3.5-M; Flow-GRPO's SD3.5 "
+                                       "runs use 512)", lambda v: v is None or v >= 8, "null or at least 8")
     logprob_reduction: Literal["mean", "sum"] = option(
         "mean", "a transition's log-prob over the latent elements: mean (DDPO's and Flow-GRPO's; the clip "
         "range does not depend on the image size) or sum")
@@ -49,7 +50,8 @@ class StochasticSamplingSection:
 class OnlineSection:
     prompts_per_step: int = option(8, "prompts per process per step (each gets a whole group)", at_least_one,
                                    "at least 1")
-    group_size: int = option(8, "G: images sampled per prompt", lambda v: v >= 2, "at least 2")
+    group_size: int = option(8, "G: images sampled per prompt (Flow-GRPO's SD3.5 configs: 24)", lambda v: v >= 2,
+                             "at least 2")
     train_steps: Optional[int] = option(None, "K: transitions trained per image, drawn per image from the T "
                                         "(null: all T)", lambda v: v is None or v >= 1, "null or at least 1")
     first_steps: int = option(0, "of the K, always train the first (noisiest) this many", non_negative,
@@ -60,7 +62,8 @@ class OnlineSection:
                                     "this many equal parts (DDPO's batches per epoch)", at_least_one, "at least 1")
     clip_range: float = option(1e-4, "GRPO: PPO clip range of the importance ratio (DDPO: 1e-4)", positive,
                                "a positive number")
-    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (Flow-GRPO: 0.04; 0 "
+    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (0.04 as in the "
+                            "Flow-GRPO paper; its PickScore config uses 0.01; 0 "
                             "skips the reference forward)", non_negative, "0 or more")
     advantage_scope: Literal["group", "batch"] = option(
         "group", "normalise rewards within each prompt's group (GRPO) or over the whole batch of all processes")
@@ -93,7 +96,8 @@ class GrpoConfig(TrainingRunOptions):
     method: Literal["grpo", "online_dpo"] = option(
         "grpo", "grpo: the clipped ratio objective on advantages per group; online_dpo: Diffusion-DPO on the "
         "best vs the worst image of each group")
-    model: ModelConfig = option(ModelConfig(lora_rank=8), "the checkpoint to tune and how (LoRA by default)")
+    model: ModelConfig = option(ModelConfig(lora_rank=8), "the checkpoint to tune and how (LoRA rank 8 by "
+                                "default; Flow-GRPO's SD3.5 runs: rank 32, alpha 64)")
     prompts: PromptsSection = option(PromptsSection, "training prompts, visited in a seeded order")
     scorer: ScorerConfig = option(ScorerConfig, "the reward: a registry scorer or a weighted combo")
     sampling: StochasticSamplingSection = option(StochasticSamplingSection, "the stochastic sampler")

@@ -59,8 +59,12 @@ class RelabelConfig:
 class LabelConfig(GenerationRunOptions):
     output_dir: str = option("runs/label", "folder of the output shards, manifest.json and summary.json")
     model: PipelineSection = option(PipelineSection, "the checkpoint that generates candidates (generate mode)")
-    prompts: str = option("hpsv2-offline", "prompt set name (hpsv2, hpsv2-offline, optionally :<style>), a "
-                          "text file (one per line), a JSON list or a TSV; with prompts_column, a dataset")
+    prompts: str = option("hpsv2-offline", "prompt set name (hpsv2, hpsv2-offline, optionally :<style>; "
+                          "hpdv2-train: HPDv2's train prompts less the hpsv2 benchmark's), a text file (one per "
+                          "line), a JSON list or a TSV; with prompts_column, a dataset")
+    prompts_dir: str | None = option(None, "local copy of a hub prompt set instead of the hub: for hpsv2 the "
+                                     "benchmark <style>.json files, for hpdv2-train HPDv2's train.json and "
+                                     "benchmark/")
     prompts_column: str | None = option(None, "read prompts from this column of the dataset named by "
                                         "prompts (hub id, parquet folder/file, JSONL); repeats kept once")
     max_prompts: int | None = option(None, "use only the first N prompts; null: all",
@@ -117,7 +121,7 @@ def load_prompt_list(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     else:
         from diffusion_dpo.evaluation.prompts import load_prompts
 
-        loaded = load_prompts(cfg.prompts)[:cfg.max_prompts]
+        loaded = load_prompts(cfg.prompts, prompts_dir=cfg.prompts_dir)[:cfg.max_prompts]
         texts, styles = [p.text for p in loaded], [p.style for p in loaded]
     if not texts:
         raise InputError(f"prompts {cfg.prompts!r} hold no prompt")

@@ -8,8 +8,8 @@ Real checkpoints (SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1, detected from the pipeli
 one GPU or many, on
 pairs that ``diffusion-dpo label`` wrote (or any preference set mapped with data.columns):
 
-    diffusion-dpo train --config assets/configs/sd15_train.yaml
-    accelerate launch --num_processes 8 -m diffusion_dpo train --config assets/configs/sdxl_train.yaml
+    diffusion-dpo train --config sd15_train
+    accelerate launch --num_processes 16 -m diffusion_dpo train --config sdxl_train
 
 Writes into ``output_dir``: config.yaml (resolved), metrics.jsonl, tensorboard logs under logs/,
 checkpoints/step-N/ (exact resume), and final/ (a UNet or transformer folder, or LoRA weights for
@@ -68,9 +68,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 @dataclass
 class ModelConfig:
-    pretrained: str = option("runwayml/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a local diffusers "
-                             "folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from model_index.json); 'tiny' / "
-                             "'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
+    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a "
+                             "local diffusers folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from "
+                             "model_index.json); 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
                              "<output_dir>/tiny/ (offline)")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit) of model.pretrained")
     variant: Optional[str] = option(None, "weight-file variant to load, e.g. 'fp16' (null: the full files)")
