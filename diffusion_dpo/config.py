@@ -31,8 +31,8 @@ from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union, g
 
 import yaml
 
-from diffusion_dpo.config_yaml import Plain, load_yaml, resolved
 from diffusion_dpo.config_files import resolve_config
+from diffusion_dpo.config_yaml import Plain, load_yaml, resolved
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import read_text
 
