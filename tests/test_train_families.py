@@ -146,7 +146,7 @@ def test_flow_example_configs_parse_and_name_their_command():
     for name in ("sd35_medium_lora", "flux_dev_lora"):
         path = ASSETS / "configs" / f"{name}.yaml"
         first = path.read_text().split("\n")[0]
-        assert first.startswith("# diffusion-dpo train --config assets/configs/") and f"{name}.yaml" in first
+        assert first.startswith("# ") and f"train --config {name}" in first
         cfg = load_config(train.TrainConfig, [str(path)])
         validate(cfg)
         assert cfg.loss.beta == 100 and cfg.noise.timestep_sampling == "logit_normal" and cfg.model.lora_rank > 0

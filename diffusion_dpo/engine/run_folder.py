@@ -152,8 +152,10 @@ def _apply_rule(out: Path, owner: str, mode: str | None, overwrite: bool, run_fi
 def release_output_dir(out: Path) -> None:
     """Release the folder's lock (the end of a run, or its failure). A run that failed before it wrote its
     config.yaml leaves nothing behind: its run.json goes, and so does the folder if the claim made it and it
-    stayed empty (bad input found after the claim writes nothing)."""
-    run_lock.release(out)
+    stayed empty (bad input found after the claim writes nothing). A process that claimed nothing (another
+    rank, or a run refused before its claim, e.g. for a path that cannot exist) leaves the folder alone."""
+    if not run_lock.release(out):
+        return
     if (out / OWNER_FILE).is_file() and not holds_run(out):
         (out / OWNER_FILE).unlink()
     resolved = out.resolve()

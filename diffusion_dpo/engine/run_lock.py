@@ -116,8 +116,10 @@ def acquire(out: Path, command: str) -> RunLock:
     return lock
 
 
-def release(out: Path) -> None:
-    """Release ``out``'s lock if this process holds it (a recipe's end; exit does it too)."""
+def release(out: Path) -> bool:
+    """Release ``out``'s lock if this process holds it (a recipe's end; exit does it too); return whether
+    it did."""
     lock = _HELD.get(Path(out).resolve())
     if lock is not None:
         lock.release()
+    return lock is not None
