@@ -36,3 +36,22 @@ def run_on_two_processes(command: str, args: list[str], timeout: int = 300) -> N
            "-m", "diffusion_dpo", command, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class CountingFeed:
+    """Batches x = [k, 1] (k = position), exactly resumable by position: the engine tests' toy data."""
+
+    def __init__(self):
+        self.position = 0
+
+    def batches(self, batch_size):
+        while True:
+            x = torch.tensor([[float(self.position + i), 1.0] for i in range(batch_size)])
+            self.position += batch_size  # before the yield: a checkpoint taken after this batch skips it
+            yield x
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]

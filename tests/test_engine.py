@@ -9,31 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_files import CountingFeed
 from safetensors.torch import load_file
 
 from diffusion_dpo import ASSETS, cli
 from diffusion_dpo.config import OptimSection, TrainingRunOptions
 from diffusion_dpo.engine import Engine, NonFiniteError, StepOutput, build_optimizer
 from diffusion_dpo.errors import InputError
-
-
-class CountingFeed:
-    """Batches x = [k, 1] (k = position), exactly resumable by position."""
-
-    def __init__(self):
-        self.position = 0
-
-    def batches(self, batch_size):
-        while True:
-            x = torch.tensor([[float(self.position + i), 1.0] for i in range(batch_size)])
-            self.position += batch_size
-            yield x
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 def toy_run(out, *, steps=4, poison=(), resume=None, overwrite=False, max_nonfinite=3, checkpoint_every=2):

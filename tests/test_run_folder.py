@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_files import REPO, metrics
+from run_files import REPO, CountingFeed, metrics
 
 from diffusion_dpo import cli
 from diffusion_dpo.config import OptimSection, PreferenceLossSection, TrainingRunOptions, option
@@ -32,22 +32,6 @@ class ToyConfig(TrainingRunOptions):
                                               batch_size=2), "optimizer")
     loss: PreferenceLossSection = option(PreferenceLossSection, "a loss section (its beta is not used)")
 
-
-class CountingFeed:
-    def __init__(self):
-        self.position = 0
-
-    def batches(self, batch_size):
-        while True:
-            x = torch.tensor([[float(self.position + i), 1.0] for i in range(batch_size)])
-            self.position += batch_size  # before the yield: a checkpoint taken after this batch skips it
-            yield x
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 def toy_cfg(out, **keys) -> ToyConfig:

@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from diffusion_dpo.engine import run_lock
+from diffusion_dpo.engine.run_lock import LOCK_FILE, acquire_lock, release_lock
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text, check_folder
 
@@ -68,7 +68,7 @@ def read_owner(out: Path) -> dict | None:
 def _legacy_foreigner(out: Path, marks: tuple[str, ...]) -> list[str]:
     """For a run folder without run.json: [] when it may be this command's (it holds one of ``marks``, or
     nothing but config.yaml), else what it holds instead."""
-    held = sorted(p.name for p in out.iterdir() if p.name not in (RUN_MARKER, run_lock.LOCK_FILE))
+    held = sorted(p.name for p in out.iterdir() if p.name not in (RUN_MARKER, LOCK_FILE))
     if not held or any(any(out.glob(m)) for m in marks):
         return []
     return held
@@ -123,7 +123,7 @@ def claim_output_dir(out: Path, *, owner: str, resume: str | None, overwrite: bo
                          f"'null' or a folder such as {out / 'checkpoints' / 'step-500'})")
     if not out.exists():
         _CREATED.add(out.resolve())
-    run_lock.acquire(out, owner)
+    acquire_lock(out, owner)
     try:
         continues = _apply_rule(out, owner, mode, overwrite, run_files, marks)
     except BaseException:
@@ -154,7 +154,7 @@ def release_output_dir(out: Path) -> None:
     config.yaml leaves nothing behind: its run.json goes, and so does the folder if the claim made it and it
     stayed empty (bad input found after the claim writes nothing). A process that claimed nothing (another
     rank, or a run refused before its claim, e.g. for a path that cannot exist) leaves the folder alone."""
-    if not run_lock.release(out):
+    if not release_lock(out):
         return
     if (out / OWNER_FILE).is_file() and not holds_run(out):
         (out / OWNER_FILE).unlink()

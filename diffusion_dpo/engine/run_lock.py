@@ -79,7 +79,7 @@ def _alive(holder: dict) -> bool:
     return True
 
 
-def acquire(out: Path, command: str) -> RunLock:
+def acquire_lock(out: Path, command: str) -> RunLock:
     """Take ``out``'s lock for ``command`` (creating ``out``), or raise InputError naming its holder."""
     out = Path(out).resolve()
     if out in _HELD:
@@ -116,7 +116,7 @@ def acquire(out: Path, command: str) -> RunLock:
     return lock
 
 
-def release(out: Path) -> bool:
+def release_lock(out: Path) -> bool:
     """Release ``out``'s lock if this process holds it (a recipe's end; exit does it too); return whether
     it did."""
     lock = _HELD.get(Path(out).resolve())
