@@ -3,6 +3,7 @@
 A checkpoint is a folder ``<output_dir>/checkpoints/step-N/`` holding
 
     trainable.safetensors   the trained parameters only (the LoRA adapter, or the whole UNet), fp32
+    ema.safetensors         (with ema.decay > 0) the EMA of those parameters, fp32, the same names
     training_state.pt       optimizer, LR scheduler and (fp16) gradient-scaler state
     rank-R.pt               per process: RNG states (python, numpy, torch CPU, CUDA) and the data position
     state.json              step, world size, and the SHA-256 of every other file; written last
@@ -42,6 +43,7 @@ from diffusion_dpo.fileio import fsync_path
 
 _STEP_DIR = re.compile(r"^step-(\d+)(\.old)?$")
 STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -192,13 +194,15 @@ def save_checkpoint(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     keep: int | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically; every process calls it (collectively, like a barrier).
 
     trainable, training_state: from the main process (rank 0; the others pass None: with data parallelism
     their weights and optimizer states are identical). rank_state: this process's RNG states and data
     position. ``barrier`` synchronises the processes (``accelerator.wait_for_everyone``); ``keep`` (None:
-    all) is how many complete checkpoints to leave, the newest. Returns the checkpoint folder.
+    all) is how many complete checkpoints to leave, the newest. ``ema`` (main process, optional): the EMA
+    weights, written as ema.safetensors. Returns the checkpoint folder.
     """
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
@@ -212,6 +216,9 @@ def save_checkpoint(
         weights = {k: v.contiguous().float() for k, v in (trainable or {}).items()}
         write(tmp / "trainable.safetensors", functools.partial(_safetensors_save, weights))
         write(tmp / "training_state.pt", functools.partial(_torch_save, training_state or {}))
+        if ema is not None:
+            averaged = {k: v.contiguous().float() for k, v in ema.items()}
+            write(tmp / EMA_FILE, functools.partial(_safetensors_save, averaged))
     barrier()
     if rank == 0:
         # state.json is the commit mark: written last, after everything else is on disk, with the digests
@@ -294,7 +301,8 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
 def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Read a checkpoint folder for process ``rank`` of ``world_size``.
 
-    Returns {"step", "trainable" (state dict), "training_state", "rank_state"}. Raises InputError when the
+    Returns {"step", "trainable" (state dict), "training_state", "rank_state", "ema" (state dict, or None
+    when the checkpoint holds no EMA)}. Raises InputError when the
     folder is missing or incomplete, or was written by a different number of processes (each process's
     data position belongs to that split of the data).
     """
@@ -319,6 +327,7 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dic
             "trainable": load_file(path / "trainable.safetensors"),
             "training_state": torch.load(path / "training_state.pt", weights_only=True),
             "rank_state": torch.load(path / f"rank-{rank}.pt", weights_only=True),
+            "ema": load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None,
         }
     except Exception as e:  # a damaged file of a checkpoint without digests: safetensors', pickle's errors
         raise InputError(f"resume: checkpoint {path} cannot be read ({type(e).__name__}: {e}); resume from "

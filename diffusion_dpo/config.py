@@ -408,6 +408,24 @@ class GenerationRunOptions(RunOptions):
 
 
 @dataclasses.dataclass
+class EMASection:
+    """An exponential moving average of the trained weights (engine.ema; the section lives here, not there,
+    because every training config embeds it and the engine package imports this module)."""
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"final"})  # which weights final/ holds: no step's meaning
+    decay: float = option(0.0, "EMA decay per update: ema = decay * ema + (1 - decay) * weights (0: no EMA; "
+                          "0.999 averages over about 1000 updates)", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    every: int = option(1, "update the EMA every N optimizer steps", at_least_one, "at least 1 step")
+    start_step: int = option(0, "before this optimizer step the EMA copies the weights instead of averaging",
+                             non_negative, "0 or more steps")
+    final: bool = option(False, "write final/ from the EMA weights instead of the trained ones (needs decay > 0)")
+
+    def check(self) -> None:
+        if self.final and not self.decay:
+            raise ConfigError("config key 'final': expected false when ema.decay is 0 (there is no EMA to "
+                              "write), got true")
+
+
+@dataclasses.dataclass
 class TrainingRunOptions(RunOptions):
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"log_every", "tensorboard", "checkpoint_every",
                                                        "checkpoints_keep", "max_nonfinite_steps"})
@@ -421,6 +439,8 @@ class TrainingRunOptions(RunOptions):
     max_nonfinite_steps: int = option(
         10, "a step whose loss or gradient is NaN/inf is skipped (no update) and counted; this many in a row "
         "stop the run with an error naming the step and the quantity", at_least_one, "at least 1")
+    ema: EMASection = option(EMASection, "an EMA of the trained weights: kept in checkpoints, optionally "
+                             "written to final/ (memory: one fp32 copy of the trained parameters)")
 
 
 @dataclasses.dataclass

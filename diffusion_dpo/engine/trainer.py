@@ -9,6 +9,8 @@ A recipe brings its models, a data feed and a step function; the engine owns eve
                           every N steps, exact resume (weights, optimizer, schedule, RNG, data position)
     engine.optimizer_step the same single step for a recipe that drives its own outer loop (PPO)
     engine.save_final     final/ written to final.tmp and renamed, refused if a weight is not finite
+    engine.ema            the EMA of the trained weights (ema.decay > 0, else None): built by prepare, updated
+                          after each applied optimizer step, in every checkpoint, optionally in final/
     engine.finish         summary.json and the trackers closed
 
 The step function is ``step_fn(batch, ctx) -> StepOutput``: per-example losses (the engine back-propagates
@@ -17,6 +19,7 @@ their mean), metrics (tensors, averaged) and how many units (pairs, tokens) the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusion_dpo import checkpointing
 from diffusion_dpo.config import ConfigError, TrainingRunOptions, save_config, to_dict, validate
+from diffusion_dpo.engine.ema import EMA
 from diffusion_dpo.engine.resume_settings import RESUME_LOG, check_resume_settings
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
 from diffusion_dpo.errors import InputError, RunError
@@ -145,6 +149,7 @@ class Engine:
         self._nonfinite_in_a_row = 0
         self.last: dict[str, float] = {}
         self.start = time.perf_counter()
+        self.ema: Optional[EMA] = None  # built by prepare from the trained module
         if cfg.tensorboard:
             acc.init_trackers(name, config=_flat(to_dict(self.cfg)))
 
@@ -172,8 +177,15 @@ class Engine:
             raise
 
     def prepare(self, *modules):
-        """accelerate's prepare (DDP wrapping, device placement of optimizers)."""
-        return self.accelerator.prepare(*modules)
+        """accelerate's prepare (DDP wrapping, device placement of optimizers). The first module given is the
+        trained one: with ema.decay > 0 its EMA starts here, from its weights as they are now."""
+        prepared = self.accelerator.prepare(*modules)
+        # ---- EMA (engine.ema): every training recipe passes its trained module through here
+        trained = next((m for m in modules if isinstance(m, torch.nn.Module)), None)
+        if self.cfg.ema.decay > 0 and trained is not None:
+            self.ema = EMA(trained, self.cfg.ema)
+        # ---- end EMA
+        return prepared
 
     def resume(self, policy: torch.nn.Module, optimizer, scheduler, feed: Feed | None = None,
                extra: Callable[[dict], None] | None = None) -> int:
@@ -194,6 +206,7 @@ class Engine:
             if extra is not None:
                 extra(state["rank_state"].get("recipe", {}))
             self.step = state["step"]
+            self._resume_ema(state.get("ema"))
         if self.is_main:  # a resumed run re-logs the steps after its checkpoint; a fresh one starts empty
             kept = [line for line in (self.metrics_path.read_text().splitlines()
                                       if self.metrics_path.exists() and self.step else [])
@@ -203,6 +216,18 @@ class Engine:
             # A run killed after publishing a checkpoint but before pruning left one too many.
             checkpointing.prune_checkpoints(self.out, self.cfg.checkpoints_keep)
         return self.step
+
+    def _resume_ema(self, saved: Optional[dict[str, Tensor]]) -> None:
+        """The EMA from the checkpoint; one written without EMA starts the EMA from the restored weights."""
+        if self.ema is None:
+            return
+        if saved is None:
+            self.ema.reset()
+            if self.is_main:
+                print(f"resume: checkpoint {self.resume_from} holds no EMA (its run had ema.decay = 0 or predates "
+                      f"it); the EMA starts from its weights at step {self.step}", flush=True)
+            return
+        self.ema.load_state_dict(saved, str(self.resume_from / checkpointing.EMA_FILE))
 
     # -------------------------------------------------------------------------------------------- step
 
@@ -251,6 +276,8 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._nonfinite_in_a_row = 0
+        if self.ema is not None:  # after an applied update only: a skipped step leaves the average too
+            self.ema.update(self.step)
         return sums | {"grad_norm": grad_norm.detach().float(), "units": torch.tensor(float(units))}
 
     # -------------------------------------------------------------------------------------------- loop
@@ -341,6 +368,9 @@ class Engine:
         trainable = checkpointing.trainable_state_dict(policy) if self.is_main else None
         if trainable is not None:
             self._check_finite(trainable, f"checkpoint step-{self.step}")
+        ema = self.ema.state_dict() if self.ema is not None and self.is_main else None
+        if ema is not None:
+            self._check_finite(ema, f"checkpoint step-{self.step} (its EMA)")
         scaler = self.accelerator.scaler
         return checkpointing.save_checkpoint(
             self.out, self.step, rank=self.rank, world_size=self.world,
@@ -349,10 +379,16 @@ class Engine:
                             "scaler": scaler.state_dict() if scaler else None,
                             "nonfinite_steps": self.nonfinite_steps} if self.is_main else None,
             rank_state={"rng": checkpointing.capture_rng_state(),
-                        "data": feed.state_dict() if feed is not None else {}, "recipe": recipe_state or {}})
+                        "data": feed.state_dict() if feed is not None else {}, "recipe": recipe_state or {}},
+            ema=ema)
 
     def save_final(self, policy: torch.nn.Module, write: Callable[[Path], None]) -> Path:
-        """final/ written by ``write(folder)`` into final.tmp, then renamed (main process; all wait)."""
+        """final/ written by ``write(folder)`` into final.tmp, then renamed (main process; all wait). With
+        ema.final the EMA weights stand in the module meanwhile, so ``write`` saves them."""
+        with self.ema.swapped_in() if self.ema is not None and self.cfg.ema.final else contextlib.nullcontext():
+            return self._save_final(policy, write)
+
+    def _save_final(self, policy: torch.nn.Module, write: Callable[[Path], None]) -> Path:
         final = self.out / "final"
         if self.is_main:
             self._check_finite(checkpointing.trainable_state_dict(policy), "final/")
