@@ -59,14 +59,16 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
     approx_kl is exactly 0 and nothing is clipped), and the policy equals its reference (LoRA's B starts at 0;
     a full fine-tune's frozen copy is the same weights), so the KL is exactly 0. Later steps move."""
     out = tmp_path / "run"
+    reference = "online.reference=" + ("adapter" if rank else "copy")
     grpo.run(config(world, out, f"model.lora_rank={rank}", "online.kl_coef=0.04", "optim.max_steps=2",
-                    "online.inner_epochs=2"))
+                    "online.inner_epochs=2", reference))
     rows = train_rows(out)
     assert MONITORS <= set(rows[0])
     # metrics average the two inner epochs: the first has ratio 1 exactly, the second has moved
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 2  # optimizer steps: 2 inner epochs of the first sampling step
-    run1 = config(world, tmp_path / "one", f"model.lora_rank={rank}", "online.kl_coef=0.04", "optim.max_steps=1")
+    run1 = config(world, tmp_path / "one", f"model.lora_rank={rank}", "online.kl_coef=0.04", "optim.max_steps=1",
+                  reference)
     grpo.run(run1)
     one = train_rows(tmp_path / "one")[0]
     assert one["ratio"] == 1.0 and one["approx_kl"] == 0.0 and one["clip_fraction"] == 0.0
@@ -189,7 +191,8 @@ def test_held_out_evaluation_is_logged_with_its_interval(world, tmp_path, family
     pipeline's) are both evaluated against the base."""
     out = tmp_path / "ev"
     result = grpo.run(config(world, out, f"eval.prompts={world['prompts']}", "eval.every=1", "eval.seeds=1",
-                             "eval.n_boot=50", "eval.grid_prompts=2", f"model.lora_rank={rank}", family=family))
+                             "eval.n_boot=50", "eval.grid_prompts=2", f"model.lora_rank={rank}",
+                             "online.reference=" + ("adapter" if rank else "copy"), family=family))
     rows = [r for r in metrics(out) if "eval/win_rate" in r]
     assert [r["step"] for r in rows] == [1, 2]  # after step 1, and final
     lo, hi = rows[-1]["eval/win_rate_lo"], rows[-1]["eval/win_rate_hi"]

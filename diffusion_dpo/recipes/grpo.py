@@ -11,11 +11,13 @@ passes over K of the T transitions of every image (chosen per image, seeded), ea
 ``online.updates_per_epoch`` optimizer steps that accumulate over micro-batches of ``optim.batch_size`` rows:
 
     grpo        the clipped importance-ratio loss per transition plus kl_coef x the KL of the policy's to the
-                reference's transition (Flow-GRPO eq. 6); the reference is the adapter switched off (LoRA) or
-                a frozen copy (full fine-tune)
+                reference's transition (Flow-GRPO eq. 6)
     online_dpo  Diffusion-DPO (Wallace et al. 2023, eq. 14) on the best vs the worst image of each group, with
-                shared noise per pair, as ``train`` computes it; the reference is a copy of the policy,
-                refreshed every ``online.ref_refresh_every`` steps
+                shared noise per pair, as ``train`` computes it; the reference is the starting policy, or the
+                policy as it was at the last refresh (every ``online.ref_refresh_every`` steps)
+
+The reference (``online.reference``): adapter (LoRA): the adapter switched off, or with refreshes a second
+frozen adapter on the same base; copy: a frozen full copy of the denoiser.
 
 Writes into ``output_dir``: config.yaml, metrics.jsonl and tensorboard logs (reward mean/std, KL, clip
 fraction, approx KL, zero-spread groups, image statistics, loss, lr), checkpoints/step-N/ (N counts optimizer
@@ -24,6 +26,7 @@ steps), eval/step-N/ (held-out win rate against the base with its 95% interval, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -48,7 +51,7 @@ from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.recipes.train import TINY, dpo_objective
-from diffusion_dpo.reference import AdapterOff, FrozenCopy
+from diffusion_dpo.reference import AdapterOff, FrozenCopy, SecondAdapter
 
 Tensor = torch.Tensor
 # Independent random streams of one (seed, step, process): images' noise, pair noise, the step choice and order.
@@ -68,7 +71,7 @@ def stream_seeds(seed: int, step: int, rank: int, stream: int, n: int) -> list[i
 class Built:
     comps: models.Components
     policy: torch.nn.Module  # the denoiser being trained (unwrapped)
-    reference: Any  # AdapterOff or FrozenCopy
+    reference: Any  # AdapterOff, SecondAdapter or FrozenCopy; None when no loss term needs one
     is_lora: bool
     noise: Any  # the family's noise process (online_dpo's denoising errors)
     schedule: Any  # DDIMSchedule or FlowSDESchedule
@@ -109,10 +112,7 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
             p.data = p.data.float()
     else:
         denoiser.to(device)
-    if cfg.method == "online_dpo":  # a copy that ref_refresh_every moves to the policy
-        reference = FrozenCopy.of(denoiser)
-    else:
-        reference = AdapterOff(denoiser) if is_lora else FrozenCopy(models.frozen_copy(denoiser, dtype))
+    reference = build_reference(cfg, denoiser, dtype)
     if m.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
@@ -124,6 +124,28 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
                                  noise_level=s.noise_level, latent_hw=latent_hw)
     return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, NoiseConfig()),
                  schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
+
+
+def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, dtype: torch.dtype):
+    """The reference as online.reference says (the config refused adapter for a full fine-tune); None when
+    neither the method nor the KL needs one."""
+    if not cfg.needs_reference():
+        return None
+    if cfg.online.reference == "copy":
+        if cfg.method == "online_dpo":  # a copy that ref_refresh_every moves to the policy
+            return FrozenCopy.of(denoiser)
+        return FrozenCopy(models.frozen_copy(denoiser, dtype))
+    if cfg.method == "online_dpo" and cfg.online.ref_refresh_every:
+        return SecondAdapter(denoiser)
+    return AdapterOff(denoiser)  # the starting policy: the adapter's B matrices start at zero
+
+
+def refresh_reference(built: Built) -> None:
+    """online_dpo's refresh: the reference becomes the policy as it is now."""
+    if isinstance(built.reference, SecondAdapter):
+        built.reference.refresh()
+    else:
+        built.reference.module.load_state_dict(built.policy.state_dict())
 
 
 def load_reward(cfg: GrpoConfig, device):
@@ -299,15 +321,20 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
                     weights: Optional[Path] = None) -> dict[str, float]:
     """The held-out evaluation (``diffusion-dpo evaluate``: same seeds for both, the pipeline's own sampler)
     of the policy against the base into output_dir/eval/<label>/; returns the logged numbers (main process).
-    ``weights``: final/ (else the policy's weights are written to eval/<label>/weights first)."""
+    ``weights``: final/ (else the policy's weights, the EMA's with eval.use_ema, are written to
+    eval/<label>/weights first)."""
     from diffusion_dpo.recipes import evaluate
     from diffusion_dpo.recipes.demo import reuse_base_images
 
     folder = engine.out / "eval" / label
+    use_ema = evaluates_ema(cfg, engine)
     if weights is None:
         weights = folder / "weights"
-        if engine.is_main:
-            built.comps.family.save_final(built.policy, weights, built.is_lora)
+        with engine.ema.swapped_in() if use_ema else contextlib.nullcontext():
+            if engine.is_main:
+                built.comps.family.save_final(built.policy, weights, built.is_lora)
+    if engine.is_main and engine.ema is not None:
+        print(f"eval {label}: the {'EMA' if use_ema else 'trained'} weights", flush=True)
     if engine.is_main:  # the base's images are the same at every evaluation: generated once
         for earlier in sorted((engine.out / "eval").glob("*/images/base")):
             reuse_base_images(earlier.parent.parent, folder)
@@ -326,8 +353,14 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     if not engine.is_main:
         return {}
     c = result.scorers[name]
+    which = {"eval/ema_weights": float(use_ema)} if engine.ema is not None else {}
     return {"eval/win_rate": c.win_rate, "eval/win_rate_lo": c.win_rate_ci[0], "eval/win_rate_hi": c.win_rate_ci[1],
-            "eval/base_mean": c.base_mean, "eval/tuned_mean": c.tuned_mean}
+            "eval/base_mean": c.base_mean, "eval/tuned_mean": c.tuned_mean} | which
+
+
+def evaluates_ema(cfg: GrpoConfig, engine: Engine) -> bool:
+    """Whether the held-out evaluation samples the EMA weights (eval.use_ema, when there is an EMA)."""
+    return cfg.eval.use_ema and engine.ema is not None
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -353,6 +386,8 @@ def reference_state(cfg: GrpoConfig, built: Built) -> dict[str, Any]:
     """online_dpo with refreshes: the reference's trained weights, so a resumed run has the same reference."""
     if cfg.method != "online_dpo" or not cfg.online.ref_refresh_every:
         return {}
+    if isinstance(built.reference, SecondAdapter):
+        return {"reference": built.reference.state_dict()}
     names = {n for n, p in built.policy.named_parameters() if p.requires_grad}
     return {"reference": {k: v.detach().cpu().clone() for k, v in built.reference.module.state_dict().items()
                           if k in names}}
@@ -380,7 +415,9 @@ def run(cfg: GrpoConfig) -> GrpoResult:
     model, optimizer = engine.prepare(built.policy, optimizer)
 
     def restore(state: dict[str, Any]) -> None:
-        if "reference" in state:
+        if "reference" in state and isinstance(built.reference, SecondAdapter):
+            built.reference.load_state_dict(state["reference"])
+        elif "reference" in state:
             built.reference.module.load_state_dict(state["reference"], strict=False)
 
     engine.resume(built.policy, optimizer, scheduler, feed, extra=restore)
@@ -390,7 +427,7 @@ def run(cfg: GrpoConfig) -> GrpoResult:
     while engine.step < cfg.optim.max_steps * inner:
         step = engine.step // inner
         if cfg.method == "online_dpo" and o.ref_refresh_every and step and step % o.ref_refresh_every == 0:
-            built.reference.module.load_state_dict(built.policy.state_dict())
+            refresh_reference(built)
         start = time.perf_counter()
         samples = collect(cfg, engine, built, scorer, next(prompt_batches), step)
         sampled = time.perf_counter()
@@ -425,7 +462,10 @@ def run(cfg: GrpoConfig) -> GrpoResult:
     family = built.comps.family
     final = engine.save_final(built.policy, lambda folder: family.save_final(built.policy, folder, built.is_lora))
     if cfg.eval.prompts:
-        evaluation = evaluate_policy(cfg, engine, built, pretrained, "final", weights=final)
+        # final/ holds the EMA weights exactly when ema.final; otherwise the evaluated ones are written apart
+        final_is_evaluated = evaluates_ema(cfg, engine) == (engine.ema is not None and cfg.ema.final)
+        evaluation = evaluate_policy(cfg, engine, built, pretrained, "final",
+                                     weights=final if final_is_evaluated else None)
         engine.log(evaluation)
     steps = engine.step // inner
     result = GrpoResult(

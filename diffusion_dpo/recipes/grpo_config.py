@@ -73,6 +73,10 @@ class OnlineSection:
     ref_refresh_every: int = option(0, "online_dpo: copy the policy into the reference every N steps (0: "
                                     "never; the reference stays the starting policy)", non_negative,
                                     "0 or more")
+    reference: Literal["adapter", "copy"] = option(
+        "adapter", "the reference of online_dpo and of grpo's KL: adapter (LoRA only): the policy with its adapter "
+        "switched off, or, with online_dpo refreshes, a second frozen adapter on the same base (no second copy "
+        "of the denoiser: saves its size in memory); copy: a frozen full copy of the starting denoiser")
 
 
 @dataclass
@@ -87,6 +91,8 @@ class EvalSection:
     grid_prompts: int = option(8, "prompts per style in the grids", non_negative, "0 or more")
     n_boot: int = option(2000, "bootstrap resamples of the 95% intervals", at_least_one, "at least 1")
     batch_size: int = option(16, "images per generation batch", at_least_one, "at least 1")
+    use_ema: bool = option(True, "with ema.decay > 0, evaluate the EMA weights instead of the trained ones "
+                           "(logged as eval/ema_weights = 1)")
 
 
 @dataclass
@@ -129,8 +135,16 @@ class GrpoConfig(TrainingRunOptions):
             return o.prompts_per_step
         return o.prompts_per_step * o.group_size * self.num_train_steps()
 
+    def needs_reference(self) -> bool:
+        """online_dpo's loss always has a reference; grpo's only through its KL term."""
+        return self.method == "online_dpo" or self.online.kl_coef > 0
+
     def check(self) -> None:
         o = self.online
+        if o.reference == "adapter" and self.model.lora_rank == 0 and self.needs_reference():
+            raise ConfigError("config key 'online.reference': a full fine-tune (model.lora_rank = 0) has no "
+                              "adapter to switch off; expected online.reference=copy (a frozen full copy of the "
+                              "denoiser) or model.lora_rank > 0, got 'adapter'")
         if self.optim.max_steps is None:
             raise ConfigError("config key 'optim.max_steps': expected a number of sampling steps, got null")
         if self.optim.gradient_accumulation_steps != 1:
