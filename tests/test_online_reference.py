@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from run_files import metrics, same, weights
+from safetensors.torch import load_file
 
 from diffusion_dpo.checkpointing import trainable_state_dict
 from diffusion_dpo.config import ConfigError, load_config
@@ -135,3 +136,23 @@ def test_a_full_finetune_needs_the_copy(world, tmp_path):
     # grpo without a KL term needs no reference at all: nothing to refuse, nothing built
     cfg = config(world, tmp_path / "x", "model.lora_rank=0", "method=grpo", "online.kl_coef=0")
     assert not cfg.needs_reference()
+
+
+def test_grpo_evaluates_the_ema_weights(world, tmp_path):
+    """With an EMA (ema.final false) the final held-out evaluation samples the EMA weights, written to
+    eval/final/weights (final/ holds the trained ones), and the metrics row says so."""
+    out = tmp_path / "ema"
+    grpo.run(config(world, out, "method=grpo", "optim.batch_size=8", "optim.max_steps=2", "checkpoint_every=2",
+                    "ema.decay=0.5", f"eval.prompts={world['prompts']}", "eval.seeds=1", "eval.n_boot=10",
+                    "eval.grid_prompts=0"))
+    row = [r for r in metrics(out) if "eval/win_rate" in r][-1]
+    assert row["eval/ema_weights"] == 1.0
+    evaluated, final = weights(out / "eval" / "final" / "weights"), weights(out / "final")
+    ema = load_file(out / "checkpoints" / "step-2" / "ema.safetensors")
+    trained = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+
+    def sums(tensors):  # the files name the adapter's weights differently; their values must match
+        return sorted(float(t.double().sum()) for t in tensors.values())
+
+    assert sums(evaluated) == pytest.approx(sums(ema), abs=1e-6) and sums(final) == pytest.approx(sums(trained))
+    assert sums(evaluated) != pytest.approx(sums(final), abs=1e-6)

@@ -318,16 +318,17 @@ def sample_metrics(engine: Engine, samples: Samples) -> dict[str, float]:
 
 
 def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: str, label: str,
-                    weights: Optional[Path] = None) -> dict[str, float]:
+                    final: Optional[Path] = None) -> dict[str, float]:
     """The held-out evaluation (``diffusion-dpo evaluate``: same seeds for both, the pipeline's own sampler)
     of the policy against the base into output_dir/eval/<label>/; returns the logged numbers (main process).
-    ``weights``: final/ (else the policy's weights, the EMA's with eval.use_ema, are written to
-    eval/<label>/weights first)."""
+    The policy's weights (the EMA's with eval.use_ema) are written to eval/<label>/weights first, unless
+    ``final`` (final/) holds them already: it holds the EMA exactly when ema.final."""
     from diffusion_dpo.recipes import evaluate
     from diffusion_dpo.recipes.demo import reuse_base_images
 
     folder = engine.out / "eval" / label
-    use_ema = evaluates_ema(cfg, engine)
+    use_ema = cfg.eval.use_ema and engine.ema is not None
+    weights = final if final is not None and use_ema == (engine.ema is not None and cfg.ema.final) else None
     if weights is None:
         weights = folder / "weights"
         with engine.ema.swapped_in() if use_ema else contextlib.nullcontext():
@@ -356,11 +357,6 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     which = {"eval/ema_weights": float(use_ema)} if engine.ema is not None else {}
     return {"eval/win_rate": c.win_rate, "eval/win_rate_lo": c.win_rate_ci[0], "eval/win_rate_hi": c.win_rate_ci[1],
             "eval/base_mean": c.base_mean, "eval/tuned_mean": c.tuned_mean} | which
-
-
-def evaluates_ema(cfg: GrpoConfig, engine: Engine) -> bool:
-    """Whether the held-out evaluation samples the EMA weights (eval.use_ema, when there is an EMA)."""
-    return cfg.eval.use_ema and engine.ema is not None
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -393,6 +389,16 @@ def reference_state(cfg: GrpoConfig, built: Built) -> dict[str, Any]:
                           if k in names}}
 
 
+def restore_reference(built: Built, state: dict[str, Any]) -> None:
+    """resume's ``extra``: the reference that :func:`reference_state` saved, if any."""
+    if "reference" not in state:
+        return
+    if isinstance(built.reference, SecondAdapter):
+        built.reference.load_state_dict(state["reference"])
+    else:
+        built.reference.module.load_state_dict(state["reference"], strict=False)
+
+
 @releases_output_dir
 def run(cfg: GrpoConfig) -> GrpoResult:
     """Tune as ``cfg`` says: sample, score, update, log, checkpoint, evaluate; save final/."""
@@ -414,13 +420,7 @@ def run(cfg: GrpoConfig) -> GrpoResult:
                                            engine.world)
     model, optimizer = engine.prepare(built.policy, optimizer)
 
-    def restore(state: dict[str, Any]) -> None:
-        if "reference" in state and isinstance(built.reference, SecondAdapter):
-            built.reference.load_state_dict(state["reference"])
-        elif "reference" in state:
-            built.reference.module.load_state_dict(state["reference"], strict=False)
-
-    engine.resume(built.policy, optimizer, scheduler, feed, extra=restore)
+    engine.resume(built.policy, optimizer, scheduler, feed, extra=lambda state: restore_reference(built, state))
     params = [p for p in model.parameters() if p.requires_grad]
     prompt_batches = feed.batches(o.prompts_per_step)
     last, evaluation = {}, {}
@@ -462,10 +462,7 @@ def run(cfg: GrpoConfig) -> GrpoResult:
     family = built.comps.family
     final = engine.save_final(built.policy, lambda folder: family.save_final(built.policy, folder, built.is_lora))
     if cfg.eval.prompts:
-        # final/ holds the EMA weights exactly when ema.final; otherwise the evaluated ones are written apart
-        final_is_evaluated = evaluates_ema(cfg, engine) == (engine.ema is not None and cfg.ema.final)
-        evaluation = evaluate_policy(cfg, engine, built, pretrained, "final",
-                                     weights=final if final_is_evaluated else None)
+        evaluation = evaluate_policy(cfg, engine, built, pretrained, "final", final=final)
         engine.log(evaluation)
     steps = engine.step // inner
     result = GrpoResult(
