@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.llm.rl import kl_penalty
 from diffusion_dpo.losses import ppo_policy_loss
 from diffusion_dpo.online.transitions import REDUCTIONS
+from diffusion_dpo.rl import kl_penalty
 
 Tensor = torch.Tensor
 
