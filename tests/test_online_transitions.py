@@ -125,3 +125,24 @@ def test_flow_sde_mean_equals_the_expanded_form():
     mean, std = tr.flow_sde_transition(x, v, t, t_next, s)
     assert torch.allclose(mean, expanded, atol=1e-6)
     assert torch.allclose(std, s * torch.sqrt(t - t_next))
+
+
+def test_flux_without_dynamic_shifting_samples_at_the_pipelines_sigmas():
+    """FluxPipeline hands every scheduler sigmas linspace(1, 1/T, T); a schnell-style config (no dynamic
+    shifting, shift 1) at T = 4 samples at 1, .75, .5, .25 — not the scheduler's own 1, .667, .334, .001."""
+    from types import SimpleNamespace
+
+    from diffusion_dpo.families.flux import FluxFamily
+    from diffusion_dpo.families.sd3 import SD3Family
+    from diffusion_dpo.online.rollout import sampling_schedule
+
+    def schedule(family, scheduler):
+        comps = SimpleNamespace(family=family, noise_scheduler=scheduler)
+        return sampling_schedule(comps, num_inference_steps=4, eta=0.0, noise_level=0.7, latent_hw=(8, 8))
+
+    flux = schedule(FluxFamily(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    assert torch.allclose(flux.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert torch.allclose(flux.timesteps, torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+    # SD3's pipeline lets the scheduler space them: unchanged
+    sd3 = schedule(SD3Family(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    assert torch.allclose(sd3.sigmas, torch.tensor([1.0, 0.667, 0.334, 0.001, 0.0]), atol=1e-3)

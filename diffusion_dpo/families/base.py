@@ -205,6 +205,11 @@ class Family(ABC):
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
 
+    def sampling_sigmas(self, num_inference_steps: int):
+        """The sigmas the family's pipeline hands its flow-matching scheduler's ``set_timesteps`` (before the
+        scheduler's shift), or None when the pipeline lets the scheduler space them (SD3)."""
+        return None
+
     # ----------------------------------------------------------------------------------- saving, loading
     def save_lora(self, denoiser, folder) -> None:
         """``folder/pytorch_lora_weights.safetensors`` for the pipeline class's ``load_lora_weights``."""

@@ -63,6 +63,14 @@ class FluxFamily(Family):
         tokenizer's own length, while training encodes min(default, model_max_length) tokens; the same here."""
         return {"max_sequence_length": min(self.t5_max_length, pipe.tokenizer_2.model_max_length)}
 
+    def sampling_sigmas(self, num_inference_steps: int):
+        """FluxPipeline's linspace(1, 1/T, T) for every FLUX config: with dynamic shifting the scheduler shifts
+        them by mu, without it by its static shift (a schnell-style config at shift 1, T = 4 samples at
+        1, .75, .5, .25, not the scheduler's own 1, .667, .334, .001)."""
+        import numpy as np
+
+        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+
     def forward(self, denoiser, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
                 image: dict[str, Tensor]) -> Tensor:
         """The velocity [N, C, h, w]. ``timestep`` is 1000 sigma; the transformer takes sigma, as the

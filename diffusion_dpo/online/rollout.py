@@ -35,22 +35,25 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
     scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift. The timesteps are
     those the family's diffusers pipeline samples with (FluxPipeline: sigmas linspace(1, 1/T, T) shifted by
     mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use."""
-    import numpy as np
     from diffusers import DDIMScheduler
 
     if not comps.family.flow:
         scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, eta)
     scheduler = copy.deepcopy(comps.noise_scheduler)
+    options = {}
     if scheduler.config.get("use_dynamic_shifting", False):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         c = scheduler.config
-        mu = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
-                             c.base_shift, c.max_shift)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
-        return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level)
-    return FlowSDESchedule.from_scheduler(scheduler, num_inference_steps, noise_level)
+        options["mu"] = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len,
+                                        c.max_image_seq_len, c.base_shift, c.max_shift)
+    sigmas = comps.family.sampling_sigmas(num_inference_steps)
+    if sigmas is None:
+        scheduler.set_timesteps(num_inference_steps, **options)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas, **options)
+    return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level)
 
 
 @dataclass
