@@ -200,6 +200,10 @@ class FlowSDESchedule:
         denominator_t = torch.where(t == 1, self.sigmas[1].float(), t)
         return self.noise_level * torch.sqrt(t / (1 - denominator_t))
 
+    def sde_sigma(self, x: Tensor, step_index: Tensor) -> Tensor:
+        """sigma_t of each sample's step, broadcastable to ``x`` (the transition's std without sqrt(|dt|))."""
+        return _per_sample(self.sde_sigmas(), step_index, x).float()
+
     def mean_std(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [B, ...] and std [B, 1, ...] of p(x_{t+dt} | x_t) for each sample's step, in fp32."""
         return flow_sde_transition(x, model_output, _per_sample(self.sigmas[:-1], step_index, x),

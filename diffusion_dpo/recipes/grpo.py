@@ -41,7 +41,7 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.online.advantages import group_advantages
 from diffusion_dpo.online.monitors import batch_means, image_statistics
-from diffusion_dpo.online.objective import gaussian_mean_kl, grpo_transition_loss, policy_metrics
+from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics, transition_kl
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
 from diffusion_dpo.online.step_choice import choose_steps
 from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
@@ -215,8 +215,8 @@ def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict
     if o.kl_coef > 0:
         with torch.no_grad(), built.reference.model() as ref_model:
             ref_out = guided_predict(family, ref_model, schedule, cond)(x, step_index)
-        ref_mean, _ = schedule.mean_std(x.float(), ref_out, step_index.cpu())
-        kl = gaussian_mean_kl(new.mean, ref_mean, new.std, reduction)
+        kl = transition_kl(schedule, x, new.mean, ref_out, step_index, reduction=reduction,
+                           convention=o.kl_convention)
     losses, clipped = grpo_transition_loss(new.logprob, old, rows["advantages"][index], kl,
                                            clip_range=o.clip_range, kl_coef=o.kl_coef)
     metrics = policy_metrics(new.logprob, old, clipped) | {

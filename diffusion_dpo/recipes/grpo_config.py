@@ -62,9 +62,15 @@ class OnlineSection:
                                     "this many equal parts (DDPO's batches per epoch)", at_least_one, "at least 1")
     clip_range: float = option(1e-4, "GRPO: PPO clip range of the importance ratio (DDPO: 1e-4)", positive,
                                "a positive number")
-    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (0.04 as in the "
-                            "Flow-GRPO paper; its PickScore config uses 0.01; 0 "
-                            "skips the reference forward)", non_negative, "0 or more")
+    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (0 skips the reference "
+                            "forward). Flow-GRPO's paper gives 0.04 (its PickScore config 0.01) with its code's "
+                            "KL, which is online.kl_convention=flow_grpo_code; with the default paper convention "
+                            "the same value weighs the KL 1/|dt| times more (3.7-112x at SD3.5, T=10)",
+                            non_negative, "0 or more")
+    kl_convention: Literal["paper", "flow_grpo_code"] = option(
+        "paper", "GRPO's KL to the reference: paper = the exact KL of the two Gaussian SDE steps (mean "
+        "difference over sigma_t^2 |dt|); flow_grpo_code = over sigma_t^2, as flow_grpo's script computes it "
+        "(flow families only)")
     advantage_scope: Literal["group", "batch"] = option(
         "group", "normalise rewards within each prompt's group (GRPO) or over the whole batch of all processes")
     advantage_clip: float = option(5.0, "clip advantages to [-c, c] (DDPO: 5)", positive, "a positive number")
