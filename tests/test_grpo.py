@@ -255,3 +255,19 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1
     assert "beats the base on" in capsys.readouterr().out
+
+
+def test_flow_grpo_code_kl_and_batch_std_advantages_run(world, tmp_path):
+    """flow_grpo's conventions end to end on the SD3 layout: its KL is |dt| times the exact one, so with
+    the same weights moved the logged KL is smaller than under the paper convention; advantages from the
+    group mean over the batch std are finite and the run trains."""
+    kls = {}
+    for convention in ("paper", "flow_grpo_code"):
+        out = tmp_path / convention
+        grpo.run(config(world, out, "model.lora_rank=8", "online.kl_coef=0.04", "optim.max_steps=2",
+                        f"online.kl_convention={convention}", "online.advantage_scope=group_batch_std",
+                        family="sd3"))
+        rows = train_rows(out)
+        kls[convention] = rows[1]["kl"]
+        assert all(math.isfinite(r["loss"]) for r in rows)
+    assert 0.0 < kls["flow_grpo_code"] < kls["paper"]

@@ -177,8 +177,12 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
         every = engine.accelerator.gather(rewards)
         adv = group_advantages(every, [], scope="batch")
         values = adv.values.view(engine.world, -1)[engine.rank]
-    else:
-        adv = group_advantages(rewards, [i // g for i in range(len(per_image))])
+    else:  # per prompt group; group_batch_std divides by the std of every process's rewards
+        batch_std = None
+        if cfg.online.advantage_scope == "group_batch_std":
+            batch_std = float(engine.accelerator.gather(rewards).float().std(unbiased=False))
+        adv = group_advantages(rewards, [i // g for i in range(len(per_image))], scope=cfg.online.advantage_scope,
+                               batch_std=batch_std)
         values = adv.values
     clip = cfg.online.advantage_clip
     return Samples(prompts, cond, roll.trajectory, rewards,

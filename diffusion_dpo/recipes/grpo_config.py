@@ -71,8 +71,10 @@ class OnlineSection:
         "paper", "GRPO's KL to the reference: paper = the exact KL of the two Gaussian SDE steps (mean "
         "difference over sigma_t^2 |dt|); flow_grpo_code = over sigma_t^2, as flow_grpo's script computes it "
         "(flow families only)")
-    advantage_scope: Literal["group", "batch"] = option(
-        "group", "normalise rewards within each prompt's group (GRPO) or over the whole batch of all processes")
+    advantage_scope: Literal["group", "batch", "group_batch_std"] = option(
+        "group", "group: normalise rewards within each prompt's group (GRPO); batch: over the whole batch of all "
+        "processes; group_batch_std: the group's mean over the std of the whole batch + 1e-4 (flow_grpo's code; "
+        "a near-tied group keeps small advantages)")
     advantage_clip: float = option(5.0, "clip advantages to [-c, c] (DDPO: 5)", positive, "a positive number")
     beta_dpo: float = option(5000.0, "online_dpo: Diffusion-DPO beta (the paper's scale)", positive,
                              "a positive number")
