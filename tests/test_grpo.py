@@ -271,3 +271,30 @@ def test_flow_grpo_code_kl_and_batch_std_advantages_run(world, tmp_path):
         kls[convention] = rows[1]["kl"]
         assert all(math.isfinite(r["loss"]) for r in rows)
     assert 0.0 < kls["flow_grpo_code"] < kls["paper"]
+
+
+def test_trained_fraction_draws_only_from_the_first_steps(world, tmp_path):
+    """trained_fraction 0.5 of T = 4: every image trains on steps 0 and 1 only (K defaults to the eligible 2);
+    zero-advantage images get weight 0 with drop_zero_advantage, the others 4 / 2."""
+    from diffusion_dpo.online.trajectory import Trajectory
+
+    cfg = config(world, tmp_path / "unused", "online.trained_fraction=0.5", "online.drop_zero_advantage=true",
+                 "optim.batch_size=4")
+    n, t = 4, cfg.sampling.num_inference_steps
+    trajectory = Trajectory(torch.randn(n, t + 1, 1, 2, 2), torch.randn(n, t))
+    samples = grpo.Samples(["p"], None, trajectory, torch.zeros(n), torch.tensor([0.0, 1.0, -1.0, 0.0]), 0, None)
+    rows = grpo.grpo_rows(cfg, samples, step=0, rank=0)
+    assert sorted(set(rows["step_index"].tolist())) == [0, 1] and len(rows["step_index"]) == n * 2
+    assert rows["weights"].tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+def test_online_dpo_beta_defaults_to_the_familys(world, tmp_path):
+    """online.beta_dpo null: 100 on a flow family (flow_grpo's DPO), so the run equals one given 100
+    explicitly and differs from one given the DDPM families' 5000."""
+    def margins(out, *extra):
+        grpo.run(config(world, out, "method=online_dpo", "optim.batch_size=2", *extra, family="sd3"))
+        return [r["reward_margin"] for r in train_rows(out)]
+
+    default = margins(tmp_path / "default")
+    assert default == margins(tmp_path / "explicit", "online.beta_dpo=100")
+    assert default != margins(tmp_path / "paper", "online.beta_dpo=5000")

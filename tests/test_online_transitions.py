@@ -146,3 +146,31 @@ def test_flux_without_dynamic_shifting_samples_at_the_pipelines_sigmas():
     # SD3's pipeline lets the scheduler space them: unchanged
     sd3 = schedule(SD3Family(), FlowMatchEulerDiscreteScheduler(shift=1.0))
     assert torch.allclose(sd3.sigmas, torch.tensor([1.0, 0.667, 0.334, 0.001, 0.0]), atol=1e-3)
+
+
+def test_detached_uncond_moves_the_weights_through_the_conditional_branch_only():
+    """u + w (c - u) with u = a x and c = a x + b (a toy denoiser): d/da = x + w (x - x) = x with u attached;
+    with u detached only w * d(c)/da = w x remains."""
+    from types import SimpleNamespace
+
+    from diffusion_dpo.online.rollout import Conditioning, guided_predict
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(denoiser, x, t, text, image):
+        return denoiser.a * x + text["bias"].view(-1, 1, 1, 1)
+
+    family = SimpleNamespace(forward=forward)
+    schedule = SimpleNamespace(timesteps=torch.tensor([999.0]))
+    cond = Conditioning(text={"bias": torch.tensor([1.0])}, uncond={"bias": torch.tensor([0.0])}, image={},
+                        guidance_scale=4.0)
+    x = torch.full((1, 1, 1, 1), 3.0)
+    grads = {}
+    for detach in (False, True):
+        toy = Toy()
+        guided_predict(family, toy, schedule, cond, detach_uncond=detach)(x, torch.tensor([0])).sum().backward()
+        grads[detach] = float(toy.a.grad)
+    assert grads[False] == 3.0 and grads[True] == 12.0

@@ -139,6 +139,9 @@ class Family(ABC):
     text_components: tuple[tuple[str, str], ...] = ()
     lora_targets: tuple[str, ...] = tuple(DEFAULT_LORA_TARGETS)  # the attention projections
     flow = False  # flow matching (FlowNoise) or DDPM (DDPMNoise)
+    # Diffusion-DPO's beta when a command leaves it to the family: the paper's 5000 for DDPM families (its
+    # SD1.5 and SDXL runs); flow families set 100 (flow_grpo's DPO script on SD3.5, and docs/train.md's "beta").
+    dpo_beta = 5000.0
 
     @classmethod
     def matches(cls, index: dict[str, Any]) -> bool:

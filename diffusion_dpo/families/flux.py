@@ -43,6 +43,7 @@ class FluxFamily(Family):
     denoiser_class = "FluxTransformer2DModel"
     text_components = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     flow = True
+    dpo_beta = 100.0  # flow_grpo's DPO on SD3.5 (Family.dpo_beta)
     t5_max_length = 512  # the pipeline's default max_sequence_length
     # The guidance value [dev] sees in training: the pipeline's default guidance_scale, which diffusers'
     # FLUX training examples also train with.

@@ -91,9 +91,11 @@ class Conditioning:
         return Conditioning(pick(self.text), pick(self.uncond), pick(self.image), self.guidance_scale)
 
 
-def guided_predict(family, denoiser, schedule, cond: Conditioning) -> Callable[[Tensor, Tensor], Tensor]:
+def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
+                   detach_uncond: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
     """``predict(x [N, ...], step_index long [N]) -> model output [N, ...]`` at each row's step, with
-    classifier-free guidance u + w (c - u) (Ho & Salimans 2022) in one batch of 2N when w != 1."""
+    classifier-free guidance u + w (c - u) (Ho & Salimans 2022) in one batch of 2N when w != 1.
+    ``detach_uncond``: u carries no gradient, so an update moves the weights through c alone (flow_grpo)."""
 
     def predict(x: Tensor, step_index: Tensor) -> Tensor:
         t = schedule.timesteps[step_index.cpu()].to(x.device)
@@ -103,6 +105,8 @@ def guided_predict(family, denoiser, schedule, cond: Conditioning) -> Callable[[
         image = {k: torch.cat([v, v]) for k, v in cond.image.items()}
         out = family.forward(denoiser, torch.cat([x, x]), torch.cat([t, t]), text, image)
         uncond, conditional = out.float().chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
         return uncond + cond.guidance_scale * (conditional - uncond)
 
     return predict

@@ -38,12 +38,11 @@ from diffusion_dpo.config import PreferenceLossSection, parse_args
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.online.advantages import group_advantages
 from diffusion_dpo.online.monitors import batch_means, image_statistics
 from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics, transition_kl
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
-from diffusion_dpo.online.step_choice import choose_steps
+from diffusion_dpo.online.step_choice import choose_steps, row_weights
 from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
@@ -122,7 +121,7 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
     s = cfg.sampling
     schedule = sampling_schedule(comps, num_inference_steps=s.num_inference_steps, eta=s.eta,
                                  noise_level=s.noise_level, latent_hw=latent_hw)
-    return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, NoiseConfig()),
+    return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, cfg.noise),
                  schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
 
 
@@ -196,12 +195,13 @@ def grpo_rows(cfg: GrpoConfig, samples: Samples, step: int, rank: int) -> dict[s
     step index, image index, advantage."""
     n, t = samples.trajectory.logprobs.shape
     seed = stream_seeds(cfg.optim.seed, step, rank, CHOICE, 1)[0]
-    steps = choose_steps(n, t, cfg.num_train_steps(), seed, first=cfg.online.first_steps)
+    steps = choose_steps(n, cfg.eligible_steps(), cfg.num_train_steps(), seed, first=cfg.online.first_steps)
     latents, next_latents, old = gather_steps(samples.trajectory, steps)
     image = torch.arange(n).repeat_interleave(steps.shape[1])
+    advantages = samples.advantages[image.to(samples.advantages.device)]
     return {"latents": latents, "next_latents": next_latents, "old_logprobs": old,
-            "step_index": steps.flatten(), "image": image, "advantages": samples.advantages[image.to(
-                samples.advantages.device)]}
+            "step_index": steps.flatten(), "image": image, "advantages": advantages,
+            "weights": row_weights(advantages, drop_zero=cfg.online.drop_zero_advantage)}
 
 
 def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict[str, Tensor],
@@ -212,7 +212,7 @@ def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict
     x, x_next = rows["latents"][index], rows["next_latents"][index]
     step_index = rows["step_index"][index]
     cond = samples.cond.rows(rows["image"][index])
-    out = guided_predict(family, model, schedule, cond)(x, step_index)
+    out = guided_predict(family, model, schedule, cond, detach_uncond=o.detach_uncond)(x, step_index)
     new = transition_logprob(schedule, x, x_next, out, step_index, reduction=reduction)
     old = rows["old_logprobs"][index].to(new.logprob.device)
     kl = torch.zeros_like(new.logprob)
@@ -223,6 +223,7 @@ def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict
                            convention=o.kl_convention)
     losses, clipped = grpo_transition_loss(new.logprob, old, rows["advantages"][index], kl,
                                            clip_range=o.clip_range, kl_coef=o.kl_coef)
+    losses = losses * rows["weights"][index].to(losses.device)
     metrics = policy_metrics(new.logprob, old, clipped) | {
         "kl": kl.detach(), "ratio": torch.exp(new.logprob.detach() - old)}
     return StepOutput(losses, metrics, units=len(index))
@@ -249,7 +250,8 @@ def online_dpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, pair
     x = PairInputs(final[best], final[worst], noise.noise, noise.timesteps, text, image)
     is_tie = samples.rewards[best] == samples.rewards[worst]
     return dpo_objective(model, built.reference, x, is_tie, built.noise,
-                         PreferenceLossSection(beta=cfg.online.beta_dpo), built.comps.family.forward)
+                         PreferenceLossSection(beta=cfg.online.beta_dpo or built.comps.family.dpo_beta),
+                         built.comps.family.forward)
 
 
 def make_update(cfg: GrpoConfig, engine: Engine, built: Built, model, samples: Samples, step: int):

@@ -15,6 +15,7 @@ from diffusion_dpo.config import (
     option,
     positive,
 )
+from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.recipes.label import ScorerConfig
 from diffusion_dpo.recipes.train import ModelConfig
 
@@ -76,8 +77,19 @@ class OnlineSection:
         "processes; group_batch_std: the group's mean over the std of the whole batch + 1e-4 (flow_grpo's code; "
         "a near-tied group keeps small advantages)")
     advantage_clip: float = option(5.0, "clip advantages to [-c, c] (DDPO: 5)", positive, "a positive number")
-    beta_dpo: float = option(5000.0, "online_dpo: Diffusion-DPO beta (the paper's scale)", positive,
-                             "a positive number")
+    beta_dpo: Optional[float] = option(
+        None, "online_dpo: Diffusion-DPO beta, on the paper's scale (null: the family's: 5000 for SD1.x/2.x and "
+        "SDXL as the paper; 100 for SD3 and FLUX as flow_grpo's DPO script)", lambda v: v is None or v > 0,
+        "null or a positive number")
+    trained_fraction: float = option(
+        1.0, "grpo: draw the trained transitions from the first floor(fraction x T) steps only (flow_grpo: 0.99, "
+        "which at T = 10 leaves out the last, nearly noiseless step)", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+    drop_zero_advantage: bool = option(
+        False, "grpo: leave images whose advantage is exactly 0 (a group with equal rewards) out of the update's "
+        "mean, as flow_grpo's script does (false: they stay in it and add only their KL)")
+    detach_uncond: bool = option(
+        False, "grpo: no gradient through the unconditional branch of classifier-free guidance in the update "
+        "(flow_grpo detaches it; DDPO does not). The rollout runs without gradients either way")
     ref_refresh_every: int = option(0, "online_dpo: copy the policy into the reference every N steps (0: "
                                     "never; the reference stays the starting policy)", non_negative,
                                     "0 or more")
@@ -110,6 +122,8 @@ class GrpoConfig(TrainingRunOptions):
     scorer: ScorerConfig = option(ScorerConfig, "the reward: a registry scorer or a weighted combo")
     sampling: StochasticSamplingSection = option(StochasticSamplingSection, "the stochastic sampler")
     online: OnlineSection = option(OnlineSection, "group size, trained transitions, GRPO and online DPO settings")
+    noise: NoiseConfig = option(NoiseConfig, "online_dpo: the time draw of its Diffusion-DPO loss on flow families "
+                                "(as train's; flow_grpo's DPO draws noise.timestep_sampling=logit_normal)")
     optim: OptimSection = option(
         OptimSection(learning_rate=3e-4, scheduler="constant", warmup_steps=0, batch_size=8, max_steps=100),
         "optimizer; batch_size is the micro-batch in transitions (grpo) or pairs (online_dpo), max_steps counts "
@@ -121,7 +135,11 @@ class GrpoConfig(TrainingRunOptions):
                                    non_negative, "0 (never) or a positive number of steps")
 
     def num_train_steps(self) -> int:
-        return self.online.train_steps or self.sampling.num_inference_steps
+        return self.online.train_steps or self.eligible_steps()
+
+    def eligible_steps(self) -> int:
+        """The first steps of the T the trained transitions are drawn from (online.trained_fraction)."""
+        return int(self.online.trained_fraction * self.sampling.num_inference_steps + 1e-9)
 
     def optimizer_steps_per_step(self) -> int:
         return self.online.inner_epochs * self.online.updates_per_epoch
@@ -145,9 +163,13 @@ class GrpoConfig(TrainingRunOptions):
             raise ConfigError("config key 'optim.gradient_accumulation_steps': expected 1 (each optimizer step "
                               "accumulates over all of a step's rows in micro-batches of optim.batch_size), got "
                               f"{self.optim.gradient_accumulation_steps}")
-        if self.num_train_steps() > self.sampling.num_inference_steps:
-            raise ConfigError(f"config key 'online.train_steps': expected at most sampling.num_inference_steps "
-                              f"= {self.sampling.num_inference_steps}, got {o.train_steps}")
+        if self.eligible_steps() < 1:
+            raise ConfigError(f"config key 'online.trained_fraction': {o.trained_fraction} of "
+                              f"sampling.num_inference_steps = {self.sampling.num_inference_steps} leaves no step "
+                              "to train; expected at least 1 / T")
+        if self.num_train_steps() > self.eligible_steps():
+            raise ConfigError(f"config key 'online.train_steps': expected at most online.trained_fraction x "
+                              f"sampling.num_inference_steps = {self.eligible_steps()}, got {o.train_steps}")
         if o.first_steps > self.num_train_steps():
             raise ConfigError(f"config key 'online.first_steps': expected at most online.train_steps = "
                               f"{self.num_train_steps()}, got {o.first_steps}")
