@@ -142,6 +142,10 @@ class Family(ABC):
     # Diffusion-DPO's beta when a command leaves it to the family: the paper's 5000 for DDPM families (its
     # SD1.5 and SDXL runs); flow families set 100 (flow_grpo's DPO script on SD3.5, and docs/train.md's "beta").
     dpo_beta = 5000.0
+    # How the pipeline applies its guidance_scale: classifier-free, u + w (c - u), against the empty prompt
+    # (False), or as a value the denoiser embeds, with no unconditional pass (True: FLUX.1).
+    guidance_embedded = False
+    online_guidance_scale = 4.5  # grpo's sampling.guidance_scale when null (Flow-GRPO's SD3.5 setting)
 
     @classmethod
     def matches(cls, index: dict[str, Any]) -> bool:

@@ -46,12 +46,16 @@ class FluxFamily(Family):
     dpo_beta = 100.0  # flow_grpo's DPO on SD3.5 (Family.dpo_beta)
     t5_max_length = 512  # the pipeline's default max_sequence_length
     # The guidance value [dev] sees in training: the pipeline's default guidance_scale, which diffusers'
-    # FLUX training examples also train with.
+    # FLUX training examples also train with. Online tuning embeds its own sampling.guidance_scale instead
+    # (text["guidance"]), the value the pipeline then samples with in evaluation.
     guidance = 3.5
+    guidance_embedded = True  # FluxPipeline's guidance_scale is embedded ([dev]) or ignored ([schnell])
+    online_guidance_scale = 3.5
 
     @torch.no_grad()
     def encode_text(self, comps, captions: list[str]) -> dict[str, Tensor]:
-        """{"hidden": [B, L5, D5] (T5), "pooled": [B, D_L] (CLIP-L's pooled output)}."""
+        """{"hidden": [B, L5, D5] (T5), "pooled": [B, D_L] (CLIP-L's pooled output)}. A caller may add
+        "guidance" [B], the value [dev] embeds (default: ``guidance``)."""
         (clip_tokenizer, t5_tokenizer), (clip, t5) = comps.tokenizers, comps.text_encoders
         ids = tokenize(clip_tokenizer, captions, clip_tokenizer.model_max_length, clip.device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
@@ -80,7 +84,8 @@ class FluxFamily(Family):
         hidden = text["hidden"]
         guidance = None
         if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
-            guidance = torch.full((n,), self.guidance, device=noisy.device, dtype=torch.float32)
+            guidance = text["guidance"].float() if "guidance" in text else torch.full((n,), self.guidance)
+            guidance = guidance.to(noisy.device)
         out = denoiser(hidden_states=pack_latents(noisy), timestep=timestep / 1000, guidance=guidance,
                        pooled_projections=text["pooled"], encoder_hidden_states=hidden,
                        txt_ids=torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),

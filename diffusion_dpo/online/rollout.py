@@ -72,8 +72,10 @@ class Conditioning:
            repeat: int = 1) -> Conditioning:
         """Encode ``prompts`` once and repeat each ``repeat`` times (a group of G images per prompt, in
         order: prompt 0's G images first). ``size``: (H, W) in px, the images' size and SDXL's original
-        size with no crop."""
-        text = comps.family.encode_text(comps, list(prompts))
+        size with no crop. A family whose pipeline embeds its guidance (FLUX.1) gets ``guidance_scale`` as
+        text["guidance"] and no classifier-free pass, as its pipeline samples."""
+        family = comps.family
+        text = family.encode_text(comps, list(prompts))
         empty = comps.family.encode_empty_prompt(comps)
         n = len(prompts) * repeat
         text = {k: v.repeat_interleave(repeat, dim=0) for k, v in text.items()}
@@ -83,6 +85,9 @@ class Conditioning:
             {"original_sizes": sizes, "crop_top_lefts": torch.zeros(n, 1, 2)}, size)
         device = next(iter(text.values())).device
         image = {k: v[:, 0].to(device) for k, v in image.items()}  # one image each, not a pair
+        if family.guidance_embedded:
+            text["guidance"] = torch.full((n,), float(guidance_scale), device=device)
+            return cls(text, uncond, image, 1.0)
         return cls(text, uncond, image, guidance_scale)
 
     def rows(self, index: Tensor) -> Conditioning:

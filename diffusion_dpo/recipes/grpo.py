@@ -125,6 +125,11 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
                  schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
 
 
+def guidance_scale(cfg: GrpoConfig, built: Built) -> float:
+    """sampling.guidance_scale, or the family's when null: one value for rollout, update and evaluation."""
+    return cfg.sampling.guidance_scale or built.comps.family.online_guidance_scale
+
+
 def load_reward(cfg: GrpoConfig, device):
     """The scorer, loaded once (device defaults to this process's)."""
     import scorers
@@ -163,7 +168,7 @@ class Samples:
 def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list[str], step: int) -> Samples:
     """Sample G images per prompt with the current policy, score them once each, and normalise the rewards."""
     g = cfg.online.group_size
-    cond = Conditioning.of(built.comps, prompts, guidance_scale=cfg.sampling.guidance_scale, size=built.size,
+    cond = Conditioning.of(built.comps, prompts, guidance_scale=guidance_scale(cfg, built), size=built.size,
                            repeat=g)
     seeds = stream_seeds(cfg.optim.seed, step, engine.rank, IMAGES, len(prompts) * g)
     with torch.no_grad(), engine.accelerator.autocast():
@@ -325,7 +330,7 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
         scorer_options={name: dict(cfg.scorer.options)},
         sampling=SamplingSection(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
-                                         guidance_scale=cfg.sampling.guidance_scale, height=built.size[0],
+                                         guidance_scale=guidance_scale(cfg, built), height=built.size[0],
                                          width=built.size[1]),
         batch_size=e.batch_size, n_boot=e.n_boot, grid_prompts=e.grid_prompts, output_dir=str(folder),
         resume="auto", mixed_precision=cfg.mixed_precision), desc=f"eval {label}")

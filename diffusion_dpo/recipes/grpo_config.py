@@ -32,9 +32,11 @@ class PromptsSection:
 class StochasticSamplingSection:
     num_inference_steps: int = option(10, "T: stochastic denoising steps per image (every one is recorded)",
                                       at_least_one, "at least 1")
-    guidance_scale: float = option(4.5, "classifier-free guidance scale, the same when sampling and when "
-                                   "recomputing log-probs (1: no guidance; FLUX.1-dev embeds its guidance and "
-                                   "wants 1)", lambda v: v >= 1, "at least 1")
+    guidance_scale: Optional[float] = option(
+        None, "guidance when sampling, recomputing log-probs and evaluating (null: the family's: 4.5, Flow-GRPO's "
+        "SD3.5 setting, for SD1.x/2.x, SDXL and SD3; 3.5 for FLUX.1). Classifier-free for SD and SD3 (1: none); "
+        "FLUX.1-dev embeds it in the transformer with no unconditional pass, as FluxPipeline does",
+        lambda v: v is None or v >= 1, "null or at least 1")
     eta: float = option(1.0, "DDPM families (SD1.x/2.x, SDXL): DDIM eta of the stochastic sampler (DDPO: 1.0)",
                         positive, "a positive number")
     noise_level: float = option(0.7, "flow families (SD3, FLUX.1): the SDE's a in sigma_t = a sqrt(t / (1 - "
