@@ -298,3 +298,40 @@ def test_online_dpo_beta_defaults_to_the_familys(world, tmp_path):
     default = margins(tmp_path / "default")
     assert default == margins(tmp_path / "explicit", "online.beta_dpo=100")
     assert default != margins(tmp_path / "paper", "online.beta_dpo=5000")
+
+
+@pytest.mark.parametrize("sde", ["flow_grpo", "cps"])
+def test_a_window_of_one_step_trains_only_that_step(world, tmp_path, sde):
+    """Flow-GRPO-Fast on the SD3 layout: noise on one random step of 4 per sampling step, the rest ODE;
+    every trained row is that step, the first inner pass has ratio exactly 1, and the run trains."""
+    seen = []
+    original = grpo.grpo_rows
+
+    def spy(cfg, samples, step, rank):
+        rows = original(cfg, samples, step, rank)
+        stochastic = torch.nonzero(samples.schedule.step_stds() > 0).flatten().tolist()
+        seen.append((stochastic, sorted(set(rows["step_index"].tolist()))))
+        return rows
+
+    grpo.grpo_rows = spy
+    try:
+        out = tmp_path / sde
+        grpo.run(config(world, out, "model.lora_rank=8", "online.sde_window_size=1", "online.train_steps=1",
+                        f"sampling.sde={sde}",
+                        "optim.max_steps=3", "optim.batch_size=8", family="sd3"))
+    finally:
+        grpo.grpo_rows = original
+    assert len(seen) == 3
+    for stochastic, trained in seen:
+        assert len(stochastic) == 1 and trained == stochastic
+    assert train_rows(out)[0]["ratio"] == 1.0
+
+
+def test_window_and_sde_keys_are_checked(world, tmp_path):
+    with pytest.raises(Exception, match="sde_window"):
+        config(world, tmp_path / "a", "online.sde_window=fixed", "online.sde_window_start=3",
+               "online.sde_window_size=2")
+    with pytest.raises(Exception, match="train_steps"):
+        config(world, tmp_path / "b", "online.sde_window_size=1", "online.train_steps=2")
+    with pytest.raises(InputError, match="sampling.sde"):
+        grpo.run(config(world, tmp_path / "c", "sampling.sde=cps"))  # SD1.x samples with DDIM

@@ -29,15 +29,19 @@ Tensor = torch.Tensor
 
 
 def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_level: float,
-                      latent_hw: tuple[int, int]):
+                      latent_hw: tuple[int, int], sde: str = "flow_grpo"):
     """The stochastic sampler of ``comps.family``: a :class:`DDIMSchedule` (eta) built from the pipeline's
     noise schedule for DDPM families, or a :class:`FlowSDESchedule` (noise_level) from its flow-matching
     scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift. The timesteps are
     those the family's diffusers pipeline samples with (FluxPipeline: sigmas linspace(1, 1/T, T) shifted by
-    mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use."""
+    mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use.
+    ``sde``: the flow step, flow_grpo's SDE or cps (DDPM families have only DDIM)."""
     from diffusers import DDIMScheduler
 
     if not comps.family.flow:
+        if sde != "flow_grpo":
+            raise InputError(f"config key 'sampling.sde': {sde} is a flow-matching step; {comps.family.name} "
+                             "samples with DDIM (eta); use flow_grpo")
         scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, eta)
     scheduler = copy.deepcopy(comps.noise_scheduler)
@@ -53,7 +57,7 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
         scheduler.set_timesteps(num_inference_steps, **options)
     else:
         scheduler.set_timesteps(sigmas=sigmas, **options)
-    return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level)
+    return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level, sde)
 
 
 @dataclass

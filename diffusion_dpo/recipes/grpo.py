@@ -44,6 +44,7 @@ from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics,
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
 from diffusion_dpo.online.step_choice import choose_steps, row_weights
 from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
+from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.recipes.train import TINY, dpo_objective
@@ -120,7 +121,7 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
     latent_hw = (side // factor, side // factor)
     s = cfg.sampling
     schedule = sampling_schedule(comps, num_inference_steps=s.num_inference_steps, eta=s.eta,
-                                 noise_level=s.noise_level, latent_hw=latent_hw)
+                                 noise_level=s.noise_level, latent_hw=latent_hw, sde=s.sde)
     return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, cfg.noise),
                  schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
 
@@ -159,10 +160,23 @@ class Samples:
     prompts: list[str]  # [P]
     cond: Conditioning  # per image [N, ...]
     trajectory: Trajectory  # latents [N, T + 1, C, h, w], log-probs [N, T] under the sampling policy
+    schedule: Any  # this step's sampler: the run's schedule with this step's SDE window
     rewards: Tensor  # [N] fp32
     advantages: Tensor  # [N] fp32, clipped
     zero_spread_groups: int
     images: Tensor  # [N, 3, H, W] in [0, 1], on the CPU
+
+
+def step_schedule(cfg: GrpoConfig, schedule, step: int):
+    """The sampler of sampling step ``step``: noise on every step, or only on this step's SDE window (the
+    same on every process, drawn from the run seed and the step)."""
+    o = cfg.online
+    if not o.sde_window_size:
+        return schedule
+    start = window_start(o.sde_window, step, size=o.sde_window_size, eligible=cfg.eligible_steps(),
+                         start=o.sde_window_start, stride=o.sde_window_stride, shift_every=o.sde_window_shift_every,
+                         seed=cfg.optim.seed)
+    return dataclasses.replace(schedule, window=window_mask(schedule.num_steps, start, o.sde_window_size))
 
 
 def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list[str], step: int) -> Samples:
@@ -171,9 +185,10 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
     cond = Conditioning.of(built.comps, prompts, guidance_scale=guidance_scale(cfg, built), size=built.size,
                            repeat=g)
     seeds = stream_seeds(cfg.optim.seed, step, engine.rank, IMAGES, len(prompts) * g)
+    schedule = step_schedule(cfg, built.schedule, step)
     with torch.no_grad(), engine.accelerator.autocast():
-        predict = guided_predict(built.comps.family, built.policy, built.schedule, cond)
-        roll = rollout(predict, built.schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
+        predict = guided_predict(built.comps.family, built.policy, schedule, cond)
+        roll = rollout(predict, schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
     images = roll.images.cpu()
     per_image = [p for p in prompts for _ in range(g)]
     rewards = scorer.score(images, per_image).float().to(engine.device)
@@ -189,7 +204,7 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
                                batch_std=batch_std)
         values = adv.values
     clip = cfg.online.advantage_clip
-    return Samples(prompts, cond, roll.trajectory, rewards,
+    return Samples(prompts, cond, roll.trajectory, schedule, rewards,
                    values.clamp(-clip, clip), adv.zero_spread_groups, images)
 
 
@@ -198,9 +213,15 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
 def grpo_rows(cfg: GrpoConfig, samples: Samples, step: int, rank: int) -> dict[str, Tensor]:
     """The K chosen transitions of every image as flat rows [N * K]: latents, next latents, old log-probs,
     step index, image index, advantage."""
-    n, t = samples.trajectory.logprobs.shape
+    n = samples.trajectory.logprobs.shape[0]
     seed = stream_seeds(cfg.optim.seed, step, rank, CHOICE, 1)[0]
-    steps = choose_steps(n, cfg.eligible_steps(), cfg.num_train_steps(), seed, first=cfg.online.first_steps)
+    # the stochastic steps among the trainable first ones: all of them, or this step's window
+    candidates = torch.nonzero(samples.schedule.step_stds()[:cfg.eligible_steps()] > 0).flatten()
+    k = cfg.num_train_steps()
+    if len(candidates) < k:
+        raise InputError(f"online.train_steps = {k} but only {len(candidates)} of the first "
+                         f"{cfg.eligible_steps()} steps inject noise (the others have no log-probability)")
+    steps = candidates[choose_steps(n, len(candidates), k, seed, first=cfg.online.first_steps)]
     latents, next_latents, old = gather_steps(samples.trajectory, steps)
     image = torch.arange(n).repeat_interleave(steps.shape[1])
     advantages = samples.advantages[image.to(samples.advantages.device)]
@@ -212,7 +233,7 @@ def grpo_rows(cfg: GrpoConfig, samples: Samples, step: int, rank: int) -> dict[s
 def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict[str, Tensor],
               index: Tensor) -> StepOutput:
     """The clipped ratio loss plus kl_coef x KL of the transitions ``index`` (long [M]) of ``rows``."""
-    family, schedule, o = built.comps.family, built.schedule, cfg.online
+    family, schedule, o = built.comps.family, samples.schedule, cfg.online
     reduction = cfg.sampling.logprob_reduction
     x, x_next = rows["latents"][index], rows["next_latents"][index]
     step_index = rows["step_index"][index]

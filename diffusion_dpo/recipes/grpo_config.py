@@ -44,6 +44,10 @@ class StochasticSamplingSection:
     resolution: Optional[int] = option(None, "image side in px (null: the denoiser's sample_size x the VAE's "
                                        "downsampling, the native size: 1024 for SD3.5-M; Flow-GRPO's SD3.5 "
                                        "runs use 512)", lambda v: v is None or v >= 8, "null or at least 8")
+    sde: Literal["flow_grpo", "cps"] = option(
+        "flow_grpo", "flow families: the stochastic step, flow_grpo (the Flow-GRPO SDE, std sigma_t sqrt(|dt|)) or "
+        "cps (coefficients-preserving: re-noises the predicted x0 to exactly the next sigma, std sigma_next "
+        "sin(noise_level pi/2); its last step is deterministic and never trained)")
     logprob_reduction: Literal["mean", "sum"] = option(
         "mean", "a transition's log-prob over the latent elements: mean (DDPO's and Flow-GRPO's; the clip "
         "range does not depend on the image size) or sum")
@@ -57,6 +61,18 @@ class OnlineSection:
                              "at least 2")
     train_steps: Optional[int] = option(None, "K: transitions trained per image, drawn per image from the T "
                                         "(null: all T)", lambda v: v is None or v >= 1, "null or at least 1")
+    sde_window_size: int = option(
+        0, "noise, and training, only on a window of this many consecutive steps, the others deterministic (the "
+        "ODE / eta 0); 0: every step is stochastic (Flow-GRPO, DDPO). Flow-GRPO-Fast: 1-2; MixGRPO: 4",
+        non_negative, "0 or more steps")
+    sde_window: Literal["random", "sliding", "fixed"] = option(
+        "random", "where the window lies each step: random (Flow-GRPO-Fast), sliding from sde_window_start by "
+        "sde_window_stride every sde_window_shift_every steps, wrapping (MixGRPO), or fixed at sde_window_start")
+    sde_window_start: int = option(0, "first step of a fixed window, or where a sliding one starts", non_negative,
+                                   "0 or more")
+    sde_window_stride: int = option(1, "sliding window: steps it moves each shift", at_least_one, "at least 1")
+    sde_window_shift_every: int = option(1, "sliding window: sampling steps between shifts", at_least_one,
+                                         "at least 1")
     first_steps: int = option(0, "of the K, always train the first (noisiest) this many", non_negative,
                               "0 or more")
     inner_epochs: int = option(1, "optimizer steps on each step's samples (PPO epochs)", at_least_one,
@@ -137,11 +153,13 @@ class GrpoConfig(TrainingRunOptions):
                                    non_negative, "0 (never) or a positive number of steps")
 
     def num_train_steps(self) -> int:
-        return self.online.train_steps or self.eligible_steps()
+        return self.online.train_steps or self.online.sde_window_size or self.eligible_steps()
 
     def eligible_steps(self) -> int:
-        """The first steps of the T the trained transitions are drawn from (online.trained_fraction)."""
-        return int(self.online.trained_fraction * self.sampling.num_inference_steps + 1e-9)
+        """The first steps of the T the trained transitions (and any window) are drawn from: the trained
+        fraction, less CPS's deterministic last step."""
+        t = self.sampling.num_inference_steps
+        return min(int(self.online.trained_fraction * t + 1e-9), t - 1 if self.sampling.sde == "cps" else t)
 
     def optimizer_steps_per_step(self) -> int:
         return self.online.inner_epochs * self.online.updates_per_epoch
@@ -169,6 +187,13 @@ class GrpoConfig(TrainingRunOptions):
             raise ConfigError(f"config key 'online.trained_fraction': {o.trained_fraction} of "
                               f"sampling.num_inference_steps = {self.sampling.num_inference_steps} leaves no step "
                               "to train; expected at least 1 / T")
+        if o.sde_window_size and o.sde_window_start + o.sde_window_size > self.eligible_steps():
+            raise ConfigError(f"config keys 'online.sde_window_start' / 'online.sde_window_size': a window of "
+                              f"{o.sde_window_size} from step {o.sde_window_start} does not fit the "
+                              f"{self.eligible_steps()} trainable steps (trained_fraction x T, less CPS's last)")
+        if o.sde_window_size and self.num_train_steps() > o.sde_window_size:
+            raise ConfigError(f"config key 'online.train_steps': expected at most online.sde_window_size = "
+                              f"{o.sde_window_size} (only the window's steps are stochastic), got {o.train_steps}")
         if self.num_train_steps() > self.eligible_steps():
             raise ConfigError(f"config key 'online.train_steps': expected at most online.trained_fraction x "
                               f"sampling.num_inference_steps = {self.eligible_steps()}, got {o.train_steps}")
