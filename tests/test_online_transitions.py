@@ -221,3 +221,26 @@ def test_window_starts_fixed_random_sliding():
     assert drawn == [window_start("random", i, size=2, eligible=10, seed=3) for i in range(50)]
     with pytest.raises(InputError, match="does not fit"):
         window_start("fixed", 0, size=11, eligible=10)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_predicted_x0_inverts_the_forward_process(kind):
+    """Noise x0 to a step, hand the exact target (eps, v or the velocity) as the prediction: predicted_x0
+    gives x0 back, for every step of the schedule."""
+    if kind == "flow":
+        schedule = tr.FlowSDESchedule(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+                                      torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+    else:
+        scheduler = DDIMScheduler(prediction_type=kind)
+        schedule = tr.DDIMSchedule.from_scheduler(scheduler, 4, eta=1.0)
+    x0, noise = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    step = torch.arange(4)
+    x = schedule.noised(x0, noise, step)
+    if kind == "flow":
+        target = noise - x0
+    elif kind == "epsilon":
+        target = noise
+    else:
+        a = schedule.alpha_bars[step].view(-1, 1, 1, 1)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    torch.testing.assert_close(schedule.predicted_x0(x, target, step), x0, atol=1e-4, rtol=1e-4)

@@ -19,9 +19,15 @@ paper's Appendix on loss weighting). r = 1/2 + clip(A, -c, c) / (2c) from the gr
 with c = adv_clip_max (5), and the reference code multiplies the loss by c (kept, so its learning rate
 3e-4 carries over). Minimising it moves v so that v+ (and so v itself) heads to where the good images lie
 and away from the bad ones; the old policy trails the current one (see :func:`old_policy_decay`).
+
+The paper derives it for flow matching; the derivation needs only that the training loss is a squared error
+of a prediction that enters linearly, which holds for the DDPM families' epsilon and v predictions too
+(x0(u) is then the DDIM x0 estimate), so the same loss runs there through their x0 map.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -40,41 +46,39 @@ def optimality(advantages: Tensor, adv_clip_max: float) -> Tensor:
     return (advantages.float().clamp(-adv_clip_max, adv_clip_max) / adv_clip_max / 2 + 0.5).clamp(0, 1)
 
 
-def _weighted_x0_error(velocity: Tensor, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
-    """mean ||x0(u) - x0||^2 / w over the latent elements [N], with the adaptive weight w (no gradient)."""
+def _weighted_x0_error(x0_hat: Tensor, x0: Tensor) -> Tensor:
+    """mean ||x0_hat - x0||^2 / w over the latent elements [N], with the adaptive weight w (no gradient)."""
     dims = tuple(range(1, x0.ndim))
-    error = xt.float() - t * velocity.float() - x0.float()
+    error = x0_hat.float() - x0.float()
     with torch.no_grad():
         weight = error.double().abs().mean(dim=dims, keepdim=True).clamp(min=ADAPTIVE_WEIGHT_FLOOR).float()
     return (error**2 / weight).mean(dim=dims)
 
 
-def nft_loss(velocity: Tensor, old_velocity: Tensor, x0: Tensor, xt: Tensor, t: Tensor, r: Tensor, *,
+def nft_loss(output: Tensor, old_output: Tensor, x0: Tensor, to_x0: Callable[[Tensor], Tensor], r: Tensor, *,
              beta: float, adv_clip_max: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-image DiffusionNFT losses [N] and metrics.
 
-    velocity: the current model's prediction at (xt, t) [N, ...] (with gradient); old_velocity: the sampling
-    policy's at the same point (no gradient is taken through it); x0: the sampled clean latents; xt: x0 noised
-    to t; t: [N] or broadcastable, the flow time (sigma) in (0, 1]; r: optimality [N] from :func:`optimality`;
-    beta: the implicit policies' strength (the reference configs: 1.0; 0.1 for OCR).
+    output: the current model's prediction at the noised latents [N, ...] (with gradient); old_output: the
+    sampling policy's at the same point (no gradient is taken through it); x0: the sampled clean latents;
+    to_x0: the x0 a prediction implies at those noised latents, linear in the prediction (flow: x_t - t u;
+    DDPM: the DDIM x0 of an epsilon or v prediction; the schedule's ``predicted_x0``), so the implicit
+    policies' x0 are the same mixtures of the two x0; r: optimality [N] from :func:`optimality`; beta: the
+    implicit policies' strength (the reference configs: 1.0; 0.1 for OCR).
 
-    Worked example (beta 1, c 5, one element, x0 = 0, t = 1, xt = 1): v = 0.5, v_old = 1 -> v+ = 0.5,
-    v- = 1.5; x0(v+) = 0.5, x0(v-) = -0.5, both weights 0.5, so each error term is 0.25 / 0.5 = 0.5 and
-    L = (r 0.5 + (1 - r) 0.5) * 5 = 2.5 for any r.
+    Worked example (beta 1, c 5, one element, x0 = 0, to_x0(u) = 1 - u, i.e. t = 1, x_t = 1): v = 0.5,
+    v_old = 1 -> v+ = 0.5, v- = 1.5; x0(v+) = 0.5, x0(v-) = -0.5, both weights 0.5, so each error term is
+    0.25 / 0.5 = 0.5 and L = (r 0.5 + (1 - r) 0.5) * 5 = 2.5 for any r.
     """
     if beta <= 0:
         raise InputError(f"NFT beta must be positive, got {beta}")
-    t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
-    t = t.view(-1, *([1] * (x0.ndim - 1))) if t.ndim == 1 else t
-    old = old_velocity.detach().float()
-    v = velocity.float()
-    positive = beta * v + (1 - beta) * old
-    negative = (1 + beta) * old - beta * v
-    positive_loss = _weighted_x0_error(positive, x0, xt, t)
-    negative_loss = _weighted_x0_error(negative, x0, xt, t)
+    old = old_output.detach().float()
+    out = output.float()
+    positive_loss = _weighted_x0_error(to_x0(beta * out + (1 - beta) * old), x0)
+    negative_loss = _weighted_x0_error(to_x0((1 + beta) * old - beta * out), x0)
     r = r.float().to(positive_loss.device)
     losses = (r * positive_loss + (1 - r) * negative_loss) / beta * adv_clip_max
-    drift = ((v.detach() - old) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    drift = ((out.detach() - old) ** 2).mean(dim=tuple(range(1, x0.ndim)))
     return losses, {"nft_positive_loss": positive_loss.detach(), "nft_negative_loss": negative_loss.detach(),
                     "optimality": r, "old_deviation": drift}
 

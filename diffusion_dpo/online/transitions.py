@@ -138,6 +138,19 @@ class DDIMSchedule:
         eta = self.eta * _per_sample(_window_scale(self.window, self.num_steps), step_index, x)
         return ddim_transition(x, model_output, alpha_bar, alpha_bar_prev, eta, self.prediction_type)
 
+    def noised(self, x0: Tensor, noise: Tensor, step_index: Tensor) -> Tensor:
+        """The forward process at each sample's step: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        a = _per_sample(self.alpha_bars, step_index, x0)
+        return torch.sqrt(a) * x0.float() + torch.sqrt(1 - a) * noise.float()
+
+    def predicted_x0(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> Tensor:
+        """The x0 a prediction implies at x (linear in it): (x - sqrt(1 - abar) eps) / sqrt(abar), or
+        sqrt(abar) x - sqrt(1 - abar) v for v-prediction."""
+        a = _per_sample(self.alpha_bars, step_index, x)
+        if self.prediction_type == "epsilon":
+            return (x.float() - torch.sqrt(1 - a) * model_output.float()) / torch.sqrt(a)
+        return torch.sqrt(a) * x.float() - torch.sqrt(1 - a) * model_output.float()
+
     def step_stds(self) -> Tensor:
         """The std of each step's Gaussian [T] (0: a deterministic step)."""
         a, a_prev = self.alpha_bars.float(), self.alpha_bars_prev.float()
@@ -240,6 +253,15 @@ class FlowSDESchedule:
         if self.sde != "flow_grpo":
             raise InputError(f"the {self.sde} step has no sigma_t of the Flow-GRPO SDE")
         return _per_sample(self.sde_sigmas() * _window_scale(self.window, self.num_steps), step_index, x)
+
+    def noised(self, x0: Tensor, noise: Tensor, step_index: Tensor) -> Tensor:
+        """The forward process at each sample's step: (1 - t) x0 + t noise."""
+        t = _per_sample(self.sigmas[:-1], step_index, x0)
+        return (1 - t) * x0.float() + t * noise.float()
+
+    def predicted_x0(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> Tensor:
+        """The x0 a velocity implies at x (linear in it): x - t v."""
+        return x.float() - _per_sample(self.sigmas[:-1], step_index, x) * model_output.float()
 
     def step_stds(self) -> Tensor:
         """The std of each step's Gaussian [T] (0: a deterministic step, e.g. outside the window, or CPS's
