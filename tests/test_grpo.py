@@ -81,7 +81,7 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
     (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
     shift and decoding, so what GRPO tunes is what the diffusers pipeline generates. FLUX.1-dev's guidance is
-    embedded (3.5, the pipeline's default) rather than classifier-free."""
+    embedded rather than classifier-free: the same value on both sides, here 2.0 (not the default 3.5)."""
     from diffusers import DDIMScheduler
 
     from diffusion_dpo import models
@@ -93,7 +93,7 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     side = comps.vae.config.sample_size
     hw = (side // 2 ** (len(comps.vae.config.block_out_channels) - 1),) * 2
     schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=hw)
-    cfg_scale = 1.0 if family == "flux" else 4.0
+    cfg_scale = 2.0 if family == "flux" else 4.0
     cond = Conditioning.of(comps, PROMPTS[:2], guidance_scale=cfg_scale, size=(side, side))
     shape = (comps.vae.config.latent_channels, *hw)
     ours = rollout(guided_predict(comps.family, comps.denoiser, schedule, cond), schedule, comps.vae, [7, 8],
@@ -108,7 +108,7 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
 
         start = pack_latents(start)
     theirs = pipe(PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
-                  guidance_scale=3.5 if family == "flux" else cfg_scale, **comps.family.call_options(pipe)).images
+                  guidance_scale=cfg_scale, **comps.family.call_options(pipe)).images
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 
 
@@ -258,3 +258,86 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1
     assert "beats the base on" in capsys.readouterr().out
+
+
+def test_flow_grpo_code_kl_and_batch_std_advantages_run(world, tmp_path):
+    """flow_grpo's conventions end to end on the SD3 layout: its KL is |dt| times the exact one, so with
+    the same weights moved the logged KL is smaller than under the paper convention; advantages from the
+    group mean over the batch std are finite and the run trains."""
+    kls = {}
+    for convention in ("paper", "flow_grpo_code"):
+        out = tmp_path / convention
+        grpo.run(config(world, out, "model.lora_rank=8", "online.kl_coef=0.04", "optim.max_steps=2",
+                        f"online.kl_convention={convention}", "online.advantage_scope=group_batch_std",
+                        family="sd3"))
+        rows = train_rows(out)
+        kls[convention] = rows[1]["kl"]
+        assert all(math.isfinite(r["loss"]) for r in rows)
+    assert 0.0 < kls["flow_grpo_code"] < kls["paper"]
+
+
+def test_trained_fraction_draws_only_from_the_first_steps(world, tmp_path):
+    """trained_fraction 0.5 of T = 4: every image trains on steps 0 and 1 only (K defaults to the eligible 2);
+    zero-advantage images get weight 0 with drop_zero_advantage, the others 4 / 2."""
+    from diffusion_dpo.online.trajectory import Trajectory
+    from diffusion_dpo.online.transitions import FlowSDESchedule
+
+    cfg = config(world, tmp_path / "unused", "online.trained_fraction=0.5", "online.drop_zero_advantage=true",
+                 "optim.batch_size=4")
+    n, t = 4, cfg.sampling.num_inference_steps
+    trajectory = Trajectory(torch.randn(n, t + 1, 1, 2, 2), torch.randn(n, t))
+    schedule = FlowSDESchedule(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), torch.tensor([1e3, 750.0, 500.0, 250.0]))
+    samples = grpo.Samples(["p"], None, trajectory, schedule, torch.zeros(n), torch.tensor([0.0, 1.0, -1.0, 0.0]),
+                           0, None)
+    rows = grpo.grpo_rows(cfg, samples, step=0, rank=0)
+    assert sorted(set(rows["step_index"].tolist())) == [0, 1] and len(rows["step_index"]) == n * 2
+    assert rows["weights"].tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+def test_online_dpo_beta_defaults_to_the_familys(world, tmp_path):
+    """online.beta_dpo null: 100 on a flow family (flow_grpo's DPO), so the run equals one given 100
+    explicitly and differs from one given the DDPM families' 5000."""
+    def margins(out, *extra):
+        grpo.run(config(world, out, "method=online_dpo", "optim.batch_size=2", *extra, family="sd3"))
+        return [r["reward_margin"] for r in train_rows(out)]
+
+    default = margins(tmp_path / "default")
+    assert default == margins(tmp_path / "explicit", "online.beta_dpo=100")
+    assert default != margins(tmp_path / "paper", "online.beta_dpo=5000")
+
+
+@pytest.mark.parametrize("sde", ["flow_grpo", "cps"])
+def test_a_window_of_one_step_trains_only_that_step(world, tmp_path, sde):
+    """Flow-GRPO-Fast on the SD3 layout: noise on one random step of 4 per sampling step, the rest ODE;
+    every trained row is that step, the first inner pass has ratio exactly 1, and the run trains."""
+    seen = []
+    original = grpo.grpo_rows
+
+    def spy(cfg, samples, step, rank):
+        rows = original(cfg, samples, step, rank)
+        stochastic = torch.nonzero(samples.schedule.step_stds() > 0).flatten().tolist()
+        seen.append((stochastic, sorted(set(rows["step_index"].tolist()))))
+        return rows
+
+    grpo.grpo_rows = spy
+    try:
+        out = tmp_path / sde
+        grpo.run(config(world, out, "model.lora_rank=8", "online.sde_window_size=1", "online.train_steps=1",
+                        f"sampling.sde={sde}",
+                        "optim.max_steps=3", "optim.batch_size=8", family="sd3"))
+    finally:
+        grpo.grpo_rows = original
+    assert len(seen) == 3
+    for stochastic, trained in seen:
+        assert len(stochastic) == 1 and trained == stochastic
+    assert train_rows(out)[0]["ratio"] == 1.0
+
+
+def test_window_and_sde_keys_are_checked(world, tmp_path):
+    with pytest.raises(Exception, match="sde_window"):
+        config(world, tmp_path / "a", "online.sde_window=fixed", "online.sde_window_start=3",
+               "online.sde_window_size=2")
+    with pytest.raises(Exception, match="train_steps"):
+        config(world, tmp_path / "b", "online.sde_window_size=1", "online.train_steps=2")
+    with pytest.raises(InputError, match="sampling.sde"):
+        grpo.run(config(world, tmp_path / "c", "sampling.sde=cps"))  # SD1.x samples with DDIM

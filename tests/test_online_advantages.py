@@ -37,3 +37,28 @@ def test_checks():
         group_advantages(torch.zeros(3), [0, 1])
     with pytest.raises(InputError, match=r"positions \[1\]"):
         group_advantages(torch.tensor([1.0, float("nan")]), [0, 0])
+
+
+def test_group_mean_over_batch_std_by_hand():
+    """flow_grpo's code: (r - group mean) / (batch population std + 1e-4). Rewards (1, 2, 3, 5, 5): batch std
+    1.6, so group a's advantages are (-1, 0, 1) / 1.6001; group b is tied and stays exactly 0."""
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0]), ["a", "a", "a", "b", "b"],
+                           scope="group_batch_std")
+    assert torch.allclose(adv.values, torch.tensor([-0.624961, 0.0, 0.624961, 0.0, 0.0]), atol=1e-6)
+    assert adv.zero_spread_groups == 1 and adv.groups == 2
+
+
+def test_group_batch_std_keeps_a_near_tie_small():
+    """Per-group whitening blows a near-tie up to unit size; the batch std keeps it at its real scale."""
+    rewards = torch.tensor([0.5, 0.501, 0.0, 1.0])
+    keys = [0, 0, 1, 1]
+    per_group = group_advantages(rewards, keys).values
+    batch = group_advantages(rewards, keys, scope="group_batch_std").values
+    assert per_group[1] > 0.95  # 0.0005 above its group's mean, whitened to ~1
+    # batch std 0.3536: the near-tie stays at 0.0005 / 0.3537, the real difference at 0.5 / 0.3537
+    assert abs(float(batch[1])) < 2e-3 and abs(float(batch[3]) - 0.5 / 0.35366) < 1e-3
+
+
+def test_group_batch_std_uses_the_gathered_std_when_given():
+    adv = group_advantages(torch.tensor([1.0, 3.0]), [0, 0], scope="group_batch_std", batch_std=2.0)
+    assert torch.allclose(adv.values, torch.tensor([-1.0, 1.0]) / 2.0001)

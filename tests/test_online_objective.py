@@ -66,3 +66,36 @@ def test_grpo_transition_loss_adds_the_kl_term():
     with pytest.raises(InputError, match="KL of shape"):
         grpo_transition_loss(torch.zeros(1, 2), torch.zeros(1, 2), T([1.0]), torch.zeros(2), clip_range=0.2,
                              kl_coef=0.1)
+
+
+def test_transition_kl_conventions_differ_by_the_step_size():
+    """The KL the GRPO loss weighs, under each convention, on a flow schedule with sigmas (1, .75, .5, .25, 0)
+    (|dt| = .25 everywhere) and noise level 1: at step 1, t = .75, sigma_t = sqrt(.75 / .25) = sqrt(3). With
+    the reference's velocity 1 higher in every element, the means differ by
+    [1 + sigma_t^2 / (2t) (1 - t)] dt = (1 + 3 / 1.5 * .25) * -.25 = -0.375 per element, so
+        paper           0.375^2 / (2 * 3 * .25) = 0.09375
+        flow_grpo_code  0.375^2 / (2 * 3)       = 0.0234375   (|dt| = 1/4 of the exact KL)"""
+    from diffusion_dpo.online.objective import transition_kl
+    from diffusion_dpo.online.transitions import FlowSDESchedule
+
+    schedule = FlowSDESchedule(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+                               torch.tensor([1000.0, 750.0, 500.0, 250.0]), noise_level=1.0)
+    x, v = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    step = torch.tensor([1, 1])
+    mean, _ = schedule.mean_std(x, v, step)
+    paper = transition_kl(schedule, x, mean, v + 1, step)
+    code = transition_kl(schedule, x, mean, v + 1, step, convention="flow_grpo_code")
+    assert torch.allclose(paper, torch.tensor([0.09375, 0.09375]))
+    assert torch.allclose(code, torch.tensor([0.0234375, 0.0234375]))
+
+
+def test_flow_grpo_code_convention_needs_a_flow_schedule():
+    from diffusers import DDIMScheduler
+
+    from diffusion_dpo.online.objective import transition_kl
+    from diffusion_dpo.online.transitions import DDIMSchedule
+
+    schedule = DDIMSchedule.from_scheduler(DDIMScheduler(), 4, eta=1.0)
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(InputError, match="kl_convention"):
+        transition_kl(schedule, x, x, x, torch.tensor([1]), convention="flow_grpo_code")

@@ -132,11 +132,15 @@ def test_adapter_reference_trains_exactly_like_the_full_copy(world, tmp_path, me
 
 
 def test_a_full_finetune_needs_the_copy(world, tmp_path):
+    """online.reference null picks the copy for a full fine-tune (and the adapter for LoRA); asking for the
+    adapter on a full fine-tune is refused, naming the keys."""
     with pytest.raises(ConfigError, match=r"online\.reference.*model\.lora_rank.*online\.reference=copy"):
-        grpo.run(config(world, tmp_path / "full", "model.lora_rank=0"))
+        grpo.run(config(world, tmp_path / "full", "model.lora_rank=0", "online.reference=adapter"))
     with pytest.raises(ConfigError, match="online.reference=copy"):
         grpo.run(config(world, tmp_path / "full", "model.lora_rank=0", "method=grpo", "online.kl_coef=0.04",
-                        "online.group_size=2", "optim.batch_size=8"))
+                        "online.group_size=2", "optim.batch_size=8", "online.reference=adapter"))
+    assert config(world, tmp_path / "y", "model.lora_rank=0").reference_kind() == "copy"
+    assert config(world, tmp_path / "z", "model.lora_rank=4").reference_kind() == "adapter"
     # grpo without a KL term needs no reference at all: nothing to refuse, nothing built
     cfg = config(world, tmp_path / "x", "model.lora_rank=0", "method=grpo", "online.kl_coef=0")
     assert not cfg.needs_reference()

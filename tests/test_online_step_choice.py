@@ -42,3 +42,15 @@ def test_checks():
         choose_steps(2, 10, 4, seed=0, first=5)
     with pytest.raises(InputError, match="expected an integer"):
         choose_steps(2, 10.0, 4, seed=0)
+
+
+def test_row_weights_leave_zero_advantages_out_of_the_mean():
+    from diffusion_dpo.online.step_choice import row_weights
+
+    advantages = torch.tensor([0.0, 1.0, -1.0, 0.0])
+    assert row_weights(advantages, drop_zero=False).tolist() == [1.0, 1.0, 1.0, 1.0]
+    weights = row_weights(advantages, drop_zero=True)
+    assert weights.tolist() == [0.0, 2.0, 2.0, 0.0]
+    losses = torch.tensor([5.0, 1.0, 3.0, 7.0])
+    assert float((losses * weights).mean()) == 2.0  # the mean over the kept rows, (1 + 3) / 2
+    assert row_weights(torch.zeros(3), drop_zero=True).tolist() == [0.0, 0.0, 0.0]

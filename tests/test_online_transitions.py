@@ -125,3 +125,122 @@ def test_flow_sde_mean_equals_the_expanded_form():
     mean, std = tr.flow_sde_transition(x, v, t, t_next, s)
     assert torch.allclose(mean, expanded, atol=1e-6)
     assert torch.allclose(std, s * torch.sqrt(t - t_next))
+
+
+def test_flux_without_dynamic_shifting_samples_at_the_pipelines_sigmas():
+    """FluxPipeline hands every scheduler sigmas linspace(1, 1/T, T); a schnell-style config (no dynamic
+    shifting, shift 1) at T = 4 samples at 1, .75, .5, .25 — not the scheduler's own 1, .667, .334, .001."""
+    from types import SimpleNamespace
+
+    from diffusion_dpo.families.flux import FluxFamily
+    from diffusion_dpo.families.sd3 import SD3Family
+    from diffusion_dpo.online.rollout import sampling_schedule
+
+    def schedule(family, scheduler):
+        comps = SimpleNamespace(family=family, noise_scheduler=scheduler)
+        return sampling_schedule(comps, num_inference_steps=4, eta=0.0, noise_level=0.7, latent_hw=(8, 8))
+
+    flux = schedule(FluxFamily(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    assert torch.allclose(flux.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert torch.allclose(flux.timesteps, torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+    # SD3's pipeline lets the scheduler space them: unchanged
+    sd3 = schedule(SD3Family(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    assert torch.allclose(sd3.sigmas, torch.tensor([1.0, 0.667, 0.334, 0.001, 0.0]), atol=1e-3)
+
+
+def test_detached_uncond_moves_the_weights_through_the_conditional_branch_only():
+    """u + w (c - u) with u = a x and c = a x + b (a toy denoiser): d/da = x + w (x - x) = x with u attached;
+    with u detached only w * d(c)/da = w x remains."""
+    from types import SimpleNamespace
+
+    from diffusion_dpo.online.rollout import Conditioning, guided_predict
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(denoiser, x, t, text, image):
+        return denoiser.a * x + text["bias"].view(-1, 1, 1, 1)
+
+    family = SimpleNamespace(forward=forward)
+    schedule = SimpleNamespace(timesteps=torch.tensor([999.0]))
+    cond = Conditioning(text={"bias": torch.tensor([1.0])}, uncond={"bias": torch.tensor([0.0])}, image={},
+                        guidance_scale=4.0)
+    x = torch.full((1, 1, 1, 1), 3.0)
+    grads = {}
+    for detach in (False, True):
+        toy = Toy()
+        guided_predict(family, toy, schedule, cond, detach_uncond=detach)(x, torch.tensor([0])).sum().backward()
+        grads[detach] = float(toy.a.grad)
+    assert grads[False] == 3.0 and grads[True] == 12.0
+
+
+def test_cps_step_by_hand_and_its_deterministic_limits():
+    """[CPS] at t = .75 -> t_next = .5, a = 1/3 (sin(pi/6) = 1/2): x = 1, v = 2 give x0_hat = 1 - 1.5 = -0.5,
+    noise_hat = 1 + .5 = 1.5, std = .25, mean = .5 (-0.5) + sqrt(.25 - .0625) 1.5 = -0.25 + 0.649519."""
+    t, t_next = torch.tensor(0.75), torch.tensor(0.5)
+    mean, std = tr.cps_transition(torch.ones(1, 1), torch.full((1, 1), 2.0), t, t_next, 1 / 3)
+    assert abs(float(std) - 0.25) < 1e-6 and abs(float(mean) - (-0.25 + 0.6495191)) < 1e-6
+    euler, zero = tr.cps_transition(torch.ones(1, 1), torch.full((1, 1), 2.0), t, t_next, 0.0)
+    assert float(zero) == 0.0 and abs(float(euler) - (1 + 2 * (0.5 - 0.75))) < 1e-6
+    schedule = tr.FlowSDESchedule(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+                                  torch.tensor([1000.0, 750.0, 500.0, 250.0]), noise_level=1 / 3, sde="cps")
+    assert torch.allclose(schedule.step_stds(), torch.tensor([0.375, 0.25, 0.125, 0.0]))  # the last: onto 0
+
+
+def test_a_window_makes_the_other_steps_deterministic_and_unrecorded():
+    """Noise only on steps 1-2 of 4: outside them the step is the Euler ODE (mean = x + v dt, std 0), the
+    trajectory records log-prob 0 there, and with the same generators the window's steps match the full
+    SDE's draws given the same input."""
+    from diffusion_dpo.online.trajectory import sample_trajectory
+    from diffusion_dpo.online.windows import window_mask
+
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    full = tr.FlowSDESchedule(sigmas, sigmas[:-1] * 1000, noise_level=0.7)
+    windowed = tr.FlowSDESchedule(sigmas, sigmas[:-1] * 1000, noise_level=0.7, window=window_mask(4, 1, 2))
+    stds = windowed.step_stds()
+    assert stds[0] == 0 and stds[3] == 0 and torch.equal(stds[1:3], full.step_stds()[1:3])
+    x, v = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    mean, std = windowed.mean_std(x, v, torch.tensor([0, 3]))
+    assert torch.allclose(mean[0], x[0] + v[0] * -0.25) and torch.allclose(mean[1], x[1] + v[1] * -0.25)
+    assert float(std.max()) == 0.0
+    traj = sample_trajectory(lambda z, i: 0.1 * z, windowed, torch.randn(2, 1, 2, 2),
+                             [torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert torch.equal(traj.logprobs[:, [0, 3]], torch.zeros(2, 2)) and bool((traj.logprobs[:, 1:3] != 0).all())
+
+
+def test_window_starts_fixed_random_sliding():
+    from diffusion_dpo.online.windows import window_start
+
+    sliding = [window_start("sliding", i, size=2, eligible=10, stride=2, shift_every=3) for i in range(18)]
+    assert sliding == [0] * 3 + [2] * 3 + [4] * 3 + [6] * 3 + [8] * 3 + [0] * 3
+    assert window_start("fixed", 7, size=2, eligible=10, start=5) == 5
+    drawn = [window_start("random", i, size=2, eligible=10, seed=3) for i in range(50)]
+    assert min(drawn) >= 0 and max(drawn) <= 8 and len(set(drawn)) > 3
+    assert drawn == [window_start("random", i, size=2, eligible=10, seed=3) for i in range(50)]
+    with pytest.raises(InputError, match="does not fit"):
+        window_start("fixed", 0, size=11, eligible=10)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_predicted_x0_inverts_the_forward_process(kind):
+    """Noise x0 to a step, hand the exact target (eps, v or the velocity) as the prediction: predicted_x0
+    gives x0 back, for every step of the schedule."""
+    if kind == "flow":
+        schedule = tr.FlowSDESchedule(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+                                      torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+    else:
+        scheduler = DDIMScheduler(prediction_type=kind)
+        schedule = tr.DDIMSchedule.from_scheduler(scheduler, 4, eta=1.0)
+    x0, noise = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    step = torch.arange(4)
+    x = schedule.noised(x0, noise, step)
+    if kind == "flow":
+        target = noise - x0
+    elif kind == "epsilon":
+        target = noise
+    else:
+        a = schedule.alpha_bars[step].view(-1, 1, 1, 1)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    torch.testing.assert_close(schedule.predicted_x0(x, target, step), x0, atol=1e-4, rtol=1e-4)

@@ -139,6 +139,13 @@ class Family(ABC):
     text_components: tuple[tuple[str, str], ...] = ()
     lora_targets: tuple[str, ...] = tuple(DEFAULT_LORA_TARGETS)  # the attention projections
     flow = False  # flow matching (FlowNoise) or DDPM (DDPMNoise)
+    # Diffusion-DPO's beta when a command leaves it to the family: the paper's 5000 for DDPM families (its
+    # SD1.5 and SDXL runs); flow families set 100 (flow_grpo's DPO script on SD3.5, and docs/train.md's "beta").
+    dpo_beta = 5000.0
+    # How the pipeline applies its guidance_scale: classifier-free, u + w (c - u), against the empty prompt
+    # (False), or as a value the denoiser embeds, with no unconditional pass (True: FLUX.1).
+    guidance_embedded = False
+    online_guidance_scale = 4.5  # grpo's sampling.guidance_scale when null (Flow-GRPO's SD3.5 setting)
 
     @classmethod
     def matches(cls, index: dict[str, Any]) -> bool:
@@ -204,6 +211,11 @@ class Family(ABC):
         """Keyword arguments the family's pipeline ``__call__`` needs so sampling conditions the denoiser as
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
+
+    def sampling_sigmas(self, num_inference_steps: int):
+        """The sigmas the family's pipeline hands its flow-matching scheduler's ``set_timesteps`` (before the
+        scheduler's shift), or None when the pipeline lets the scheduler space them (SD3)."""
+        return None
 
     # ----------------------------------------------------------------------------------- saving, loading
     def save_lora(self, denoiser, folder) -> None:

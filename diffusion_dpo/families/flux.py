@@ -43,14 +43,19 @@ class FluxFamily(Family):
     denoiser_class = "FluxTransformer2DModel"
     text_components = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     flow = True
+    dpo_beta = 100.0  # flow_grpo's DPO on SD3.5 (Family.dpo_beta)
     t5_max_length = 512  # the pipeline's default max_sequence_length
     # The guidance value [dev] sees in training: the pipeline's default guidance_scale, which diffusers'
-    # FLUX training examples also train with.
+    # FLUX training examples also train with. Online tuning embeds its own sampling.guidance_scale instead
+    # (text["guidance"]), the value the pipeline then samples with in evaluation.
     guidance = 3.5
+    guidance_embedded = True  # FluxPipeline's guidance_scale is embedded ([dev]) or ignored ([schnell])
+    online_guidance_scale = 3.5
 
     @torch.no_grad()
     def encode_text(self, comps, captions: list[str]) -> dict[str, Tensor]:
-        """{"hidden": [B, L5, D5] (T5), "pooled": [B, D_L] (CLIP-L's pooled output)}."""
+        """{"hidden": [B, L5, D5] (T5), "pooled": [B, D_L] (CLIP-L's pooled output)}. A caller may add
+        "guidance" [B], the value [dev] embeds (default: ``guidance``)."""
         (clip_tokenizer, t5_tokenizer), (clip, t5) = comps.tokenizers, comps.text_encoders
         ids = tokenize(clip_tokenizer, captions, clip_tokenizer.model_max_length, clip.device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
@@ -63,6 +68,14 @@ class FluxFamily(Family):
         tokenizer's own length, while training encodes min(default, model_max_length) tokens; the same here."""
         return {"max_sequence_length": min(self.t5_max_length, pipe.tokenizer_2.model_max_length)}
 
+    def sampling_sigmas(self, num_inference_steps: int):
+        """FluxPipeline's linspace(1, 1/T, T) for every FLUX config: with dynamic shifting the scheduler shifts
+        them by mu, without it by its static shift (a schnell-style config at shift 1, T = 4 samples at
+        1, .75, .5, .25, not the scheduler's own 1, .667, .334, .001)."""
+        import numpy as np
+
+        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+
     def forward(self, denoiser, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
                 image: dict[str, Tensor]) -> Tensor:
         """The velocity [N, C, h, w]. ``timestep`` is 1000 sigma; the transformer takes sigma, as the
@@ -71,7 +84,8 @@ class FluxFamily(Family):
         hidden = text["hidden"]
         guidance = None
         if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
-            guidance = torch.full((n,), self.guidance, device=noisy.device, dtype=torch.float32)
+            guidance = text["guidance"].float() if "guidance" in text else torch.full((n,), self.guidance)
+            guidance = guidance.to(noisy.device)
         out = denoiser(hidden_states=pack_latents(noisy), timestep=timestep / 1000, guidance=guidance,
                        pooled_projections=text["pooled"], encoder_hidden_states=hidden,
                        txt_ids=torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),

@@ -22,6 +22,7 @@ class SD3Family(Family):
     text_components = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"),
                        ("tokenizer_3", "text_encoder_3"))
     flow = True
+    dpo_beta = 100.0  # flow_grpo's DPO on SD3.5 (Family.dpo_beta)
     t5_max_length = 256  # the pipeline's default max_sequence_length
 
     @torch.no_grad()

@@ -1,11 +1,11 @@
-"""RL math for PPO on language models: pure functions on [B, T] tensors of response tokens.
+"""RL math for PPO on language models: pure functions on [B, T] tensors of response tokens (the KL estimators
+and masked normalisation they share with diffusion GRPO live in :mod:`diffusion_dpo.rl`).
 
 References
     [GAE]     Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
               2016, eq. 16 (the advantage as a (gamma * lambda)-discounted sum of TD residuals).
     [Ziegler] Ziegler et al., "Fine-Tuning Language Models from Human Preferences", 2019, sec. 2.2
               (per-token KL penalty, the adaptive KL coefficient as a proportional controller).
-    [k1-k3]   Schulman, "Approximating KL Divergence", 2020 (http://joschu.net/blog/kl-approx.html).
 
 Conventions: ``mask`` is 1.0 on real response tokens (up to and including the first EOS) and 0.0 after; every
 function leaves masked positions at 0 and never lets them leak into the real ones.
@@ -15,44 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_dpo.rl import KL_ESTIMATORS, kl_penalty, masked_mean, masked_whiten
+
 Tensor = torch.Tensor
 
-KL_ESTIMATORS = ("k1", "k3")
-
-
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
-
-    With log r = ref_logprobs - logprobs ([k1-k3]):
-        k1 = -log r                  unbiased, can be negative per token
-        k3 = (r - 1) - log r         unbiased, never negative, low variance when policy ~ reference
-    Both have expectation KL(p || ref) under x ~ p (the tests check it exactly on a categorical).
-    """
-    log_ratio = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k3":
-        return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"KL estimator {estimator!r} is not one of {KL_ESTIMATORS}")
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Normalise the masked entries of x to mean 0 (if shift_mean) and variance 1 (population variance).
-
-    Worked example: x = (1, 2, 3, pad) -> mean 2, variance 2/3 -> (-1.224745, 0, 1.224745, 0).
-    """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+__all__ = ["KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "gae", "kl_penalty", "masked_mean",
+           "masked_whiten", "response_mask"]
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:

@@ -5,8 +5,13 @@ eq. 4) set A_i = (r_i - mean(group)) / std(group) over the G images of one promp
 with itself on each prompt instead of learning which prompts score high; DDPO's per-prompt stat tracker
 (Black et al. 2023, sec. 5) does the same. ``scope="batch"`` normalises over the whole batch instead.
 
-The normalisation is the LLM PPO's :func:`diffusion_dpo.llm.rl.masked_whiten` (population std, eps inside
-the square root: (r - mean) / sqrt(var + eps)), applied per group.
+``scope="group_batch_std"`` is what flow_grpo's code runs (its PerPromptStatTracker with global_std=True):
+A_i = (r_i - mean(group)) / (std(batch) + 1e-4). A group whose images score almost alike then gets small
+advantages instead of ones blown up to unit size by dividing by its own tiny std, so near-ties stop
+steering the update as strongly as real differences do.
+
+The per-group and batch normalisations are :func:`diffusion_dpo.rl.masked_whiten` (population std, eps
+inside the square root: (r - mean) / sqrt(var + eps)).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from typing import Hashable, Sequence
 import torch
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.llm.rl import masked_whiten
+from diffusion_dpo.rl import masked_whiten
 
 Tensor = torch.Tensor
 
-SCOPES = ("group", "batch")
+SCOPES = ("group", "batch", "group_batch_std")
+BATCH_STD_EPS = 1e-4  # flow_grpo's: added to the batch std, outside the square root
 
 
 @dataclass
@@ -35,7 +41,7 @@ class Advantages:
 
 
 def group_advantages(rewards: Tensor, group_keys: Sequence[Hashable], *, scope: str = "group",
-                     eps: float = 1e-8) -> Advantages:
+                     eps: float = 1e-8, batch_std: float | None = None) -> Advantages:
     """Normalise ``rewards`` [N] within groups of equal ``group_keys`` (N keys, e.g. the prompts or prompt
     indices), or over the whole batch with ``scope="batch"`` (the keys are then ignored).
 
@@ -45,6 +51,12 @@ def group_advantages(rewards: Tensor, group_keys: Sequence[Hashable], *, scope: 
     in ``zero_spread_groups``. Worked example (used by the tests): rewards (1, 2, 3, 5, 5), keys
     (a, a, a, b, b): group a has mean 2, var 2/3 -> (-1.224745, 0, 1.224745); group b has zero spread ->
     (0, 0), zero_spread_groups = 1.
+
+    ``scope="group_batch_std"``: A_i = (r_i - mean_g) / (batch_std + 1e-4), with ``batch_std`` the population
+    std of every process's rewards (given by a caller that gathered them; None: the std of ``rewards``).
+    Same example: batch mean 3.2, population variance 12.8/5 = 2.56, std 1.6 -> group a: (-1, 0, 1) / 1.6001 =
+    (-0.624961, 0, 0.624961),
+    group b (0, 0) and still counted as zero spread.
     """
     if scope not in SCOPES:
         raise InputError(f"advantage scope {scope!r} is not one of {SCOPES}")
@@ -56,7 +68,7 @@ def group_advantages(rewards: Tensor, group_keys: Sequence[Hashable], *, scope: 
     rewards = rewards.float()
     if scope == "batch":
         groups = [torch.arange(len(rewards))]
-    else:
+    else:  # group, group_batch_std
         if len(group_keys) != len(rewards):
             raise InputError(f"{len(group_keys)} group keys for {len(rewards)} rewards; expected one per "
                              "reward")
@@ -64,6 +76,8 @@ def group_advantages(rewards: Tensor, group_keys: Sequence[Hashable], *, scope: 
         for i, key in enumerate(group_keys):
             members.setdefault(key, []).append(i)
         groups = [torch.tensor(idx) for idx in members.values()]
+    if scope == "group_batch_std" and batch_std is None:
+        batch_std = float(rewards.std(unbiased=False)) if len(rewards) > 1 else 0.0
     values = torch.zeros_like(rewards)
     zero_spread = 0
     for idx in groups:
@@ -71,5 +85,8 @@ def group_advantages(rewards: Tensor, group_keys: Sequence[Hashable], *, scope: 
         if bool((r == r[0]).all()):
             zero_spread += 1  # left at exactly 0, not at rounding noise of (r - mean)
             continue
-        values[idx] = masked_whiten(r, torch.ones_like(r), eps=eps)
+        if scope == "group_batch_std":
+            values[idx] = (r - r.mean()) / (batch_std + BATCH_STD_EPS)
+        else:
+            values[idx] = masked_whiten(r, torch.ones_like(r), eps=eps)
     return Advantages(values, zero_spread, len(groups))

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.llm.rl import kl_penalty
 from diffusion_dpo.losses import ppo_policy_loss
 from diffusion_dpo.online.transitions import REDUCTIONS
+from diffusion_dpo.rl import kl_penalty
 
 Tensor = torch.Tensor
 
@@ -85,6 +85,34 @@ def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: str
     per_element = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     dims = tuple(range(1, per_element.ndim))
     return per_element.mean(dim=dims) if reduction == "mean" else per_element.sum(dim=dims)
+
+
+KL_CONVENTIONS = ("paper", "flow_grpo_code")
+
+
+def transition_kl(schedule, x: Tensor, mean: Tensor, ref_output: Tensor, step_index: Tensor, *,
+                  reduction: str = "mean", convention: str = "paper") -> Tensor:
+    """The per-transition KL to the reference [N] that the GRPO loss weighs by kl_coef: the reference's
+    transition mean from its ``ref_output`` at the same x_t [N, ...], against the policy's ``mean``.
+
+    ``convention`` chooses the variance the squared mean difference is divided by:
+        paper           the transition's own variance, sigma_t^2 |dt| ([Flow-GRPO] eq. 6 with its SDE step):
+                        the exact KL between the two Gaussian steps
+        flow_grpo_code  sigma_t^2, as flow_grpo's training script divides (its KL is |dt| times the exact one,
+                        so its kl_coef 0.04 is 1/|dt| times weaker than the same coefficient here: 3.7-25x on
+                        SD3.5's steps 0-8 at T = 10, shift 3, and 112x on the last)
+    Only the flow SDE has the second; a DDIM schedule (SD1.x/2.x, SDXL) takes ``paper``.
+    """
+    if convention not in KL_CONVENTIONS:
+        raise InputError(f"config key 'online.kl_convention': expected one of {KL_CONVENTIONS}, got "
+                         f"{convention!r}")
+    ref_mean, std = schedule.mean_std(x.float(), ref_output, step_index.cpu())
+    if convention == "flow_grpo_code":
+        if not hasattr(schedule, "sde_sigma"):
+            raise InputError("config key 'online.kl_convention': flow_grpo_code divides by the flow SDE's "
+                             "sigma_t, which a DDIM sampler (SD1.x/2.x, SDXL) does not have; use paper")
+        std = schedule.sde_sigma(x, step_index.cpu())
+    return gaussian_mean_kl(mean, ref_mean, std, reduction)
 
 
 def grpo_transition_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, kl: Tensor, *,

@@ -29,28 +29,35 @@ Tensor = torch.Tensor
 
 
 def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_level: float,
-                      latent_hw: tuple[int, int]):
+                      latent_hw: tuple[int, int], sde: str = "flow_grpo"):
     """The stochastic sampler of ``comps.family``: a :class:`DDIMSchedule` (eta) built from the pipeline's
     noise schedule for DDPM families, or a :class:`FlowSDESchedule` (noise_level) from its flow-matching
     scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift. The timesteps are
     those the family's diffusers pipeline samples with (FluxPipeline: sigmas linspace(1, 1/T, T) shifted by
-    mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use."""
-    import numpy as np
+    mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use.
+    ``sde``: the flow step, flow_grpo's SDE or cps (DDPM families have only DDIM)."""
     from diffusers import DDIMScheduler
 
     if not comps.family.flow:
+        if sde != "flow_grpo":
+            raise InputError(f"config key 'sampling.sde': {sde} is a flow-matching step; {comps.family.name} "
+                             "samples with DDIM (eta); use flow_grpo")
         scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, eta)
     scheduler = copy.deepcopy(comps.noise_scheduler)
+    options = {}
     if scheduler.config.get("use_dynamic_shifting", False):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         c = scheduler.config
-        mu = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
-                             c.base_shift, c.max_shift)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
-        return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level)
-    return FlowSDESchedule.from_scheduler(scheduler, num_inference_steps, noise_level)
+        options["mu"] = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len,
+                                        c.max_image_seq_len, c.base_shift, c.max_shift)
+    sigmas = comps.family.sampling_sigmas(num_inference_steps)
+    if sigmas is None:
+        scheduler.set_timesteps(num_inference_steps, **options)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas, **options)
+    return FlowSDESchedule(scheduler.sigmas.float().cpu(), scheduler.timesteps.float().cpu(), noise_level, sde)
 
 
 @dataclass
@@ -69,8 +76,10 @@ class Conditioning:
            repeat: int = 1) -> Conditioning:
         """Encode ``prompts`` once and repeat each ``repeat`` times (a group of G images per prompt, in
         order: prompt 0's G images first). ``size``: (H, W) in px, the images' size and SDXL's original
-        size with no crop."""
-        text = comps.family.encode_text(comps, list(prompts))
+        size with no crop. A family whose pipeline embeds its guidance (FLUX.1) gets ``guidance_scale`` as
+        text["guidance"] and no classifier-free pass, as its pipeline samples."""
+        family = comps.family
+        text = family.encode_text(comps, list(prompts))
         empty = comps.family.encode_empty_prompt(comps)
         n = len(prompts) * repeat
         text = {k: v.repeat_interleave(repeat, dim=0) for k, v in text.items()}
@@ -80,6 +89,9 @@ class Conditioning:
             {"original_sizes": sizes, "crop_top_lefts": torch.zeros(n, 1, 2)}, size)
         device = next(iter(text.values())).device
         image = {k: v[:, 0].to(device) for k, v in image.items()}  # one image each, not a pair
+        if family.guidance_embedded:
+            text["guidance"] = torch.full((n,), float(guidance_scale), device=device)
+            return cls(text, uncond, image, 1.0)
         return cls(text, uncond, image, guidance_scale)
 
     def rows(self, index: Tensor) -> Conditioning:
@@ -88,9 +100,11 @@ class Conditioning:
         return Conditioning(pick(self.text), pick(self.uncond), pick(self.image), self.guidance_scale)
 
 
-def guided_predict(family, denoiser, schedule, cond: Conditioning) -> Callable[[Tensor, Tensor], Tensor]:
+def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
+                   detach_uncond: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
     """``predict(x [N, ...], step_index long [N]) -> model output [N, ...]`` at each row's step, with
-    classifier-free guidance u + w (c - u) (Ho & Salimans 2022) in one batch of 2N when w != 1."""
+    classifier-free guidance u + w (c - u) (Ho & Salimans 2022) in one batch of 2N when w != 1.
+    ``detach_uncond``: u carries no gradient, so an update moves the weights through c alone (flow_grpo)."""
 
     def predict(x: Tensor, step_index: Tensor) -> Tensor:
         t = schedule.timesteps[step_index.cpu()].to(x.device)
@@ -100,6 +114,8 @@ def guided_predict(family, denoiser, schedule, cond: Conditioning) -> Callable[[
         image = {k: torch.cat([v, v]) for k, v in cond.image.items()}
         out = family.forward(denoiser, torch.cat([x, x]), torch.cat([t, t]), text, image)
         uncond, conditional = out.float().chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
         return uncond + cond.guidance_scale * (conditional - uncond)
 
     return predict

@@ -9,6 +9,9 @@ all T.
 others. Follow-ups of Flow-GRPO report that the early, high-noise steps fix the layout and carry most of
 the reward's credit, which is why they are worth every update; this weights them more than the others
 (by design: the estimate is then of a weighted mean over steps). Contiguous windows of steps are not offered.
+
+A caller may pass only the first steps of the T as ``num_steps`` (flow_grpo's timestep_fraction 0.99: all but
+the last of T = 10 steps).
 """
 
 from __future__ import annotations
@@ -42,3 +45,16 @@ def choose_steps(num_samples: int, num_steps: int, k: int, seed: int, *, first: 
     drawn = torch.stack([torch.randperm(rest, generator=generator)[:k - first] for _ in range(num_samples)])
     fixed = torch.arange(first).expand(num_samples, first)
     return torch.cat([fixed, drawn + first], dim=1).sort(dim=1).values
+
+
+def row_weights(advantages: Tensor, *, drop_zero: bool) -> Tensor:
+    """Per trained row [M] fp32, the weight of its loss in the step's mean over rows: all 1, or with
+    ``drop_zero`` 0 for rows whose advantage is exactly 0 and M / M_kept for the rest, so the mean over all M
+    rows is the mean over the kept ones (flow_grpo leaves such images out). Example: advantages (0, 1, -1, 0)
+    -> (0, 2, 2, 0). When every advantage is 0 all weights are 0: the update has no policy signal at all."""
+    weights = torch.ones(len(advantages), dtype=torch.float32)
+    if not drop_zero:
+        return weights
+    keep = (advantages.detach().cpu() != 0).float()
+    kept = int(keep.sum())
+    return keep * (len(advantages) / kept) if kept else keep

@@ -28,6 +28,8 @@ class Schedule(Protocol):
 
     def mean_std(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> tuple[Tensor, Tensor]: ...
 
+    def step_stds(self) -> Tensor: ...
+
 
 @dataclass
 class Trajectory:
@@ -58,6 +60,7 @@ def sample_trajectory(predict: Callable[[Tensor, int], Tensor], schedule: Schedu
     x = latents.float()
     batch = x.shape[0]
     states, logprobs = [x], []
+    stochastic = schedule.step_stds() > 0
     for i in range(schedule.num_steps):
         index = torch.full((batch,), i, dtype=torch.long)
         model_output = predict(x, i)
@@ -66,7 +69,9 @@ def sample_trajectory(predict: Callable[[Tensor, int], Tensor], schedule: Schedu
                              f"latents' shape {tuple(x.shape)}")
         mean, std = schedule.mean_std(x, model_output, index)
         x = draw_transition(mean, std, generators)
-        logprobs.append(gaussian_logprob(x, mean, std, reduction))
+        # A deterministic step (outside the noise window) has no density; 0 stands for "not a policy action"
+        # and such a step is never trained.
+        logprobs.append(gaussian_logprob(x, mean, std, reduction) if stochastic[i] else torch.zeros(batch, device=x.device))
         states.append(x)
     return Trajectory(torch.stack(states, dim=1), torch.stack(logprobs, dim=1))
 

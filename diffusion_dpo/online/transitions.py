@@ -12,10 +12,19 @@ References
                 latent elements in its reference code).
     [Flow-GRPO] Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL", 2025, eq. 9 (the SDE
                 with the marginals of the flow ODE) and its Euler-Maruyama step.
+    [CPS]       Wang & Yu, "Coefficients-Preserving Sampling for Reinforcement Learning with Flow Matching",
+                2025: a step that re-noises the predicted x0 with exactly the noise level the next sigma
+                needs, so no excess noise is left in the images (flow_grpo's sde_type "cps").
+    [MixGRPO] / [Flow-GRPO-Fast]: noise only on a window of the steps (the rest deterministic), and only
+                the window trained; see ``window`` below and :mod:`diffusion_dpo.online.windows`.
 
 Schedules are plain tensors, so nothing here depends on a model family: a schedule says, for each of the
 T steps, what the step does with (x, model_output); ``step_index`` is a long tensor [B] (one step per
 sample, so K different steps per sample can be recomputed in one batch). Shapes: x, model_output [B, ...].
+
+``window`` (bool [T], or None for every step) marks the steps that inject noise; outside it a step is the
+schedule's deterministic one (DDIM with eta 0, the flow Euler step), whose std is 0 and which has no
+log-probability: ``step_stds() > 0`` says which steps can be trained.
 """
 
 from __future__ import annotations
@@ -30,7 +39,18 @@ from diffusion_dpo.errors import InputError
 Tensor = torch.Tensor
 
 REDUCTIONS = ("mean", "sum")
+SDES = ("flow_grpo", "cps")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _window_scale(window: Tensor | None, num_steps: int) -> Tensor:
+    """1.0 on the steps that inject noise, 0.0 on the others: [T] fp32."""
+    if window is None:
+        return torch.ones(num_steps)
+    if window.shape != (num_steps,) or window.dtype != torch.bool:
+        raise InputError(f"window must be a bool tensor [T = {num_steps}], got {window.dtype} "
+                         f"{tuple(window.shape)}")
+    return window.float()
 
 
 def _per_sample(values: Tensor, index: Tensor, like: Tensor) -> Tensor:
@@ -78,8 +98,10 @@ class DDIMSchedule:
     timesteps: Tensor
     eta: float = 1.0
     prediction_type: str = "epsilon"
+    window: Tensor | None = None
 
     def __post_init__(self):
+        _window_scale(self.window, len(self.timesteps))
         if self.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"DDIM prediction_type {self.prediction_type!r} is not one of "
                              f"{PREDICTION_TYPES}")
@@ -113,11 +135,31 @@ class DDIMSchedule:
         """Mean [B, ...] and std [B, 1, ...] of p(x_prev | x_t) for each sample's step, in fp32."""
         alpha_bar = _per_sample(self.alpha_bars, step_index, x)
         alpha_bar_prev = _per_sample(self.alpha_bars_prev, step_index, x)
-        return ddim_transition(x, model_output, alpha_bar, alpha_bar_prev, self.eta, self.prediction_type)
+        eta = self.eta * _per_sample(_window_scale(self.window, self.num_steps), step_index, x)
+        return ddim_transition(x, model_output, alpha_bar, alpha_bar_prev, eta, self.prediction_type)
+
+    def noised(self, x0: Tensor, noise: Tensor, step_index: Tensor) -> Tensor:
+        """The forward process at each sample's step: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        a = _per_sample(self.alpha_bars, step_index, x0)
+        return torch.sqrt(a) * x0.float() + torch.sqrt(1 - a) * noise.float()
+
+    def predicted_x0(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> Tensor:
+        """The x0 a prediction implies at x (linear in it): (x - sqrt(1 - abar) eps) / sqrt(abar), or
+        sqrt(abar) x - sqrt(1 - abar) v for v-prediction."""
+        a = _per_sample(self.alpha_bars, step_index, x)
+        if self.prediction_type == "epsilon":
+            return (x.float() - torch.sqrt(1 - a) * model_output.float()) / torch.sqrt(a)
+        return torch.sqrt(a) * x.float() - torch.sqrt(1 - a) * model_output.float()
+
+    def step_stds(self) -> Tensor:
+        """The std of each step's Gaussian [T] (0: a deterministic step)."""
+        a, a_prev = self.alpha_bars.float(), self.alpha_bars_prev.float()
+        variance = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0)
+        return self.eta * _window_scale(self.window, self.num_steps) * torch.sqrt(variance)
 
 
-def ddim_transition(x: Tensor, model_output: Tensor, alpha_bar: Tensor, alpha_bar_prev: Tensor, eta: float,
-                    prediction_type: str = "epsilon") -> tuple[Tensor, Tensor]:
+def ddim_transition(x: Tensor, model_output: Tensor, alpha_bar: Tensor, alpha_bar_prev: Tensor,
+                    eta: float | Tensor, prediction_type: str = "epsilon") -> tuple[Tensor, Tensor]:
     """The [DDIM] eq. 12 step as a Gaussian: (mean, std) of x_{t-1} given x_t.
 
     x, model_output: [B, ...]; alpha_bar, alpha_bar_prev: abar_t and abar_{t-1}, broadcastable to x.
@@ -169,8 +211,13 @@ class FlowSDESchedule:
     sigmas: Tensor
     timesteps: Tensor
     noise_level: float = 0.7
+    sde: str = "flow_grpo"  # or "cps" ([CPS]: std sigma_next sin(a pi / 2), noise_level being a)
+    window: Tensor | None = None
 
     def __post_init__(self):
+        if self.sde not in SDES:
+            raise InputError(f"flow SDE {self.sde!r} is not one of {SDES}")
+        _window_scale(self.window, len(self.timesteps))
         s = self.sigmas
         if s.ndim != 1 or len(s) < 2 or len(self.timesteps) != len(s) - 1:
             raise InputError(f"flow schedule: sigmas must be [T + 1] and timesteps [T], got "
@@ -200,11 +247,37 @@ class FlowSDESchedule:
         denominator_t = torch.where(t == 1, self.sigmas[1].float(), t)
         return self.noise_level * torch.sqrt(t / (1 - denominator_t))
 
+    def sde_sigma(self, x: Tensor, step_index: Tensor) -> Tensor:
+        """sigma_t of each sample's step, broadcastable to ``x`` (the transition's std without sqrt(|dt|));
+        only the [Flow-GRPO] SDE has one."""
+        if self.sde != "flow_grpo":
+            raise InputError(f"the {self.sde} step has no sigma_t of the Flow-GRPO SDE")
+        return _per_sample(self.sde_sigmas() * _window_scale(self.window, self.num_steps), step_index, x)
+
+    def noised(self, x0: Tensor, noise: Tensor, step_index: Tensor) -> Tensor:
+        """The forward process at each sample's step: (1 - t) x0 + t noise."""
+        t = _per_sample(self.sigmas[:-1], step_index, x0)
+        return (1 - t) * x0.float() + t * noise.float()
+
+    def predicted_x0(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> Tensor:
+        """The x0 a velocity implies at x (linear in it): x - t v."""
+        return x.float() - _per_sample(self.sigmas[:-1], step_index, x) * model_output.float()
+
+    def step_stds(self) -> Tensor:
+        """The std of each step's Gaussian [T] (0: a deterministic step, e.g. outside the window, or CPS's
+        last step onto sigma 0)."""
+        scale = _window_scale(self.window, self.num_steps)
+        if self.sde == "cps":
+            return scale * self.sigmas[1:].float() * math.sin(self.noise_level * math.pi / 2)
+        return scale * self.sde_sigmas() * torch.sqrt(self.sigmas[:-1].float() - self.sigmas[1:].float())
+
     def mean_std(self, x: Tensor, model_output: Tensor, step_index: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [B, ...] and std [B, 1, ...] of p(x_{t+dt} | x_t) for each sample's step, in fp32."""
-        return flow_sde_transition(x, model_output, _per_sample(self.sigmas[:-1], step_index, x),
-                                   _per_sample(self.sigmas[1:], step_index, x),
-                                   _per_sample(self.sde_sigmas(), step_index, x))
+        t, t_next = _per_sample(self.sigmas[:-1], step_index, x), _per_sample(self.sigmas[1:], step_index, x)
+        scale = _per_sample(_window_scale(self.window, self.num_steps), step_index, x)
+        if self.sde == "cps":
+            return cps_transition(x, model_output, t, t_next, scale * self.noise_level)
+        return flow_sde_transition(x, model_output, t, t_next, scale * _per_sample(self.sde_sigmas(), step_index, x))
 
 
 def flow_sde_transition(x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, sde_sigma: Tensor
@@ -222,6 +295,27 @@ def flow_sde_transition(x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, 
     t, dt, sde_sigma = t.float(), (t_next - t).float(), sde_sigma.float()
     mean = x + (v + sde_sigma**2 / (2 * t) * (x + (1 - t) * v)) * dt
     return mean, sde_sigma * torch.sqrt(-dt)
+
+
+def cps_transition(x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, noise_level: Tensor | float
+                   ) -> tuple[Tensor, Tensor]:
+    """One [CPS] step as a Gaussian: (mean, std) of x at t_next, from x at t and the predicted velocity.
+
+        x0_hat = x - t v,   noise_hat = x + (1 - t) v         (the flow's x = (1 - t) x0 + t noise, v = noise - x0)
+        std    = t_next sin(a pi / 2)
+        mean   = (1 - t_next) x0_hat + sqrt(t_next^2 - std^2) noise_hat
+    so the sample is (1 - t_next) x0_hat + t_next * (unit-variance noise) exactly: the noise mixes the
+    predicted noise with fresh noise without changing its level. a = 0 gives the Euler step x + v (t_next - t);
+    t_next = 0 gives std 0 (the last step is deterministic). Returns (mean, std) in fp32. Unlike flow_grpo's
+    code, which keeps only -(x - mean)^2 as the log-prob, the caller evaluates the full Gaussian, so the PPO
+    ratio has the same meaning as under the other SDE.
+    """
+    x, v = x.float(), velocity.float()
+    t, t_next = t.float(), t_next.float()
+    std = t_next * torch.sin(torch.as_tensor(noise_level, dtype=torch.float32) * math.pi / 2)
+    x0, noise = x - t * v, x + (1 - t) * v
+    mean = (1 - t_next) * x0 + torch.sqrt((t_next**2 - std**2).clamp(min=0)) * noise
+    return mean, std
 
 
 def flow_sde_logprob(x_next: Tensor, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor,

@@ -41,13 +41,13 @@ from diffusion_dpo.config import PreferenceLossSection, parse_args
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.online.advantages import group_advantages
 from diffusion_dpo.online.monitors import batch_means, image_statistics
-from diffusion_dpo.online.objective import gaussian_mean_kl, grpo_transition_loss, policy_metrics
+from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics, transition_kl
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
-from diffusion_dpo.online.step_choice import choose_steps
+from diffusion_dpo.online.step_choice import choose_steps, row_weights
 from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
+from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.recipes.train import TINY, dpo_objective
@@ -121,8 +121,8 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
     latent_hw = (side // factor, side // factor)
     s = cfg.sampling
     schedule = sampling_schedule(comps, num_inference_steps=s.num_inference_steps, eta=s.eta,
-                                 noise_level=s.noise_level, latent_hw=latent_hw)
-    return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, NoiseConfig()),
+                                 noise_level=s.noise_level, latent_hw=latent_hw, sde=s.sde)
+    return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, cfg.noise),
                  schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
 
 
@@ -131,7 +131,7 @@ def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, dtype: torch.dty
     neither the method nor the KL needs one."""
     if not cfg.needs_reference():
         return None
-    if cfg.online.reference == "copy":
+    if cfg.reference_kind() == "copy":
         if cfg.method == "online_dpo":  # a copy that ref_refresh_every moves to the policy
             return FrozenCopy.of(denoiser)
         return FrozenCopy(models.frozen_copy(denoiser, dtype))
@@ -146,6 +146,11 @@ def refresh_reference(built: Built) -> None:
         built.reference.refresh()
     else:
         built.reference.module.load_state_dict(built.policy.state_dict())
+
+
+def guidance_scale(cfg: GrpoConfig, built: Built) -> float:
+    """sampling.guidance_scale, or the family's when null: one value for rollout, update and evaluation."""
+    return cfg.sampling.guidance_scale or built.comps.family.online_guidance_scale
 
 
 def load_reward(cfg: GrpoConfig, device):
@@ -177,21 +182,35 @@ class Samples:
     prompts: list[str]  # [P]
     cond: Conditioning  # per image [N, ...]
     trajectory: Trajectory  # latents [N, T + 1, C, h, w], log-probs [N, T] under the sampling policy
+    schedule: Any  # this step's sampler: the run's schedule with this step's SDE window
     rewards: Tensor  # [N] fp32
     advantages: Tensor  # [N] fp32, clipped
     zero_spread_groups: int
     images: Tensor  # [N, 3, H, W] in [0, 1], on the CPU
 
 
+def step_schedule(cfg: GrpoConfig, schedule, step: int):
+    """The sampler of sampling step ``step``: noise on every step, or only on this step's SDE window (the
+    same on every process, drawn from the run seed and the step)."""
+    o = cfg.online
+    if not o.sde_window_size:
+        return schedule
+    start = window_start(o.sde_window, step, size=o.sde_window_size, eligible=cfg.eligible_steps(),
+                         start=o.sde_window_start, stride=o.sde_window_stride, shift_every=o.sde_window_shift_every,
+                         seed=cfg.optim.seed)
+    return dataclasses.replace(schedule, window=window_mask(schedule.num_steps, start, o.sde_window_size))
+
+
 def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list[str], step: int) -> Samples:
     """Sample G images per prompt with the current policy, score them once each, and normalise the rewards."""
     g = cfg.online.group_size
-    cond = Conditioning.of(built.comps, prompts, guidance_scale=cfg.sampling.guidance_scale, size=built.size,
+    cond = Conditioning.of(built.comps, prompts, guidance_scale=guidance_scale(cfg, built), size=built.size,
                            repeat=g)
     seeds = stream_seeds(cfg.optim.seed, step, engine.rank, IMAGES, len(prompts) * g)
+    schedule = step_schedule(cfg, built.schedule, step)
     with torch.no_grad(), engine.accelerator.autocast():
-        predict = guided_predict(built.comps.family, built.policy, built.schedule, cond)
-        roll = rollout(predict, built.schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
+        predict = guided_predict(built.comps.family, built.policy, schedule, cond)
+        roll = rollout(predict, schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
     images = roll.images.cpu()
     per_image = [p for p in prompts for _ in range(g)]
     rewards = scorer.score(images, per_image).float().to(engine.device)
@@ -199,11 +218,15 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
         every = engine.accelerator.gather(rewards)
         adv = group_advantages(every, [], scope="batch")
         values = adv.values.view(engine.world, -1)[engine.rank]
-    else:
-        adv = group_advantages(rewards, [i // g for i in range(len(per_image))])
+    else:  # per prompt group; group_batch_std divides by the std of every process's rewards
+        batch_std = None
+        if cfg.online.advantage_scope == "group_batch_std":
+            batch_std = float(engine.accelerator.gather(rewards).float().std(unbiased=False))
+        adv = group_advantages(rewards, [i // g for i in range(len(per_image))], scope=cfg.online.advantage_scope,
+                               batch_std=batch_std)
         values = adv.values
     clip = cfg.online.advantage_clip
-    return Samples(prompts, cond, roll.trajectory, rewards,
+    return Samples(prompts, cond, roll.trajectory, schedule, rewards,
                    values.clamp(-clip, clip), adv.zero_spread_groups, images)
 
 
@@ -212,35 +235,43 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
 def grpo_rows(cfg: GrpoConfig, samples: Samples, step: int, rank: int) -> dict[str, Tensor]:
     """The K chosen transitions of every image as flat rows [N * K]: latents, next latents, old log-probs,
     step index, image index, advantage."""
-    n, t = samples.trajectory.logprobs.shape
+    n = samples.trajectory.logprobs.shape[0]
     seed = stream_seeds(cfg.optim.seed, step, rank, CHOICE, 1)[0]
-    steps = choose_steps(n, t, cfg.num_train_steps(), seed, first=cfg.online.first_steps)
+    # the stochastic steps among the trainable first ones: all of them, or this step's window
+    candidates = torch.nonzero(samples.schedule.step_stds()[:cfg.eligible_steps()] > 0).flatten()
+    k = cfg.num_train_steps()
+    if len(candidates) < k:
+        raise InputError(f"online.train_steps = {k} but only {len(candidates)} of the first "
+                         f"{cfg.eligible_steps()} steps inject noise (the others have no log-probability)")
+    steps = candidates[choose_steps(n, len(candidates), k, seed, first=cfg.online.first_steps)]
     latents, next_latents, old = gather_steps(samples.trajectory, steps)
     image = torch.arange(n).repeat_interleave(steps.shape[1])
+    advantages = samples.advantages[image.to(samples.advantages.device)]
     return {"latents": latents, "next_latents": next_latents, "old_logprobs": old,
-            "step_index": steps.flatten(), "image": image, "advantages": samples.advantages[image.to(
-                samples.advantages.device)]}
+            "step_index": steps.flatten(), "image": image, "advantages": advantages,
+            "weights": row_weights(advantages, drop_zero=cfg.online.drop_zero_advantage)}
 
 
 def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict[str, Tensor],
               index: Tensor) -> StepOutput:
     """The clipped ratio loss plus kl_coef x KL of the transitions ``index`` (long [M]) of ``rows``."""
-    family, schedule, o = built.comps.family, built.schedule, cfg.online
+    family, schedule, o = built.comps.family, samples.schedule, cfg.online
     reduction = cfg.sampling.logprob_reduction
     x, x_next = rows["latents"][index], rows["next_latents"][index]
     step_index = rows["step_index"][index]
     cond = samples.cond.rows(rows["image"][index])
-    out = guided_predict(family, model, schedule, cond)(x, step_index)
+    out = guided_predict(family, model, schedule, cond, detach_uncond=o.detach_uncond)(x, step_index)
     new = transition_logprob(schedule, x, x_next, out, step_index, reduction=reduction)
     old = rows["old_logprobs"][index].to(new.logprob.device)
     kl = torch.zeros_like(new.logprob)
     if o.kl_coef > 0:
         with torch.no_grad(), built.reference.model() as ref_model:
             ref_out = guided_predict(family, ref_model, schedule, cond)(x, step_index)
-        ref_mean, _ = schedule.mean_std(x.float(), ref_out, step_index.cpu())
-        kl = gaussian_mean_kl(new.mean, ref_mean, new.std, reduction)
+        kl = transition_kl(schedule, x, new.mean, ref_out, step_index, reduction=reduction,
+                           convention=o.kl_convention)
     losses, clipped = grpo_transition_loss(new.logprob, old, rows["advantages"][index], kl,
                                            clip_range=o.clip_range, kl_coef=o.kl_coef)
+    losses = losses * rows["weights"][index].to(losses.device)
     metrics = policy_metrics(new.logprob, old, clipped) | {
         "kl": kl.detach(), "ratio": torch.exp(new.logprob.detach() - old)}
     return StepOutput(losses, metrics, units=len(index))
@@ -267,7 +298,8 @@ def online_dpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, pair
     x = PairInputs(final[best], final[worst], noise.noise, noise.timesteps, text, image)
     is_tie = samples.rewards[best] == samples.rewards[worst]
     return dpo_objective(model, built.reference, x, is_tie, built.noise,
-                         PreferenceLossSection(beta=cfg.online.beta_dpo), built.comps.family.forward)
+                         PreferenceLossSection(beta=cfg.online.beta_dpo or built.comps.family.dpo_beta),
+                         built.comps.family.forward)
 
 
 def make_update(cfg: GrpoConfig, engine: Engine, built: Built, model, samples: Samples, step: int):
@@ -347,7 +379,7 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
         scorer_options={name: dict(cfg.scorer.options)},
         sampling=SamplingSection(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
-                                         guidance_scale=cfg.sampling.guidance_scale, height=built.size[0],
+                                         guidance_scale=guidance_scale(cfg, built), height=built.size[0],
                                          width=built.size[1]),
         batch_size=e.batch_size, n_boot=e.n_boot, grid_prompts=e.grid_prompts, output_dir=str(folder),
         resume="auto", mixed_precision=cfg.mixed_precision), desc=f"eval {label}")

@@ -15,6 +15,7 @@ from diffusion_dpo.config import (
     option,
     positive,
 )
+from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.recipes.label import ScorerConfig
 from diffusion_dpo.recipes.train import ModelConfig
 
@@ -31,9 +32,11 @@ class PromptsSection:
 class StochasticSamplingSection:
     num_inference_steps: int = option(10, "T: stochastic denoising steps per image (every one is recorded)",
                                       at_least_one, "at least 1")
-    guidance_scale: float = option(4.5, "classifier-free guidance scale, the same when sampling and when "
-                                   "recomputing log-probs (1: no guidance; FLUX.1-dev embeds its guidance and "
-                                   "wants 1)", lambda v: v >= 1, "at least 1")
+    guidance_scale: Optional[float] = option(
+        None, "guidance when sampling, recomputing log-probs and evaluating (null: the family's: 4.5, Flow-GRPO's "
+        "SD3.5 setting, for SD1.x/2.x, SDXL and SD3; 3.5 for FLUX.1). Classifier-free for SD and SD3 (1: none); "
+        "FLUX.1-dev embeds it in the transformer with no unconditional pass, as FluxPipeline does",
+        lambda v: v is None or v >= 1, "null or at least 1")
     eta: float = option(1.0, "DDPM families (SD1.x/2.x, SDXL): DDIM eta of the stochastic sampler (DDPO: 1.0)",
                         positive, "a positive number")
     noise_level: float = option(0.7, "flow families (SD3, FLUX.1): the SDE's a in sigma_t = a sqrt(t / (1 - "
@@ -41,6 +44,10 @@ class StochasticSamplingSection:
     resolution: Optional[int] = option(None, "image side in px (null: the denoiser's sample_size x the VAE's "
                                        "downsampling, the native size: 1024 for SD3.5-M; Flow-GRPO's SD3.5 "
                                        "runs use 512)", lambda v: v is None or v >= 8, "null or at least 8")
+    sde: Literal["flow_grpo", "cps"] = option(
+        "flow_grpo", "flow families: the stochastic step, flow_grpo (the Flow-GRPO SDE, std sigma_t sqrt(|dt|)) or "
+        "cps (coefficients-preserving: re-noises the predicted x0 to exactly the next sigma, std sigma_next "
+        "sin(noise_level pi/2); its last step is deterministic and never trained)")
     logprob_reduction: Literal["mean", "sum"] = option(
         "mean", "a transition's log-prob over the latent elements: mean (DDPO's and Flow-GRPO's; the clip "
         "range does not depend on the image size) or sum")
@@ -54,6 +61,18 @@ class OnlineSection:
                              "at least 2")
     train_steps: Optional[int] = option(None, "K: transitions trained per image, drawn per image from the T "
                                         "(null: all T)", lambda v: v is None or v >= 1, "null or at least 1")
+    sde_window_size: int = option(
+        0, "noise, and training, only on a window of this many consecutive steps, the others deterministic (the "
+        "ODE / eta 0); 0: every step is stochastic (Flow-GRPO, DDPO). Flow-GRPO-Fast: 1-2; MixGRPO: 4",
+        non_negative, "0 or more steps")
+    sde_window: Literal["random", "sliding", "fixed"] = option(
+        "random", "where the window lies each step: random (Flow-GRPO-Fast), sliding from sde_window_start by "
+        "sde_window_stride every sde_window_shift_every steps, wrapping (MixGRPO), or fixed at sde_window_start")
+    sde_window_start: int = option(0, "first step of a fixed window, or where a sliding one starts", non_negative,
+                                   "0 or more")
+    sde_window_stride: int = option(1, "sliding window: steps it moves each shift", at_least_one, "at least 1")
+    sde_window_shift_every: int = option(1, "sliding window: sampling steps between shifts", at_least_one,
+                                         "at least 1")
     first_steps: int = option(0, "of the K, always train the first (noisiest) this many", non_negative,
                               "0 or more")
     inner_epochs: int = option(1, "optimizer steps on each step's samples (PPO epochs)", at_least_one,
@@ -62,21 +81,41 @@ class OnlineSection:
                                     "this many equal parts (DDPO's batches per epoch)", at_least_one, "at least 1")
     clip_range: float = option(1e-4, "GRPO: PPO clip range of the importance ratio (DDPO: 1e-4)", positive,
                                "a positive number")
-    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (0.04 as in the "
-                            "Flow-GRPO paper; its PickScore config uses 0.01; 0 "
-                            "skips the reference forward)", non_negative, "0 or more")
-    advantage_scope: Literal["group", "batch"] = option(
-        "group", "normalise rewards within each prompt's group (GRPO) or over the whole batch of all processes")
+    kl_coef: float = option(0.04, "GRPO: weight of the per-transition KL to the reference (0 skips the reference "
+                            "forward). Flow-GRPO's paper gives 0.04 (its PickScore config 0.01) with its code's "
+                            "KL, which is online.kl_convention=flow_grpo_code; with the default paper convention "
+                            "the same value weighs the KL 1/|dt| times more (3.7-112x at SD3.5, T=10)",
+                            non_negative, "0 or more")
+    kl_convention: Literal["paper", "flow_grpo_code"] = option(
+        "paper", "GRPO's KL to the reference: paper = the exact KL of the two Gaussian SDE steps (mean "
+        "difference over sigma_t^2 |dt|); flow_grpo_code = over sigma_t^2, as flow_grpo's script computes it "
+        "(flow families only)")
+    advantage_scope: Literal["group", "batch", "group_batch_std"] = option(
+        "group", "group: normalise rewards within each prompt's group (GRPO); batch: over the whole batch of all "
+        "processes; group_batch_std: the group's mean over the std of the whole batch + 1e-4 (flow_grpo's code; "
+        "a near-tied group keeps small advantages)")
     advantage_clip: float = option(5.0, "clip advantages to [-c, c] (DDPO: 5)", positive, "a positive number")
-    beta_dpo: float = option(5000.0, "online_dpo: Diffusion-DPO beta (the paper's scale)", positive,
-                             "a positive number")
+    beta_dpo: Optional[float] = option(
+        None, "online_dpo: Diffusion-DPO beta, on the paper's scale (null: the family's: 5000 for SD1.x/2.x and "
+        "SDXL as the paper; 100 for SD3 and FLUX as flow_grpo's DPO script)", lambda v: v is None or v > 0,
+        "null or a positive number")
+    trained_fraction: float = option(
+        1.0, "grpo: draw the trained transitions from the first floor(fraction x T) steps only (flow_grpo: 0.99, "
+        "which at T = 10 leaves out the last, nearly noiseless step)", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+    drop_zero_advantage: bool = option(
+        False, "grpo: leave images whose advantage is exactly 0 (a group with equal rewards) out of the update's "
+        "mean, as flow_grpo's script does (false: they stay in it and add only their KL)")
+    detach_uncond: bool = option(
+        False, "grpo: no gradient through the unconditional branch of classifier-free guidance in the update "
+        "(flow_grpo detaches it; DDPO does not). The rollout runs without gradients either way")
     ref_refresh_every: int = option(0, "online_dpo: copy the policy into the reference every N steps (0: "
                                     "never; the reference stays the starting policy)", non_negative,
                                     "0 or more")
-    reference: Literal["adapter", "copy"] = option(
-        "adapter", "the reference of online_dpo and of grpo's KL: adapter (LoRA only): the policy with its adapter "
+    reference: Optional[Literal["adapter", "copy"]] = option(
+        None, "the reference of online_dpo and of grpo's KL: adapter (LoRA only): the policy with its adapter "
         "switched off, or, with online_dpo refreshes, a second frozen adapter on the same base (no second copy "
-        "of the denoiser: saves its size in memory); copy: a frozen full copy of the starting denoiser")
+        "of the denoiser: saves its size in memory); copy: a frozen full copy of the starting denoiser; null: "
+        "adapter with LoRA, copy for a full fine-tune")
 
 
 @dataclass
@@ -108,6 +147,8 @@ class GrpoConfig(TrainingRunOptions):
     scorer: ScorerConfig = option(ScorerConfig, "the reward: a registry scorer or a weighted combo")
     sampling: StochasticSamplingSection = option(StochasticSamplingSection, "the stochastic sampler")
     online: OnlineSection = option(OnlineSection, "group size, trained transitions, GRPO and online DPO settings")
+    noise: NoiseConfig = option(NoiseConfig, "online_dpo: the time draw of its Diffusion-DPO loss on flow families "
+                                "(as train's; flow_grpo's DPO draws noise.timestep_sampling=logit_normal)")
     optim: OptimSection = option(
         OptimSection(learning_rate=3e-4, scheduler="constant", warmup_steps=0, batch_size=8, max_steps=100),
         "optimizer; batch_size is the micro-batch in transitions (grpo) or pairs (online_dpo), max_steps counts "
@@ -119,7 +160,13 @@ class GrpoConfig(TrainingRunOptions):
                                    non_negative, "0 (never) or a positive number of steps")
 
     def num_train_steps(self) -> int:
-        return self.online.train_steps or self.sampling.num_inference_steps
+        return self.online.train_steps or self.online.sde_window_size or self.eligible_steps()
+
+    def eligible_steps(self) -> int:
+        """The first steps of the T the trained transitions (and any window) are drawn from: the trained
+        fraction, less CPS's deterministic last step."""
+        t = self.sampling.num_inference_steps
+        return min(int(self.online.trained_fraction * t + 1e-9), t - 1 if self.sampling.sde == "cps" else t)
 
     def optimizer_steps_per_step(self) -> int:
         return self.online.inner_epochs * self.online.updates_per_epoch
@@ -135,13 +182,17 @@ class GrpoConfig(TrainingRunOptions):
             return o.prompts_per_step
         return o.prompts_per_step * o.group_size * self.num_train_steps()
 
+    def reference_kind(self) -> str:
+        """online.reference, or when null: adapter with LoRA, copy for a full fine-tune."""
+        return self.online.reference or ("adapter" if self.model.lora_rank > 0 else "copy")
+
     def needs_reference(self) -> bool:
         """online_dpo's loss always has a reference; grpo's only through its KL term."""
         return self.method == "online_dpo" or self.online.kl_coef > 0
 
     def check(self) -> None:
         o = self.online
-        if o.reference == "adapter" and self.model.lora_rank == 0 and self.needs_reference():
+        if self.reference_kind() == "adapter" and self.model.lora_rank == 0 and self.needs_reference():
             raise ConfigError("config key 'online.reference': a full fine-tune (model.lora_rank = 0) has no "
                               "adapter to switch off; expected online.reference=copy (a frozen full copy of the "
                               "denoiser) or model.lora_rank > 0, got 'adapter'")
@@ -151,9 +202,20 @@ class GrpoConfig(TrainingRunOptions):
             raise ConfigError("config key 'optim.gradient_accumulation_steps': expected 1 (each optimizer step "
                               "accumulates over all of a step's rows in micro-batches of optim.batch_size), got "
                               f"{self.optim.gradient_accumulation_steps}")
-        if self.num_train_steps() > self.sampling.num_inference_steps:
-            raise ConfigError(f"config key 'online.train_steps': expected at most sampling.num_inference_steps "
-                              f"= {self.sampling.num_inference_steps}, got {o.train_steps}")
+        if self.eligible_steps() < 1:
+            raise ConfigError(f"config key 'online.trained_fraction': {o.trained_fraction} of "
+                              f"sampling.num_inference_steps = {self.sampling.num_inference_steps} leaves no step "
+                              "to train; expected at least 1 / T")
+        if o.sde_window_size and o.sde_window_start + o.sde_window_size > self.eligible_steps():
+            raise ConfigError(f"config keys 'online.sde_window_start' / 'online.sde_window_size': a window of "
+                              f"{o.sde_window_size} from step {o.sde_window_start} does not fit the "
+                              f"{self.eligible_steps()} trainable steps (trained_fraction x T, less CPS's last)")
+        if o.sde_window_size and self.num_train_steps() > o.sde_window_size:
+            raise ConfigError(f"config key 'online.train_steps': expected at most online.sde_window_size = "
+                              f"{o.sde_window_size} (only the window's steps are stochastic), got {o.train_steps}")
+        if self.num_train_steps() > self.eligible_steps():
+            raise ConfigError(f"config key 'online.train_steps': expected at most online.trained_fraction x "
+                              f"sampling.num_inference_steps = {self.eligible_steps()}, got {o.train_steps}")
         if o.first_steps > self.num_train_steps():
             raise ConfigError(f"config key 'online.first_steps': expected at most online.train_steps = "
                               f"{self.num_train_steps()}, got {o.first_steps}")
