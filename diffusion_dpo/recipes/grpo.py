@@ -130,7 +130,7 @@ def load_reward(cfg: GrpoConfig, device):
     """The scorer, loaded once (device defaults to this process's)."""
     import scorers
 
-    options = {"device": str(device)} | dict(cfg.scorer.options)
+    options = {"device": str(device)} | cfg.scorer.load_options()
     try:
         return scorers.load_scorer(cfg.scorer.name, **options)
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
@@ -317,7 +317,7 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
         model=PipelineSection(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
                                    denoiser=None if built.is_lora else str(weights)),
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
-        scorer_options={name: dict(cfg.scorer.options)},
+        scorer_options={name: cfg.scorer.load_options()},
         sampling=SamplingSection(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
                                          guidance_scale=cfg.sampling.guidance_scale, height=built.size[0],
                                          width=built.size[1]),
