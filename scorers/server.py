@@ -145,9 +145,10 @@ class Batcher:
             batch, count = [first], len(first.images)
             deadline = time.monotonic() + self.max_wait_s
             stop = False
-            while count < self.batch_size and (left := deadline - time.monotonic()) > 0:
-                try:
-                    job = self.jobs.get(timeout=left)
+            while count < self.batch_size:
+                left = deadline - time.monotonic()
+                try:  # what is queued already joins even after the wait is over
+                    job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
