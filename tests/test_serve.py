@@ -15,8 +15,11 @@ import torch
 from PIL import Image
 from run_files import metrics, same, weights
 
+from diffusion_dpo import cli
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError, RunError
+from diffusion_dpo.labeling.scoring import ScorerConfig, scorer_identity
+from diffusion_dpo.labeling.scoring import load_scorer as load_scorer_section
 from diffusion_dpo.recipes import grpo
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.recipes.serve import ServeConfig, build_server
@@ -149,6 +152,10 @@ def test_a_corrupt_image_is_a_400_naming_it_and_the_server_goes_on(served):
     status, answer = post(served.url, json.dumps({"images": [good, "%%%"]}).encode())
     assert status == 400 and answer["error"].startswith("image 1 is not valid base64")
     assert post(served.url, b"not json")[0] == 400
+    jpeg = io.BytesIO()
+    images(1, 5)[0].save(jpeg, format="JPEG", quality=80)
+    status, answer = post(served.url, json.dumps({"images": [base64.b64encode(jpeg.getvalue()).decode()]}).encode())
+    assert status == 200 and answer["scores"] == load_scorer("brightness").score(Image.open(jpeg)).tolist()
     status, answer = post(served.url, json.dumps({"images": [good]}).encode())
     assert status == 200 and answer["scores"] == load_scorer("brightness").score(images(1, 0)).tolist()
 
@@ -186,6 +193,29 @@ def test_serve_config_refuses_an_open_server_on_the_network(monkeypatch):
         assert server.info()["options"] == {"quality": 90} and server.token is None
     finally:
         server.close()
+
+
+def test_score_and_label_take_scorer_url_and_token(served, tmp_path, capsys):
+    """`score scorer.name=remote scorer.url=... scorer.token=...` prints the in-process scores; the url and
+    token are not part of what a label run's scores mean (a resume may name another server)."""
+    path = tmp_path / "a.png"
+    images(1, 3)[0].save(path)
+    assert cli.main(["score", "scorer.name=remote", f"scorer.url={served.url}", f"scorer.token={TOKEN}",
+                     str(path)]) == 0
+    expected = load_scorer("brightness").score(Image.open(path)).item()
+    assert capsys.readouterr().out == f"{path}\t{expected:.6f}\n"
+    section = ScorerConfig(name="remote", options={"timeout": 5, "quality": 1}, url=served.url, token=TOKEN)
+    assert scorer_identity(section) == {"name": "remote", "options": {"quality": 1}}
+    section.options = {"timeout": 5}
+    assert load_scorer_section(section, None).url == served.url
+    section.options = {"quality": 1}
+    with pytest.raises(InputError, match="quality") as refused:
+        load_scorer_section(section, None)
+    assert TOKEN not in str(refused.value)  # the token is never printed
+    with pytest.raises(InputError, match="both given"):
+        ScorerConfig(name="remote", options={"url": served.url}, url=served.url).load_options()
+    assert cli.main(["score", "scorer.name=brightness", f"scorer.url={served.url}", str(path)]) == 2
+    assert "are for scorer.name=remote" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- grpo

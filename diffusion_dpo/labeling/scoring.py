@@ -78,7 +78,12 @@ def load_scorer(section: ScorerConfig, device):
     except InputError as e:
         raise InputError(command_line_keys(str(e), section.name)) from None
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
-        raise InputError(f"cannot load scorer {section.name!r} with options {options}: {e}") from None
+        raise InputError(f"cannot load scorer {section.name!r} with options {shown(options)}: {e}") from None
+
+
+def shown(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as an error message may print them: a remote scorer's token masked."""
+    return {k: "***" if k == "token" and v else v for k, v in options.items()}
 
 
 def command_line_keys(message: str, name: str) -> str:

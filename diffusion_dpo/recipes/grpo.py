@@ -39,6 +39,7 @@ from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import NoiseConfig
+from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.online.advantages import group_advantages
 from diffusion_dpo.online.monitors import batch_means, image_statistics
 from diffusion_dpo.online.objective import gaussian_mean_kl, grpo_transition_loss, policy_metrics
@@ -134,7 +135,7 @@ def load_reward(cfg: GrpoConfig, device):
     try:
         return scorers.load_scorer(cfg.scorer.name, **options)
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
-        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {options}: {e}") from None
+        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {shown(options)}: {e}") from None
 
 
 def load_prompt_texts(cfg: GrpoConfig) -> list[str]:

@@ -6,20 +6,22 @@
 The server (scorers.server) batches the images of concurrent requests into one scorer call (``batch_size``
 images, waiting at most ``max_wait_ms`` for them), checks the bearer ``token``, refuses a body over
 ``max_request_mb`` with 413 and a corrupt image with 400 naming its index, and keeps serving. Endpoints:
-GET /health, GET /info, POST /score (docs/score.md, "Serving a scorer"). Ctrl-C stops it.
+GET /health, GET /info, POST /score (docs/score.md, "Serving a scorer"). Ctrl-C or SIGTERM stops it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
 from diffusion_dpo.config import option, parse_args
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.labeling.scoring import ScorerConfig, command_line_keys, scorer_options
+from diffusion_dpo.labeling.scoring import ScorerConfig, command_line_keys, scorer_options, shown
 
 TOKEN_VARIABLE = "DIFFUSION_DPO_SCORER_TOKEN"
 
@@ -73,15 +75,21 @@ def build_server(cfg: ServeConfig):
     except InputError as e:
         raise InputError(command_line_keys(str(e), cfg.scorer.name)) from None
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
-        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {options}: {e}") from None
+        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {shown(options)}: {e}") from None
     return ScoreServer(scorer, host=cfg.host, port=cfg.port, token=token, batch_size=cfg.batch_size,
                        max_wait_ms=cfg.max_wait_ms, max_request_mb=cfg.max_request_mb,
                        options=dict(cfg.scorer.options), verbose=cfg.verbose)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a job scheduler) stops the server as Ctrl-C does
+
+
 def run(cfg: ServeConfig) -> None:
-    """Serve until Ctrl-C; the first line printed names the url."""
+    """Serve until Ctrl-C or SIGTERM; the first line printed names the url."""
     server = build_server(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     access = "a bearer token" if server.token else "no token"
     print(f"serving {server.scorer.name} at {server.url} (needs {access}; batch_size {cfg.batch_size}, "
           f"max_request_mb {cfg.max_request_mb:g}); Ctrl-C stops", flush=True)
