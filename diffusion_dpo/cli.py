@@ -37,6 +37,7 @@ COMMANDS: Table = {
     "label": ("diffusion_dpo.recipes.label", "AI-feedback labeling: generate candidates, score, write pairs"),
     "evaluate": ("diffusion_dpo.recipes.evaluate", "tuned vs base on HPSv2-style prompts, per style"),
     "grpo": ("diffusion_dpo.recipes.grpo", "online reward tuning against a scorer: GRPO or online DPO"),
+    "serve": ("diffusion_dpo.recipes.serve", "a scorer behind HTTP, for scorer.name=remote elsewhere"),
     "demo": ("diffusion_dpo.recipes.demo", "the whole loop offline on a tiny world: label, train, evaluate"),
     "llm": (LLM_METHODS, "language-model paths: sft, reward, dpo, ppo"),
 }
@@ -46,6 +47,7 @@ TRACEBACK_VARIABLE = "DIFFUSION_DPO_TRACEBACK"
 # continues from its last complete state.
 INTERRUPT_HINTS = {
     "score": "",
+    "serve": "",
     "llm ppo": "; PPO keeps no checkpoints: start it again (overwrite=true replaces the folder)",
 }
 

@@ -2,11 +2,8 @@
 was expected) without a traceback; anything else is a bug and keeps its traceback.
 
 ``InputError`` is defined in ``scorers.errors`` (the scorers import nothing of the trainer) and is the same
-class here, so one ``except InputError`` catches it from either package."""
+class here, so one ``except InputError`` catches it from either package; so is ``RunError`` (a run that had
+to stop, e.g. a scoring server that stopped answering)."""
 
 from scorers.errors import InputError as InputError
-
-
-class RunError(RuntimeError):
-    """A run that had to stop for a reason its message gives (e.g. a loss that stayed NaN); the last good
-    state it wrote stays usable. The CLI prints the message without a traceback and exits with 1."""
+from scorers.errors import RunError as RunError

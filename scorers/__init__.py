@@ -26,6 +26,8 @@ REGISTRY: dict[str, str] = {
     "brightness": "scorers.brightness:Brightness",
     "combo": "scorers.combo:Combo",
     "shapes": "scorers.shapes:ShapesScorer",
+    # a scorer served over HTTP by `diffusion-dpo serve` (scorers.server)
+    "remote": "scorers.remote:RemoteScorer",
 }
 
 

@@ -27,6 +27,7 @@ CONFIGS = {
     ("evaluate",): ("diffusion_dpo.recipes.evaluate", "EvaluateConfig"),
     ("grpo",): ("diffusion_dpo.recipes.grpo", "GrpoConfig"),
     ("demo",): ("diffusion_dpo.recipes.demo", "DemoConfig"),
+    ("serve",): ("diffusion_dpo.recipes.serve", "ServeConfig"),
     ("llm", "sft"): ("diffusion_dpo.recipes.llm_sft", "SFTConfig"),
     ("llm", "reward"): ("diffusion_dpo.recipes.llm_reward", "RewardConfig"),
     ("llm", "dpo"): ("diffusion_dpo.recipes.llm_dpo", "DPOConfig"),

@@ -41,6 +41,7 @@ from diffusion_dpo.config import PreferenceLossSection, parse_args
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.online.advantages import group_advantages
 from diffusion_dpo.online.monitors import batch_means, image_statistics
 from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics, transition_kl
@@ -157,11 +158,11 @@ def load_reward(cfg: GrpoConfig, device):
     """The scorer, loaded once (device defaults to this process's)."""
     import scorers
 
-    options = {"device": str(device)} | dict(cfg.scorer.options)
+    options = {"device": str(device)} | cfg.scorer.load_options()
     try:
         return scorers.load_scorer(cfg.scorer.name, **options)
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
-        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {options}: {e}") from None
+        raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {shown(options)}: {e}") from None
 
 
 def load_prompt_texts(cfg: GrpoConfig) -> list[str]:
@@ -377,7 +378,7 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
         model=PipelineSection(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
                                    denoiser=None if built.is_lora else str(weights)),
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],
-        scorer_options={name: dict(cfg.scorer.options)},
+        scorer_options={name: cfg.scorer.load_options()},
         sampling=SamplingSection(num_inference_steps=e.num_inference_steps or cfg.sampling.num_inference_steps,
                                          guidance_scale=guidance_scale(cfg, built), height=built.size[0],
                                          width=built.size[1]),
