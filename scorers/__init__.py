@@ -26,6 +26,8 @@ REGISTRY: dict[str, str] = {
     "brightness": "scorers.brightness:Brightness",
     "combo": "scorers.combo:Combo",
     "shapes": "scorers.shapes:ShapesScorer",
+    "imagereward": "scorers.imagereward:ImageReward",
+    "ocr": "scorers.ocr:OCRScore",
 }
 
 

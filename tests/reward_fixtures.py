@@ -1,0 +1,66 @@
+"""Deterministic tiny inputs for the reward-model parity tests, shared with the script that produced the
+reference numbers (scripts/imagereward_reference.py, run against the `image-reward` package).
+
+Everything here is made from fixed seeds with torch's CPU generator and numpy's PCG64, so the test and
+the script build the same weights, vocabulary and images without storing them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WORDS = ["a", "red", "blue", "green", "cat", "dog", "fox", "on", "the", "in", "snow", "grass", "photo", "of",
+         "painting", "small", "large", "sitting", "table", "under"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PROMPTS = ["a photo of a red fox in the snow", "a painting of a small blue cat",
+           "a large green dog sitting under the table"]
+
+# The tiny BLIP text encoder (BERT with cross-attention); encoder_width is set from the ViT.
+TINY_MED_CONFIG = {
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.0, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 4,
+    "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(SPECIAL) + len(WORDS) + 2,
+    "encoder_width": 48, "add_cross_attention": True,
+}
+TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 4, "patch_size": 32, "img_size": 224}
+
+
+def write_bert_vocab(folder: str | Path) -> Path:
+    """A word-piece vocabulary (special tokens + :data:`WORDS`) a BertTokenizer loads from ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                              "do_lower_case": True}))
+    return folder
+
+
+def seeded_state(shapes: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors for ``shapes`` (name -> shape): norms' weights near 1, everything else N(0, 0.1^2)
+    (the MLP head's first layer smaller, so the 1024-wide sum stays of order one)."""
+    state = {}
+    for index, (name, shape) in enumerate(sorted(shapes.items())):
+        generator = torch.Generator().manual_seed(seed * 100_003 + index)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        is_norm_weight = name.endswith("weight") and ("norm" in name.lower()) and len(shape) == 1
+        state[name] = 1.0 + 0.1 * noise if is_norm_weight else 0.1 * noise
+    return state
+
+
+def tiny_images() -> list:
+    """Three RGB images of different sizes and aspect ratios (smooth gradients plus noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    images = []
+    for height, width in [(240, 320), (256, 256), (300, 200)]:
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([x / width, y / height, (x + y) / (width + height)], -1) * 200
+        pixels = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels, mode="RGB"))
+    return images
