@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "shapes": "scorers.shapes:ShapesScorer",
     "imagereward": "scorers.imagereward:ImageReward",
     "ocr": "scorers.ocr:OCRScore",
+    "vlm_judge": "scorers.vlm_judge:VLMJudge",
 }
 
 

@@ -64,3 +64,52 @@ def tiny_images() -> list:
         pixels = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
         images.append(Image.fromarray(pixels, mode="RGB"))
     return images
+
+
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+                "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ ' ' + m['role'] + ' ' }}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ ' ' + c['text'] + ' ' }}"
+    "{% endif %}{% endfor %}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def write_tiny_qwen2_vl(folder: str | Path, words: list[str] | None = None, seed: int = 0) -> Path:
+    """A random-weight Qwen2-VL (one vision block, one text layer, width 32) and its processor (a word-level
+    tokenizer with Qwen's image tokens, images resized to at most 56x56 pixels: 4 image tokens), saved to
+    ``folder`` for ``from_pretrained``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    folder = Path(folder)
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + QWEN_SPECIAL + (words or WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>", additional_special_tokens=QWEN_SPECIAL)
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(),
+                                 chat_template=QWEN_CHAT_TEMPLATE)
+    processor.save_pretrained(str(folder))
+    ids = {token: vocab[token] for token in QWEN_SPECIAL}
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     "bos_token_id": vocab["<eos>"], "eos_token_id": vocab["<eos>"], "pad_token_id": 0},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(str(folder))
+    return folder

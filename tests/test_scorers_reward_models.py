@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -95,4 +96,58 @@ def test_ocr_without_easyocr_names_the_extra(monkeypatch):
 def test_registry_lists_the_reward_model_scorers():
     from scorers import available
 
-    assert {"imagereward", "ocr"} <= set(available())
+    assert {"imagereward", "ocr", "vlm_judge"} <= set(available())
+
+
+# ----------------------------------------------------------------------------------------------- vlm_judge
+
+
+@pytest.mark.parametrize("answer, score", [
+    ("The fox is clear.\nScore: 7/10", 0.7), ("score = 9", 0.9), ("**Score:** 3 out of 5", 0.6),
+    ("Final score: 10/10", 1.0), ("Score: 0/10", 0.0), ("Score: 4/10 at first, but on reflection Score: 6/10", 0.6),
+    ("Score: 8.5", 0.85), ("I would rate it highly.", None), ("Score: 12/10", None), ("Score: -3", None),
+])
+def test_vlm_judge_parses_the_last_score_in_the_answer(answer, score):
+    from scorers.vlm_judge import parse_score
+
+    assert parse_score(answer) == (None if score is None else pytest.approx(score))
+
+
+def test_vlm_judge_fills_the_template_and_handles_unparsed_answers(tmp_path):
+    template = tmp_path / "rubric.txt"
+    template.write_text("Does this image show {prompt}? Keep {braces} as written. Answer 'Score: N/4'.")
+    seen = []
+
+    def generate(images, rubrics):
+        seen.extend(rubrics)
+        return ["Score: 3/4" if image.getpixel((0, 0)) == (255, 0, 0) else "no idea" for image in images]
+
+    images = [Image.new("RGB", (8, 8), colour) for colour in [(255, 0, 0), (0, 0, 255), (255, 0, 0)]]
+    judge = load_scorer("vlm_judge", template=str(template), generate=generate, on_unparsed="nan", device="cpu")
+    scores = judge.score(images, ["a red square", "a blue square", "a red square"])
+    assert scores[0] == scores[2] == 0.75 and math.isnan(scores[1]) and judge.unparsed == 1
+    assert seen[1] == "Does this image show a blue square? Keep {braces} as written. Answer 'Score: N/4'."
+    strict = load_scorer("vlm_judge", template=str(template), generate=generate, device="cpu")
+    with pytest.raises(InputError, match="no idea"):
+        strict.score(images[1:2], "a blue square")
+    template.write_text("Rate the image from 0 to 10.")
+    with pytest.raises(InputError, match=r"\{prompt\}"):
+        load_scorer("vlm_judge", template=str(template), generate=generate, device="cpu")
+
+
+def test_vlm_judge_runs_a_tiny_qwen2_vl_and_batches_like_one_at_a_time(tmp_path):
+    from reward_fixtures import write_tiny_qwen2_vl
+
+    folder = write_tiny_qwen2_vl(tmp_path / "qwen")
+    prompts = ["a red fox", "a small blue cat sitting on the table", "grass"]
+    last_answers = {}
+    for batch_size in (3, 1):
+        judge = load_scorer("vlm_judge", model=str(folder), on_unparsed="nan", max_new_tokens=6, device="cpu",
+                            batch_size=batch_size)
+        scores = judge.score(tiny_images(), prompts)
+        # A random model writes random words: no score, every answer counted as unparsed.
+        assert torch.isnan(scores).all() and judge.unparsed == 3
+        last_answers[batch_size] = judge.last_answers  # the answers of the last chunk
+    assert len(last_answers[3]) == 3 and all(isinstance(a, str) and a for a in last_answers[3])
+    # The short last prompt, padded on the left in a chunk of 3, is answered as when it is alone.
+    assert last_answers[3][-1] == last_answers[1][0]
