@@ -29,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "imagereward": "scorers.imagereward:ImageReward",
     "ocr": "scorers.ocr:OCRScore",
     "vlm_judge": "scorers.vlm_judge:VLMJudge",
+    "hpsv3": "scorers.hpsv3:HPSv3",
 }
 
 

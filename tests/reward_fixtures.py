@@ -75,41 +75,60 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def write_tiny_qwen2_vl(folder: str | Path, words: list[str] | None = None, seed: int = 0) -> Path:
-    """A random-weight Qwen2-VL (one vision block, one text layer, width 32) and its processor (a word-level
-    tokenizer with Qwen's image tokens, images resized to at most 56x56 pixels: 4 image tokens), saved to
-    ``folder`` for ``from_pretrained``."""
+def tiny_qwen2_vl_processor(words: list[str] | None = None, max_pixels: int = 56 * 56):
+    """A Qwen2-VL processor for tiny models: a word-level tokenizer with Qwen's image tokens (pad 0, eos 1),
+    images resized to at most ``max_pixels`` pixels. Builds under transformers 4 (the reference scripts'
+    environment) and 5."""
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
 
-    folder = Path(folder)
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + QWEN_SPECIAL + (words or WORDS))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>", additional_special_tokens=QWEN_SPECIAL)
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=QWEN_CHAT_TEMPLATE)
+    # transformers 4's Qwen2-VL processor accepts only Qwen2 tokenizer classes; 5 takes any.
+    cls = transformers.PreTrainedTokenizerFast if hasattr(transformers, "Qwen2VLVideoProcessor") else \
+        transformers.Qwen2TokenizerFast
+    tokenizer = cls(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                                     unk_token="<unk>", additional_special_tokens=QWEN_SPECIAL)
+    parts = {"image_processor": transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels),
+             "tokenizer": tokenizer}
+    if hasattr(transformers, "Qwen2VLVideoProcessor"):  # transformers 5 requires one
+        parts["video_processor"] = transformers.Qwen2VLVideoProcessor()
+    return transformers.Qwen2VLProcessor(**parts, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+TINY_QWEN_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "num_key_value_heads": 1, "max_position_embeddings": 1024}
+TINY_QWEN_VISION = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "patch_size": 14,
+                    "spatial_merge_size": 2, "temporal_patch_size": 2}
+
+
+def tiny_qwen2_vl_config(tokenizer, vocab_size: int | None = None):
+    """The tiny Qwen2-VL config (transformers 5 layout) for ``tokenizer``'s special tokens."""
+    from transformers import Qwen2VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
+    eos = tokenizer.convert_tokens_to_ids("<eos>")
+    text = {**TINY_QWEN_TEXT, "vocab_size": vocab_size or len(tokenizer), "bos_token_id": eos, "eos_token_id": eos,
+            "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    return Qwen2VLConfig(text_config=text, vision_config=TINY_QWEN_VISION, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"])
+
+
+def write_tiny_qwen2_vl(folder: str | Path, words: list[str] | None = None, seed: int = 0,
+                        max_pixels: int = 56 * 56, with_model: bool = True) -> Path:
+    """The tiny processor and config (and, with ``with_model``, a random-weight Qwen2-VL: one vision block,
+    one text layer, width 32) saved to ``folder`` for ``from_pretrained``."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = Path(folder)
+    processor = tiny_qwen2_vl_processor(words, max_pixels)
     processor.save_pretrained(str(folder))
-    ids = {token: vocab[token] for token in QWEN_SPECIAL}
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                     "bos_token_id": vocab["<eos>"], "eos_token_id": vocab["<eos>"], "pad_token_id": 0},
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "patch_size": 14,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(str(folder))
+    config = tiny_qwen2_vl_config(processor.tokenizer)
+    config.save_pretrained(str(folder))
+    if with_model:
+        torch.manual_seed(seed)
+        Qwen2VLForConditionalGeneration(config).save_pretrained(str(folder))
     return folder

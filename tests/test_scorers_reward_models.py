@@ -1,4 +1,5 @@
-"""The reward-model scorers: ImageReward against the reference package, OCR's formula, the VLM judge."""
+"""The reward-model scorers: ImageReward and HPSv3 against the reference packages' scores on tiny models,
+OCR's formula on hand-worked strings, the VLM judge's parsing and its run on a tiny Qwen2-VL."""
 
 from __future__ import annotations
 
@@ -42,6 +43,39 @@ def test_imagereward_rejects_a_checkpoint_of_another_model(tmp_path):
     with pytest.raises(InputError, match="blip.visual_encoder"):
         load_scorer("imagereward", checkpoint=str(tmp_path / "other.pt"), med_config=str(tmp_path / "med_config.json"),
                     device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------- hpsv3
+
+
+def test_hpsv3_equals_the_reference_package_on_a_tiny_model(tmp_path):
+    # (mu, sigma) made by the authors' hpsv3 1.0.0 under transformers 4.45 (scripts/hpsv3_reference.py) on
+    # the same seeded tiny Qwen2-VL + head, images (resized to 256 * 28 * 28 pixels) and prompts, in one
+    # right-padded batch; here in chunks of 2 and 1, from a checkpoint in the package's tensor names.
+    from reward_fixtures import write_tiny_qwen2_vl
+    from safetensors.torch import save_file
+
+    reference = json.loads((DATA / "hpsv3_reference.json").read_text())
+    save_file(seeded_state(reference["shapes"]), str(tmp_path / "HPSv3.safetensors"))
+    base = write_tiny_qwen2_vl(tmp_path / "base", max_pixels=256 * 28 * 28, with_model=False)
+    scorer = load_scorer("hpsv3", checkpoint=str(tmp_path / "HPSv3.safetensors"), base=str(base), device="cpu",
+                         batch_size=2)
+    expected = torch.tensor(reference["mu_sigma"])
+    torch.testing.assert_close(scorer.score(tiny_images(), PROMPTS), expected[:, 0], atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(scorer.mu_sigma(tiny_images(), PROMPTS), expected, atol=1e-5, rtol=0)
+
+
+def test_hpsv3_resizes_to_the_trained_area():
+    from scorers.hpsv3 import PIXELS, target_size
+
+    assert target_size(448, 448) == (448, 448)                    # 16 x 16 patches of 28: exactly 256 tokens
+    assert target_size(1024, 1024) == (448, 448)
+    assert target_size(512, 768) == (364, 532)  # scale 1/sqrt(393216 / 200704): 365.8 x 548.7, floored to 28s
+    height, width = target_size(240, 320)
+    assert height % 28 == width % 28 == 0 and abs(height * width - PIXELS) / PIXELS < 0.1
+    with pytest.raises(InputError, match="elongated"):
+        target_size(1, 400)
 
 
 # ------------------------------------------------------------------------------------------------------ ocr
@@ -96,7 +130,7 @@ def test_ocr_without_easyocr_names_the_extra(monkeypatch):
 def test_registry_lists_the_reward_model_scorers():
     from scorers import available
 
-    assert {"imagereward", "ocr", "vlm_judge"} <= set(available())
+    assert {"imagereward", "hpsv3", "ocr", "vlm_judge"} <= set(available())
 
 
 # ----------------------------------------------------------------------------------------------- vlm_judge
