@@ -94,7 +94,8 @@ class HPSv3Model(nn.Module):
         """input_ids / attention_mask [n, L] (one <|Reward|> per row), pixel_values and image_grid_thw as the
         Qwen2-VL processor makes them -> [n, 2]."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
-        image = self.vlm.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+        image = self.vlm.model.get_image_features(pixel_values, image_grid_thw)
+        image = getattr(image, "pooler_output", image)  # transformers 5 wraps the per-image embeddings
         image = torch.cat(list(image)) if isinstance(image, (list, tuple)) else image
         image_slots = (input_ids == self.vlm.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(image_slots, image.to(embeds.dtype))
@@ -118,6 +119,7 @@ class HPSv3(Scorer):
 
     def __init__(self, *, checkpoint: str | None = None, base: str = DEFAULT_BASE, pixels: int = PIXELS, **common):
         super().__init__(**common)
+        require_transformers("4.52", "hpsv3")
         from transformers import AutoConfig, AutoProcessor
 
         if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < FACTOR * FACTOR:
@@ -163,6 +165,16 @@ class HPSv3(Scorer):
         inputs = self.processor(text=texts, images=resized, padding=True, return_tensors="pt")
         return self.model(inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                           inputs["pixel_values"].to(self.device), inputs["image_grid_thw"].to(self.device))
+
+
+def require_transformers(minimum: str, extra: str) -> None:
+    """InputError naming ``pip install diffusion-dpo[extra]`` when transformers is older than ``minimum``."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(minimum):
+        raise InputError(f"the {extra} scorer needs transformers >= {minimum} (found {transformers.__version__}): "
+                         f"pip install diffusion-dpo[{extra}]")
 
 
 def _read_checkpoint(path) -> dict[str, torch.Tensor]:

@@ -91,6 +91,9 @@ class VLMJudge(Scorer):
                 raise InputError(f"generate={generate!r}: expected a callable (images, rubrics) -> answers")
             self.generate = generate
             return
+        from scorers.hpsv3 import require_transformers
+
+        require_transformers("4.52", "vlm")
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = load_pretrained(AutoProcessor, processor or model, option="processor",

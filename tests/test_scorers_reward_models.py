@@ -185,3 +185,13 @@ def test_vlm_judge_runs_a_tiny_qwen2_vl_and_batches_like_one_at_a_time(tmp_path)
     assert len(last_answers[3]) == 3 and all(isinstance(a, str) and a for a in last_answers[3])
     # The short last prompt, padded on the left in a chunk of 3, is answered as when it is alone.
     assert last_answers[3][-1] == last_answers[1][0]
+
+
+def test_an_old_transformers_names_the_extra(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.45.2")
+    with pytest.raises(InputError, match=r"pip install diffusion-dpo\[hpsv3\]"):
+        load_scorer("hpsv3", checkpoint="unused.safetensors", device="cpu")
+    with pytest.raises(InputError, match=r"pip install diffusion-dpo\[vlm\]"):
+        load_scorer("vlm_judge", model="unused", device="cpu")
