@@ -213,8 +213,9 @@ def _build_vlm(config, state: dict[str, torch.Tensor], dtype: torch.dtype, where
     if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
         state = {**state, "lm_head.weight": state["model.language_model.embed_tokens.weight"]}
     try:
-        vlm.load_state_dict(state, strict=True)
+        # assign: the checkpoint's tensors become the parameters, so a 7B model is not held twice.
+        vlm.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise InputError(f"HPSv3 checkpoint {where} (option checkpoint=) does not fit the Qwen2-VL of option base=: "
                          f"{why(e)}") from None
-    return vlm
+    return vlm.to(dtype)

@@ -93,7 +93,7 @@ class VLMJudge(Scorer):
             return
         from scorers.hpsv3 import require_transformers
 
-        require_transformers("4.52", "vlm")
+        require_transformers("4.56", "vlm")  # from_pretrained(dtype=)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = load_pretrained(AutoProcessor, processor or model, option="processor",
