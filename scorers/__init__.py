@@ -26,6 +26,10 @@ REGISTRY: dict[str, str] = {
     "brightness": "scorers.brightness:Brightness",
     "combo": "scorers.combo:Combo",
     "shapes": "scorers.shapes:ShapesScorer",
+    "imagereward": "scorers.imagereward:ImageReward",
+    "ocr": "scorers.ocr:OCRScore",
+    "vlm_judge": "scorers.vlm_judge:VLMJudge",
+    "hpsv3": "scorers.hpsv3:HPSv3",
     # a scorer served over HTTP by `diffusion-dpo serve` (scorers.server)
     "remote": "scorers.remote:RemoteScorer",
 }

@@ -271,7 +271,7 @@ def test_prompts_required_and_bad_options(scorers, images):
     with pytest.raises(InputError, match="dtype='int8'"):
         load_scorer("jpeg_compressibility", dtype="int8")
     with pytest.raises(InputError, match="unknown scorer"):
-        load_scorer("imagereward")
+        load_scorer("no_such_scorer")
 
 
 def test_modes_become_rgb():

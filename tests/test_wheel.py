@@ -94,6 +94,8 @@ def test_wheel_carries_the_assets_and_an_install_loads_the_demo_base(tmp_path):
     shipped = {p.relative_to(ROOT / "diffusion_dpo").as_posix()
                for p in (ROOT / "diffusion_dpo" / "assets").rglob("*") if p.is_file()}
     assert {f"diffusion_dpo/{f}" for f in shipped} <= names  # every file under assets/, whatever its type
+    templates = {p.relative_to(ROOT).as_posix() for p in (ROOT / "scorers" / "templates").glob("*.txt")}
+    assert templates and templates <= names  # the VLM judge's rubric and HPSv3's instruction
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
