@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from diffusion_dpo import ASSETS, cli
 from diffusion_dpo.config import PreferenceLossSection, load_config, validate
 from diffusion_dpo.denoising import PairInputs
+from diffusion_dpo.objectives import dpo_objective
 from diffusion_dpo.recipes import train
 from diffusion_dpo.reference import FrozenCopy
 from diffusion_dpo.sampling import generate, load_pipeline
@@ -166,7 +167,7 @@ def test_dpo_objective_counts_ties_as_half():
     x = PairInputs(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g) * 3,
                    torch.randn(2, 4, 2, 2, generator=g), torch.tensor([500, 500]), {"hidden": torch.zeros(2, 1, 1)})
     opts = PreferenceLossSection(beta=1.0)
-    out = train.dpo_objective(_ScaledUNet(0.9), FrozenCopy(_ScaledUNet(1.0)), x, torch.tensor([False, True]),
+    out = dpo_objective(_ScaledUNet(0.9), FrozenCopy(_ScaledUNet(1.0)), x, torch.tensor([False, True]),
                               sched, opts)
     losses, m = out.losses, out.metrics
     z = -0.5 * ((m["model_mse_w"] - m["ref_mse_w"]) - (m["model_mse_l"] - m["ref_mse_l"]))

@@ -28,7 +28,7 @@ from diffusion_dpo.errors import InputError
 
 Tensor = torch.Tensor
 
-__all__ = ["EMA", "EMASection"]
+__all__ = ["EMA", "EMASection", "ShadowWeights"]
 
 
 def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -36,16 +36,15 @@ def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-class EMA:
-    """The EMA of ``module``'s trained parameters, with ``section``'s decay, cadence and start step.
+class ShadowWeights:
+    """An fp32 copy of ``module``'s trained parameters that can be blended towards them and swapped in: the
+    storage of the EMA below, and of DiffusionNFT's sampling ("old") policy.
 
     The parameters are looked up by name at every use (not held), so a module whose parameters were
     replaced after this was built (sharding) is still followed, as long as the names stay."""
 
-    def __init__(self, module: nn.Module, section: EMASection):
-        if not 0 < section.decay < 1:
-            raise ValueError(f"EMA decay must be in (0, 1), got {section.decay}")
-        self.module, self.section = module, section
+    def __init__(self, module: nn.Module):
+        self.module = module
         with torch.no_grad():
             self.shadow: dict[str, Tensor] = {name: p.detach().clone().float()
                                               for name, p in trained_parameters(module).items()}
@@ -53,22 +52,18 @@ class EMA:
     def _params(self) -> dict[str, nn.Parameter]:
         params = trained_parameters(self.module)
         if params.keys() != self.shadow.keys():
-            raise RuntimeError("the module's trained parameters changed names since the EMA was built")
+            raise RuntimeError("the module's trained parameters changed names since the shadow was built")
         return params
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Fold the weights after optimizer step ``step`` (1-based) into the average (module docstring)."""
-        s = self.section
-        if step < s.start_step:
-            self.reset()
-        elif step % s.every == 0:
-            for name, p in self._params().items():
-                self.shadow[name].mul_(s.decay).add_(p.detach().float(), alpha=1 - s.decay)
+    def blend(self, decay: float) -> None:
+        """shadow = decay * shadow + (1 - decay) * weights (decay 0: a copy of the weights)."""
+        for name, p in self._params().items():
+            self.shadow[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
 
     @torch.no_grad()
     def reset(self) -> None:
-        """The average becomes the weights as they are now."""
+        """The shadow becomes the weights as they are now."""
         for name, p in self._params().items():
             self.shadow[name].copy_(p.detach())
 
@@ -91,8 +86,8 @@ class EMA:
 
     @contextmanager
     def swapped_in(self) -> Iterator[nn.Module]:
-        """The module with the EMA weights (cast to each parameter's dtype) in place of the trained ones until
-        the block exits; then the trained weights come back bit for bit (for evaluation and final/). Holds one
+        """The module with the shadow weights (cast to each parameter's dtype) in place of the trained ones until
+        the block exits; then the trained weights come back bit for bit (evaluation, final/, or sampling with an older policy). Holds one
         extra copy of the trained parameters meanwhile."""
         params = self._params()
         with torch.no_grad():
@@ -105,3 +100,21 @@ class EMA:
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(trained[name])
+
+
+class EMA(ShadowWeights):
+    """The EMA of ``module``'s trained parameters, with ``section``'s decay, cadence and start step."""
+
+    def __init__(self, module: nn.Module, section: EMASection):
+        if not 0 < section.decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {section.decay}")
+        super().__init__(module)
+        self.section = section
+
+    def update(self, step: int) -> None:
+        """Fold the weights after optimizer step ``step`` (1-based) into the average (module docstring)."""
+        s = self.section
+        if step < s.start_step:
+            self.reset()
+        elif step % s.every == 0:
+            self.blend(s.decay)

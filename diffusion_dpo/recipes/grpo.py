@@ -42,6 +42,7 @@ from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.labeling.scoring import shown
+from diffusion_dpo.objectives import dpo_objective
 from diffusion_dpo.online.advantages import group_advantages
 from diffusion_dpo.online.monitors import batch_means, image_statistics
 from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics, transition_kl
@@ -51,7 +52,7 @@ from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition
 from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
-from diffusion_dpo.recipes.train import TINY, dpo_objective
+from diffusion_dpo.recipes.train import TINY
 from diffusion_dpo.reference import AdapterOff, FrozenCopy, SecondAdapter
 
 Tensor = torch.Tensor
@@ -288,7 +289,7 @@ def best_worst(samples: Samples, g: int) -> tuple[Tensor, Tensor]:
 def online_dpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, pairs: tuple[Tensor, Tensor],
                     index: Tensor, noise_seeds: list[int]) -> StepOutput:
     """Diffusion-DPO on pairs ``index`` (long [M]) of (best, worst): the final latents of the two images,
-    one noise and time per pair, through ``train.dpo_objective``."""
+    one noise and time per pair, through ``objectives.dpo_objective``."""
     best, worst = pairs[0][index], pairs[1][index]
     final = samples.trajectory.final
     device = final.device
