@@ -26,6 +26,8 @@ REGISTRY: dict[str, str] = {
     "brightness": "scorers.brightness:Brightness",
     "combo": "scorers.combo:Combo",
     "shapes": "scorers.shapes:ShapesScorer",
+    "geneval": "scorers.geneval:GenEval",
+    "shapes_geneval": "scorers.shapes.geneval:ShapesGenEval",
 }
 
 

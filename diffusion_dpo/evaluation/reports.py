@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from diffusion_dpo.evaluation.benchmarks import markdown_benchmarks
 from diffusion_dpo.evaluation.schema import (
     Comparison,
     DemoReport,
@@ -156,6 +157,7 @@ def markdown_table(report: dict) -> str:
                 f"{100 * r['win_rate']:.1f}% [{100 * r['win_rate_ci'][0]:.1f}, {100 * r['win_rate_ci'][1]:.1f}] |"
             )
         out.append("")
+    out.extend(markdown_benchmarks(report))
     implicit = report.get("implicit_reward")
     if implicit:
         out.append("## Implicit-reward accuracy\n")
