@@ -128,6 +128,8 @@ class RoundReport:
     mean_loser_score: Optional[float]
     train_metrics: dict[str, float]  # the DPO run's last logged metrics (loss, implicit_acc, ...)
     dpo: TunedVsBase
+    # the shapes world as an offline GenEval on the same images (evaluation.benchmarks' table)
+    geneval: Optional[dict[str, Any]] = None
 
 
 @dataclass

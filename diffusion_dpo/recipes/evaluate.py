@@ -108,6 +108,7 @@ class EvaluateResult:
     scorers: dict[str, ScorerComparison] = field(default_factory=dict)  # overall and per-style numbers
     rows: list[ScoreRow] = field(default_factory=list)  # per image and scorer, as in scores.jsonl
     implicit_reward: Optional[ImplicitRewardAccuracy] = None
+    benchmarks: dict = field(default_factory=dict)  # scorer -> benchmark table (evaluation.benchmarks)
     n_prompts: int = 0
     n_seeds: int = 0
     n_images: int = 0  # both models together
@@ -377,7 +378,7 @@ def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: 
             atomic_write(Path(grids[style]), functools.partial(grid.save, format="PNG"))
     chart = bar_chart(document, out / "means.png")
     return EvaluateResult(
-        output_dir=str(out), scorers=report.scorers, rows=rows, implicit_reward=implicit,
+        output_dir=str(out), scorers=report.scorers, rows=rows, implicit_reward=implicit, benchmarks=report.benchmarks,
         n_prompts=report.n_prompts, n_seeds=cfg.seeds, n_images=2 * len(items),
         report_json=str(out / "report.json"), report_md=str(out / "report.md"), scores=str(out / "scores.jsonl"),
         grids=grids, chart=str(chart))

@@ -13,7 +13,7 @@ circle pi/4, square 1). The checks, for
     colors       the largest object is red
     shape        the largest object is a circle
     size         its box side (the longer one) is nearer the large than the small side of the world
-    position     its box lies inside the frame the world keeps free of shapes (6% of the side, less 1 px)
+    position     its box lies inside the frame the world keeps free of shapes (6% of the side, rounded to px)
     background   the border ring is blue
 
 ``score`` is 1 when every check holds; :meth:`ShapesGenEval.score_tasks` gives each check. A benchmark
@@ -117,7 +117,8 @@ def check(background: str | None, objects: list[ShapeObject], scene: Scene, side
     main = objects[0]
     extent = max(main.box[2] - main.box[0], main.box[3] - main.box[1]) + 1
     nearest_size = min(SIZES, key=lambda s: abs(SIZES[s] * side - extent))
-    frame = int(FRAME * side) - 1
+    # The world keeps FRAME * side (1.9 px at 32) free; anti-aliasing never makes that sliver a full pixel.
+    frame = round(FRAME * side)
     inside = min(main.box[:2]) >= frame and max(main.box[2:]) <= side - 1 - frame
     return {"counting": len(objects) == 1, "colors": main.colour == scene.color, "shape": main.shape == scene.shape,
             "size": nearest_size == scene.size, "position": inside, "background": background == scene.background}
