@@ -19,7 +19,7 @@ A spec is one of
   per-task one. Score them with ``scorers=geneval``.
 - ``partiprompts`` / ``partiprompts:<category>``: PartiPrompts' 1632 prompts (google-research/parti, Apache-2.0),
   shipped in ``assets/prompts/partiprompts/PartiPrompts.tsv``; the style is the category.
-- ``ocr``: Flow-GRPO's 1017 OCR test prompts (yifan123/flow_grpo ``dataset/ocr/test.txt``, MIT licence), shipped
+- ``ocr``: Flow-GRPO's 1018 OCR test prompts (yifan123/flow_grpo ``dataset/ocr/test.txt``, MIT licence), shipped
   in ``assets/prompts/ocr/test.txt``, each with the text to render in quotes; style ``ocr``. Score with ``ocr``.
 - ``drawbench`` / ``drawbench:<category>``: DrawBench's 200 prompts (Imagen). Not shipped (no licence is
   published with them): fetched once from the hub dataset ``shunk031/DrawBench`` into

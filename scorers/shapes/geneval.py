@@ -5,8 +5,8 @@ The detector: every pixel takes the nearest world colour when it lies within :da
 (anti-aliased edges, which blend two colours, take none); the background is the colour most of the
 :data:`~scorers.shapes.scorer.BORDER` px border ring takes; objects are the 4-connected regions of one
 non-background colour of at least :data:`MIN_AREA` px (on the world's 32 x 32 grid), each with its colour,
-pixel box and shape (which corners of its box it fills, else the fill of its box: triangle 1/2,
-circle pi/4, square 1). The checks, for
+pixel box and shape (of the world's three, upright, with the region's area and centroid, the one
+overlapping the region best). The checks, for
 "a large red circle on a blue background":
 
     counting     exactly one object
@@ -31,15 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from scorers.base import Scorer, check_images, check_prompts, to_rgb, to_uint8
-from scorers.shapes.scorer import BORDER, RESOLUTION
-from scorers.shapes.world import COLORS, SIZES, Scene, parse_prompt
+from scorers.shapes.scorer import BORDER, RESOLUTION, rasterise, soft_iou
+from scorers.shapes.world import COLORS, SHAPES, SIZES, Scene, parse_prompt
 
 SHAPE_TASKS = ("counting", "colors", "shape", "size", "position", "background")
 COLOUR_RADIUS = 0.15  # RGB distance in [0, 1] units; the world's closest two colours are 0.67 apart
 MIN_AREA = 8  # px of the 32 x 32 grid; the smallest shape the world draws covers about 40
 FRAME = 0.06  # of the side: the world's margin between shape and edge
-# Box fill of each shape; a region takes the shape whose fill is nearest.
-FILLS = {"triangle": 0.5, "circle": 0.785, "square": 1.0}
 
 
 @dataclass(frozen=True)
@@ -94,18 +92,12 @@ def detect(pixels: torch.Tensor) -> tuple[str | None, list[ShapeObject]]:
 def _object(colour: str, region: list[tuple[int, int]]) -> ShapeObject:
     ys, xs = [y for y, _ in region], [x for _, x in region]
     box = (min(xs), min(ys), max(xs), max(ys))
-    fill = len(region) / ((box[2] - box[0] + 1) * (box[3] - box[1] + 1))
-    # A square holds its box's corners, an upright triangle its bottom two only, a circle none; the fill
-    # decides what the corners leave open (a small circle's rasterised corners can be filled).
-    cells = set(region)
-    top = sum((y, x) in cells for y, x in ((box[1], box[0]), (box[1], box[2])))
-    bottom = sum((y, x) in cells for y, x in ((box[3], box[0]), (box[3], box[2])))
-    if top + bottom >= 3:
-        shape = "square"
-    elif bottom == 2 and top == 0:
-        shape = "triangle"
-    else:
-        shape = min(FILLS, key=lambda s: abs(FILLS[s] - fill))
+    # The shape is the world's shape (same area, same centroid, upright) that overlaps the region best.
+    mask = torch.zeros(1, RESOLUTION, RESOLUTION)
+    mask[0, ys, xs] = 1.0
+    area = torch.tensor([float(len(region))])
+    cy, cx = torch.tensor([sum(ys) / len(ys) + 0.5]), torch.tensor([sum(xs) / len(xs) + 0.5])
+    shape = max(SHAPES, key=lambda s: soft_iou(mask, rasterise(s, area, cx, cy, RESOLUTION, RESOLUTION)).item())
     return ShapeObject(colour, len(region), box, shape)
 
 
