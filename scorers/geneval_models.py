@@ -1,5 +1,6 @@
 """The models behind ``geneval``: an instance-segmentation detector with COCO labels and GenEval's CLIP
-colour classifier, both through transformers (a base dependency).
+colour classifier, both through transformers (a base dependency; the detector also needs scipy, the
+``geneval`` extra).
 
 GenEval's official stack is mmdetection's Mask2Former Swin-S (COCO, 8x2 LSJ 50e) with open_clip ViT-L/14
 (OpenAI weights). Here the detector is transformers' port of a Mask2Former Swin-S COCO instance model and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from scorers.base import clip_embeddings, clip_pixel_values, clip_text_inputs, load_pretrained, resolve_device
+from scorers.errors import InputError
 from scorers.geneval import GENEVAL_COLORS, Detection
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
@@ -29,6 +31,11 @@ class Mask2FormerDetector:
     extent of its mask, labels in GenEval's COCO names."""
 
     def __init__(self, *, device=None, model: str = DEFAULT_DETECTOR):
+        import importlib.util
+
+        if importlib.util.find_spec("scipy") is None:
+            raise InputError("geneval's Mask2Former detector needs scipy, which is not installed: "
+                             "pip install 'diffusion-dpo[geneval]' (or pass another detector=)")
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         self.device = resolve_device(device)

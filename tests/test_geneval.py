@@ -256,3 +256,93 @@ def test_the_demo_evaluates_with_the_shapes_geneval(tmp_path):
     assert table["overall"]["base"] == 1.0 and table["all_correct"]["base"] == 1.0
     assert table["all_correct"]["tuned"] == 0.0 and table["tasks"]["colors"]["tuned"] == 0.0
     assert "Shapes-world GenEval" in geneval_sentence(table)
+
+
+# ------------------------------------------------------------------------------- the models, tiny and random
+
+from test_scorers import tiny_clip  # noqa: E402,F401 (a fixture: a random 16-d CLIP folder)
+
+
+def test_clip_colours_follow_genevals_classifier_by_hand(tiny_clip):  # noqa: F811 (the fixture)
+    from transformers import CLIPModel, CLIPProcessor
+
+    from scorers.geneval import GENEVAL_COLORS
+    from scorers.geneval_models import COLOUR_TEMPLATES, ClipColours, crop
+
+    image, _ = drawing([("cat", "red", (10, 10, 60, 60), 0.9)], size=96)
+    mask = np.zeros((96, 96), dtype=bool)
+    mask[20:40, 20:40] = True
+    objects = [Detection("cat", 0.9, (10.0, 10.0, 60.0, 60.0), mask), Detection("cat", 0.9, (0.0, 0.0, 95.0, 95.0))]
+    cut = np.asarray(crop(image, objects[0]))
+    assert cut.shape == (50, 50, 3)
+    assert tuple(cut[0, 0]) == (153, 153, 153) and tuple(cut[20, 20]) == PALETTE["red"]  # outside / inside mask
+    found = ClipColours(device="cpu", model=tiny_clip)(image, objects, "cat")
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+
+    def unit(x):
+        x = getattr(x, "pooler_output", x)
+        return x / x.norm(dim=-1, keepdim=True)
+
+    with torch.no_grad():
+        classes = []
+        for colour in GENEVAL_COLORS:
+            tokens = processor.tokenizer([t.format(c=colour, o="cat") for t in COLOUR_TEMPLATES], padding=True,
+                                         return_tensors="pt")
+            classes.append(unit(unit(model.get_text_features(**tokens)).mean(0)))
+        pixels = processor.image_processor([crop(image, o) for o in objects], return_tensors="pt")["pixel_values"]
+        logits = unit(model.get_image_features(pixel_values=pixels)) @ torch.stack(classes).T
+    assert found == [GENEVAL_COLORS[i] for i in logits.argmax(1).tolist()]
+
+
+def test_mask2former_detector_on_a_tiny_random_model(tmp_path):
+    from transformers import Mask2FormerConfig, Mask2FormerImageProcessor, SwinConfig
+
+    from scorers.geneval_models import Mask2FormerDetector
+
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputError, match=r"diffusion-dpo\[geneval\]"):
+            Mask2FormerDetector(device="cpu", model=str(tmp_path))
+        return
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    names = ["cat", "mouse", "dog"]
+    torch.manual_seed(0)
+    config = Mask2FormerConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=64,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"]),
+        hidden_dim=32, num_queries=4, encoder_layers=1, decoder_layers=2, mask_feature_size=32, feature_size=32,
+        dim_feedforward=32, num_attention_heads=2, encoder_feedforward_dim=32, id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)})
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(tmp_path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(tmp_path)
+    found = Mask2FormerDetector(device="cpu", model=str(tmp_path))(Image.new("RGB", (48, 40), (200, 30, 30)))
+    assert found and all(d.label in ("cat", "computer mouse", "dog") for d in found)  # COCO "mouse" renamed
+    for d in found:
+        ys, xs = np.nonzero(d.mask)
+        assert d.mask.shape == (40, 48) and d.box == (xs.min(), ys.min(), xs.max(), ys.max())
+        assert 0 < d.score <= 1
+
+
+def test_benchmark_prompt_sets(tmp_path, monkeypatch):
+    parti = load_prompts("partiprompts")
+    assert len(parti) == 1632 and parti[0].text == "bond" and parti[0].style == "Abstract"
+    assert {p.style for p in load_prompts("partiprompts:Animals")} == {"Animals"}
+    ocr = load_prompts("ocr")
+    assert len(ocr) == 1018 and all(p.style == "ocr" and p.text.count('"') >= 2 for p in ocr[:50])
+    # DrawBench is not shipped: a local copy through prompts_dir, else the cache, else the hub with a way out.
+    (tmp_path / "drawbench.tsv").write_text("Prompt\tCategory\nA red colored car.\tColors\nA tiny cat.\tCount\n")
+    assert [(p.text, p.style) for p in load_prompts("drawbench:Colors", prompts_dir=str(tmp_path))] == [
+        ("A red colored car.", "Colors")]
+    monkeypatch.setenv("DIFFUSION_DPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(InputError, match="prompts_dir"):
+        load_prompts("drawbench")
+    (tmp_path / "cache" / "prompts").mkdir(parents=True)
+    (tmp_path / "cache" / "prompts" / "drawbench.tsv").write_text("Prompt\tCategory\nA tiny cat.\tCount\n")
+    assert [p.text for p in load_prompts("drawbench")] == ["A tiny cat."]
+    with pytest.raises(InputError, match="no style"):
+        load_prompts("geneval:nonsense")
