@@ -291,6 +291,11 @@ class GenEval(Scorer):
                              "metadata=<a GenEval metadata JSONL holding it>)")
         return row
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """InputError naming the first prompt without GenEval metadata (callers check before generating)."""
+        for prompt in prompts:
+            self.metadata_of(prompt)
+
     def _score_batch(self, images, prompts: list[str]) -> torch.Tensor:
         rows = [self.metadata_of(p) for p in prompts]  # every prompt is checked before any detection
         self.last_reasons = []

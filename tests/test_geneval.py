@@ -190,6 +190,11 @@ def test_evaluate_geneval_writes_the_per_task_table(tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "GenEval score" in report and "| **overall** (mean of tasks) |" in report
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["benchmarks"]["geneval"] == table
+    # Other prompts are refused before any image is made.
+    cfg.prompts, cfg.output_dir = "hpsv2-offline:photo", str(tmp_path / "other")
+    with pytest.raises(InputError, match="not a GenEval prompt"):
+        run(cfg)
+    assert not (tmp_path / "other" / "images").exists()
 
 
 # -------------------------------------------------------------------------------- the shapes world's GenEval

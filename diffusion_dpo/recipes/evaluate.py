@@ -260,6 +260,9 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
                          marks=("generation.json",))
     state.wait_for_everyone()
     scorers = _load_scorers(cfg, device)
+    for scorer in scorers.values():  # a scorer that reads prompt metadata (geneval) refuses others now
+        if hasattr(scorer, "check_prompts"):
+            scorer.check_prompts([p.text for p in prompts])
     dtype = precision_dtype(cfg.mixed_precision, device)
     pipes = {
         "base": load_pipeline(cfg.model.pretrained, device=device, dtype=dtype, scheduler=cfg.sampling.scheduler),
