@@ -32,6 +32,8 @@ REGISTRY: dict[str, str] = {
     "hpsv3": "scorers.hpsv3:HPSv3",
     # a scorer served over HTTP by `diffusion-dpo serve` (scorers.server)
     "remote": "scorers.remote:RemoteScorer",
+    "geneval": "scorers.geneval:GenEval",
+    "shapes_geneval": "scorers.shapes.geneval:ShapesGenEval",
 }
 
 

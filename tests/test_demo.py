@@ -76,6 +76,11 @@ def test_an_earlier_demo_is_refused_replaced_or_continued_and_the_demo_talks(tmp
     assert report["method"] == "offline_dpo" and report["win_rate"] == report["dpo_win_rate"] == first["win_rate"]
     assert report["win_rate_ci"] == report["dpo_win_rate_ci"] == ci
     assert (report["base_mean"], report["tuned_mean"]) == (first["base_mean"], first["tuned_mean"])
+    # The evaluation also runs the shapes world as an offline GenEval and the report says it.
+    geneval = report["rounds"][0]["geneval"]
+    assert list(geneval["tasks"]) == ["counting", "colors", "shape", "size", "position", "background"]
+    assert geneval["overall"]["base"] == pytest.approx(sum(t["base"] for t in geneval["tasks"].values()) / 6)
+    assert any(line.startswith("Shapes-world GenEval") for line in lines)
 
     # resume=auto: label and evaluate find their shard and images finished, nothing is generated again.
     def no_images(*args, **kwargs):

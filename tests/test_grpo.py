@@ -258,6 +258,7 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     assert {"base_mean", "tuned_mean"} <= set(report) and (out / "grid.png").is_file()
     assert (out / "report.md").read_text().count("held-out") >= 1
     assert "beats the base on" in capsys.readouterr().out
+    assert set(report["geneval"]["tasks"]) == {"counting", "colors", "shape", "size", "position", "background"}
 
 
 def test_flow_grpo_code_kl_and_batch_std_advantages_run(world, tmp_path):

@@ -13,6 +13,18 @@ A spec is one of
 - ``hpsv2-offline`` / ``hpsv2-offline:<style>``: our own prompts in the same four styles, shipped in
   ``assets/prompts/hpsv2_offline/<style>.json`` (written for this package, not copied from HPDv2), so
   evaluation and the demo work with no network.
+- ``geneval`` / ``geneval:<task>``: GenEval's 553 prompts (djghosh13/geneval, MIT licence), shipped with their
+  metadata in ``assets/prompts/geneval/evaluation_metadata.jsonl``; the style is the task (``single_object``,
+  ``two_object``, ``counting``, ``colors``, ``position``, ``color_attr``), so the per-style report is GenEval's
+  per-task one. Score them with ``scorers=geneval``.
+- ``partiprompts`` / ``partiprompts:<category>``: PartiPrompts' 1632 prompts (google-research/parti, Apache-2.0),
+  shipped in ``assets/prompts/partiprompts/PartiPrompts.tsv``; the style is the category.
+- ``ocr``: Flow-GRPO's 1018 OCR test prompts (yifan123/flow_grpo ``dataset/ocr/test.txt``, MIT licence), shipped
+  in ``assets/prompts/ocr/test.txt``, each with the text to render in quotes; style ``ocr``. Score with ``ocr``.
+- ``drawbench`` / ``drawbench:<category>``: DrawBench's 200 prompts (Imagen). Not shipped (no licence is
+  published with them): fetched once from the hub dataset ``shunk031/DrawBench`` into
+  ``~/.cache/diffusion_dpo/prompts/drawbench.tsv`` (``prompts_dir=`` a folder holding a ``drawbench.tsv`` with
+  ``Prompt`` and ``Category`` columns instead).
 - a folder: every ``*.json`` file in it is one style named after the file (so a downloaded copy of the
   HPDv2 ``benchmark/`` folder works as a path too);
 - a file: ``.json`` (a list of strings; the style is the file's stem), ``.tsv`` (PartiPrompts layout: a header
@@ -43,7 +55,9 @@ HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 HPS_HUB_DATASET = "zhwang/HPDv2"
 OFFLINE_DIR = ASSETS / "prompts" / "hpsv2_offline"
 HPD_TRAIN_SET = "hpdv2-train"
-BUILTIN_SETS = ("hpsv2", "hpsv2-offline", HPD_TRAIN_SET)
+BENCHMARK_DIR = ASSETS / "prompts"
+DRAWBENCH_HUB_DATASET = "shunk031/DrawBench"
+BUILTIN_SETS = ("hpsv2", "hpsv2-offline", HPD_TRAIN_SET, "geneval", "partiprompts", "ocr", "drawbench")
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,10 @@ def load_prompts(spec: str, *, prompts_dir: str | None = None) -> list[Prompt]:
         prompts = _hpd_train_prompts(prompts_dir)
     elif name == "hpsv2-offline":
         prompts = _from_folder(OFFLINE_DIR, HPS_STYLES if style is None else (style,), set_name=name)
+    elif name in ("geneval", "partiprompts", "ocr", "drawbench"):
+        prompts = _benchmark(name, prompts_dir)
+        if style is not None:
+            prompts = _keep_style(prompts, style, where=f"set {name!r}")
     else:
         path = Path(name)
         if path.is_dir():
@@ -280,3 +298,50 @@ def _keep_style(prompts: list[Prompt], style: str, where: str) -> list[Prompt]:
     if not kept:
         raise InputError(f"prompts {where} have no style {style!r}; styles: {', '.join(styles_of(prompts))}")
     return kept
+
+
+def _benchmark(name: str, prompts_dir: str | None) -> list[Prompt]:
+    """The prompts of a benchmark set (see the module docstring)."""
+    if name == "geneval":
+        from scorers.geneval import load_metadata
+
+        counts: dict[str, int] = {}
+        prompts = []
+        for text, row in load_metadata(BENCHMARK_DIR / "geneval" / "evaluation_metadata.jsonl").items():
+            prompts.append(Prompt(text, row["tag"], counts.get(row["tag"], 0)))
+            counts[row["tag"]] = counts.get(row["tag"], 0) + 1
+        return prompts
+    if name == "partiprompts":
+        return _read_tsv(BENCHMARK_DIR / "partiprompts" / "PartiPrompts.tsv")
+    if name == "ocr":
+        return [Prompt(p.text, "ocr", p.index) for p in _from_file(BENCHMARK_DIR / "ocr" / "test.txt")]
+    return _read_tsv(_drawbench_file(prompts_dir))
+
+
+def _drawbench_file(prompts_dir: str | None) -> Path:
+    """A local drawbench.tsv: in ``prompts_dir``, else the cached copy, else fetched from the hub once."""
+    if prompts_dir:
+        path = Path(prompts_dir) / "drawbench.tsv"
+        if not path.is_file():
+            raise InputError(f"prompts_dir {prompts_dir!r}: expected a drawbench.tsv (Prompt, Category columns)")
+        return path
+    cached = Path(os.environ.get("DIFFUSION_DPO_CACHE", Path.home() / ".cache" / "diffusion_dpo")) / "prompts" / \
+        "drawbench.tsv"
+    if cached.is_file():
+        return cached
+    print(f"DrawBench is not shipped (no licence is published with it): fetching it once from the hub dataset "
+          f"{DRAWBENCH_HUB_DATASET} into {cached}", flush=True)
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset(DRAWBENCH_HUB_DATASET, split="test")
+        table = [(str(r.get("prompts") or r.get("Prompts") or r.get("prompt")).strip(),
+                  str(r.get("category") or r.get("Category") or "drawbench").strip()) for r in rows]
+    except Exception as e:  # offline, renamed, auth: all mean "not reachable" to the user
+        raise InputError(f"cannot fetch DrawBench from the hub dataset {DRAWBENCH_HUB_DATASET}: {type(e).__name__}: "
+                         f"{e}. Put a drawbench.tsv (Prompt and Category columns) in a folder and pass "
+                         "prompts_dir=<that folder>") from None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["Prompt\tCategory"] + [f"{p.replace(chr(9), ' ')}\t{c}" for p, c in table if p and p != "None"]
+    cached.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return cached

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from diffusion_dpo.evaluation.benchmarks import markdown_benchmarks
 from diffusion_dpo.evaluation.schema import (
     Comparison,
     DemoReport,
@@ -156,6 +157,7 @@ def markdown_table(report: dict) -> str:
                 f"{100 * r['win_rate']:.1f}% [{100 * r['win_rate_ci'][0]:.1f}, {100 * r['win_rate_ci'][1]:.1f}] |"
             )
         out.append("")
+    out.extend(markdown_benchmarks(report))
     implicit = report.get("implicit_reward")
     if implicit:
         out.append("## Implicit-reward accuracy\n")
@@ -283,7 +285,16 @@ def demo_sentences(report: DemoReport) -> list[str]:
     for r in report.rounds[1:]:
         lines.append(f"Round {r.round}, trained from round {r.round - 1}'s policy, beats the base on "
                      f"{_pct_ci(r.dpo)} (mean {r.dpo.tuned_mean:.3f}).")
+    if report.rounds[0].geneval:
+        lines.append(geneval_sentence(report.rounds[0].geneval))
     return lines
+
+
+def geneval_sentence(table: dict) -> str:
+    """One line of a GenEval benchmark table (evaluation.benchmarks): overall and per task, base -> tuned."""
+    tasks = ", ".join(f"{t} {line['base']:.2f} -> {line['tuned']:.2f}" for t, line in table["tasks"].items())
+    return (f"Shapes-world GenEval (share of correct images, mean of the checks): {table['overall']['base']:.3f} "
+            f"(base) -> {table['overall']['tuned']:.3f}; {tasks}.")
 
 
 def markdown_report(report: DemoReport) -> str:
@@ -319,6 +330,7 @@ def markdown_report(report: DemoReport) -> str:
         m = r.train_metrics
         lines.append(f"| {r.round} | {r.pairs} | {r.mean_winner_score:.3f} | {r.mean_loser_score:.3f} "
                      f"| {m.get('loss', float('nan')):.4f} | {m.get('implicit_acc', float('nan')):.2f} |")
+    lines += [f"\n{geneval_sentence(r.geneval)} (round {r.round})" for r in rounds if r.geneval]
     lines += [
         "",
         "![base | SFT | DPO rounds](grid.png)",

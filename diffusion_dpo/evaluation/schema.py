@@ -84,11 +84,15 @@ class EvaluationReport:
     sampling: dict[str, Any] = field(default_factory=dict)
     seeds: dict[str, Any] = field(default_factory=dict)  # the first seed and the rule deriving the others
     implicit_reward: Optional[ImplicitRewardAccuracy] = None
+    # scorer -> its benchmark table (diffusion_dpo.evaluation.benchmarks): GenEval per task and overall, OCR
+    benchmarks: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.implicit_reward is None:
             del out["implicit_reward"]
+        if not self.benchmarks:
+            del out["benchmarks"]
         return out
 
 
@@ -124,6 +128,8 @@ class RoundReport:
     mean_loser_score: Optional[float]
     train_metrics: dict[str, float]  # the DPO run's last logged metrics (loss, implicit_acc, ...)
     dpo: TunedVsBase
+    # the shapes world as an offline GenEval on the same images (evaluation.benchmarks' table)
+    geneval: Optional[dict[str, Any]] = None
 
 
 @dataclass

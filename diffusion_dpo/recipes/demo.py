@@ -137,13 +137,18 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
     )
 
 
+# The demo's scorer, and the shapes world as an offline GenEval (count, colour, shape, size, position,
+# background checked on the world's exact geometry), reported beside it.
+EVAL_SCORERS = "shapes,shapes_geneval"
+
+
 def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, out: Path, resume: str | None):
     from diffusion_dpo.recipes import evaluate
 
     s = cfg.sampling
     return evaluate.EvaluateConfig(
         model=PipelineSection(pretrained=base), tuned=evaluate.TunedConfig(pretrained=tuned),
-        prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed, scorers="shapes",
+        prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed, scorers=EVAL_SCORERS,
         sampling=SamplingSection(num_inference_steps=s.num_inference_steps,
                                          guidance_scale=s.guidance_scale),
         batch_size=s.batch_size, n_boot=cfg.n_boot, grid_prompts=0, output_dir=str(out), resume=resume,
@@ -372,7 +377,8 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
                 + (f"; SFT {_pct(sft.win_rate)}." if sft else "."))
     round_report = RoundReport(round=r, policy=new_policy, pairs=labelled.pairs_written,
                                mean_winner_score=labelled.mean_winner_score,
-                               mean_loser_score=labelled.mean_loser_score, train_metrics=m, dpo=dpo)
+                               mean_loser_score=labelled.mean_loser_score, train_metrics=m, dpo=dpo,
+                               geneval=evaluation.benchmarks.get("shapes_geneval"))
     return round_report, evaluations, sft
 
 

@@ -33,6 +33,7 @@ from diffusion_dpo.config import (
     validate,
 )
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
+from diffusion_dpo.evaluation.reports import geneval_sentence
 from diffusion_dpo.evaluation.schema import TunedVsBase
 
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
@@ -186,7 +187,8 @@ def run_online(cfg) -> dict[str, Any]:
               "base_mean": result.base_mean, "tuned_mean": result.tuned_mean,
               "images_generated": tuned.images_generated, "base": base, "output_dir": str(out),
               "train_prompts": n_train, "held_out_prompts": n_held_out, "tuned": dataclasses.asdict(result),
-              "train_metrics": m, "seconds": seconds, "config": to_dict(cfg), "grid": None}
+              "train_metrics": m, "seconds": seconds, "config": to_dict(cfg), "grid": None,
+              "geneval": evaluation.benchmarks.get("shapes_geneval")}
     if cfg.grid_prompts:
         from diffusion_dpo.evaluation.reports import comparison_grid, grid_rows
 
@@ -204,7 +206,7 @@ def sentences(report: dict[str, Any]) -> list[str]:
     return [f"{name} beats the base on {100 * report['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] of held-out "
             f"images, after {report['images_generated']} generated images.",
             f"Its 95% interval is {verdict} 50%; mean shapes score {report['base_mean']:.3f} (base) -> "
-            f"{report['tuned_mean']:.3f} ({name})."]
+            f"{report['tuned_mean']:.3f} ({name})."] + ([geneval_sentence(report["geneval"])] if report.get("geneval") else [])
 
 
 def markdown(report: dict[str, Any], name: str) -> str:

@@ -1,4 +1,5 @@
-"""``diffusion-dpo evaluate``: a tuned checkpoint against its base on HPSv2-style prompts, per style.
+"""``diffusion-dpo evaluate``: a tuned checkpoint against its base on a prompt set (HPSv2-style, or a benchmark:
+GenEval, PartiPrompts, DrawBench, OCR), per style.
 
 Both models generate an image for every (prompt, seed) with the same seed, sampler, steps, guidance and size;
 every scorer scores every image; the report gives each model's mean and median per style and overall with
@@ -107,6 +108,7 @@ class EvaluateResult:
     scorers: dict[str, ScorerComparison] = field(default_factory=dict)  # overall and per-style numbers
     rows: list[ScoreRow] = field(default_factory=list)  # per image and scorer, as in scores.jsonl
     implicit_reward: Optional[ImplicitRewardAccuracy] = None
+    benchmarks: dict = field(default_factory=dict)  # scorer -> benchmark table (evaluation.benchmarks)
     n_prompts: int = 0
     n_seeds: int = 0
     n_images: int = 0  # both models together
@@ -258,6 +260,9 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
                          marks=("generation.json",))
     state.wait_for_everyone()
     scorers = _load_scorers(cfg, device)
+    for scorer in scorers.values():  # a scorer that reads prompt metadata (geneval) refuses others now
+        if hasattr(scorer, "check_prompts"):
+            scorer.check_prompts([p.text for p in prompts])
     dtype = precision_dtype(cfg.mixed_precision, device)
     pipes = {
         "base": load_pipeline(cfg.model.pretrained, device=device, dtype=dtype, scheduler=cfg.sampling.scheduler),
@@ -285,7 +290,7 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     state.wait_for_everyone()
     if not state.is_main_process:
         return EvaluateResult(output_dir=str(out))
-    rows = _merged_rows(out, items, scorer_names(cfg.scorers), state.num_processes)
+    rows = _merged_rows(out, items, row_names(scorers), state.num_processes)
     return _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
 
 
@@ -304,14 +309,30 @@ def _score_share(pipes: dict, scorers: dict, mine: list[Item], cfg: EvaluateConf
             for model in MODELS:
                 images = _images_for(pipes[model], chunk, out, model, cfg, bar)
                 for name, scorer in scorers.items():
-                    values = scorer.score(images, texts).float().tolist()
-                    for item, value in zip(chunk, values):
-                        f.write(json.dumps(ScoreRow(
-                            style=item.prompt.style, index=item.prompt.index, prompt=item.prompt.text,
-                            seed=item.seed, model=model, scorer=name, score=value,
-                            image=str(item.path(out, model).relative_to(out)),
-                        )) + "\n")
+                    for row_name, values in _scores(name, scorer, images, texts).items():
+                        for item, value in zip(chunk, values):
+                            f.write(json.dumps(ScoreRow(
+                                style=item.prompt.style, index=item.prompt.index, prompt=item.prompt.text,
+                                seed=item.seed, model=model, scorer=row_name, score=value,
+                                image=str(item.path(out, model).relative_to(out)),
+                            )) + "\n")
     bar.close()
+
+
+def _scores(name: str, scorer, images: list, texts: list[str]) -> dict[str, list[float]]:
+    """Row name -> one score per image: the scorer's own, and ``name/task`` for each task of a scorer that
+    checks several (``shapes_geneval``: counting, colors, ...)."""
+    if not getattr(scorer, "tasks", None):
+        return {name: scorer.score(images, texts).float().tolist()}
+    tasks = scorer.score_tasks(images, texts)
+    overall = [float(all(v)) for v in zip(*(tasks[t].tolist() for t in scorer.tasks))]
+    return {name: overall, **{f"{name}/{t}": tasks[t].float().tolist() for t in scorer.tasks}}
+
+
+def row_names(scorers: dict) -> list[str]:
+    """Every scorer name the rows of ``scorers`` carry, in report order."""
+    return [n for name, scorer in scorers.items()
+            for n in (name, *(f"{name}/{t}" for t in getattr(scorer, "tasks", None) or ()))]
 
 
 def _merged_rows(out: Path, items: list[Item], names: list[str], num_processes: int) -> list[ScoreRow]:
@@ -331,6 +352,7 @@ def _merged_rows(out: Path, items: list[Item], names: list[str], num_processes: 
 def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: ImplicitRewardAccuracy | None,
             prompts: list[Prompt], items: list[Item], tuned_name: str) -> EvaluateResult:
     """report.json, report.md, the grids and the chart (main process); the result that names them."""
+    from diffusion_dpo.evaluation.benchmarks import benchmark_tables
     from diffusion_dpo.evaluation.reports import bar_chart, build_report, markdown_table, pair_grid
 
     out = Path(cfg.output_dir)
@@ -341,6 +363,7 @@ def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: 
     report.sampling = to_dict(cfg.sampling)
     report.seeds = {"first": cfg.seed, "rule": f"seed + {SEED_STRIDE} * j + prompt index"}
     report.implicit_reward = implicit
+    report.benchmarks = benchmark_tables(report, scorers)
     document = report.to_json()
     atomic_write_text(out / "report.json", json.dumps(document, indent=1))
     atomic_write_text(out / "report.md", markdown_table(document))
@@ -358,7 +381,7 @@ def _report(cfg: EvaluateConfig, rows: list[ScoreRow], scorers: dict, implicit: 
             atomic_write(Path(grids[style]), functools.partial(grid.save, format="PNG"))
     chart = bar_chart(document, out / "means.png")
     return EvaluateResult(
-        output_dir=str(out), scorers=report.scorers, rows=rows, implicit_reward=implicit,
+        output_dir=str(out), scorers=report.scorers, rows=rows, implicit_reward=implicit, benchmarks=report.benchmarks,
         n_prompts=report.n_prompts, n_seeds=cfg.seeds, n_images=2 * len(items),
         report_json=str(out / "report.json"), report_md=str(out / "report.md"), scores=str(out / "scores.jsonl"),
         grids=grids, chart=str(chart))
