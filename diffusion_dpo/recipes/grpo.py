@@ -1,5 +1,5 @@
-"""``diffusion-dpo grpo``: online reward tuning of a text-to-image denoiser (GRPO, or online Diffusion-DPO),
-for every model family (SD1.x/2.x and SDXL sample with DDIM at eta > 0, SD3 and FLUX.1 with the flow SDE).
+"""``diffusion-dpo grpo``: online reward tuning of a text-to-image denoiser (GRPO, online Diffusion-DPO, or
+DiffusionNFT), for every model family (SD1.x/2.x and SDXL sample with DDIM at eta > 0, SD3 and FLUX.1 with the flow SDE).
 
     diffusion-dpo grpo model.pretrained=tiny scorer.name=jpeg_incompressibility optim.max_steps=20
     accelerate launch --num_processes 8 -m diffusion_dpo grpo --config my_grpo.yaml
@@ -15,7 +15,11 @@ passes over K of the T transitions of every image (chosen per image, seeded), ea
     online_dpo  Diffusion-DPO (Wallace et al. 2023, eq. 14) on the best vs the worst image of each group, with
                 shared noise per pair, as ``train`` computes it; the reference is the starting policy, or the
                 policy as it was at the last refresh (every ``online.ref_refresh_every`` steps)
+    nft         DiffusionNFT (Zheng et al. 2025): images from the deterministic sampler run by a trailing old
+                policy, each noised afresh at K of its steps; the forward-process loss of the implicit
+                positive and negative policies (online.nft)
 
+The methods are objects in ``online.methods``; this recipe only samples, scores and steps the optimizer.
 The reference (``online.reference``): adapter (LoRA): the adapter switched off, or with refreshes a second
 frozen adapter on the same base; copy: a frozen full copy of the denoiser.
 
@@ -33,22 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from diffusion_dpo import models
-from diffusion_dpo.config import PreferenceLossSection, parse_args
-from diffusion_dpo.denoising import PairInputs, draw_pair_noise
-from diffusion_dpo.engine import Engine, ExampleFeed, StepContext, StepOutput, releases_output_dir
+from diffusion_dpo.config import parse_args
+from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.labeling.scoring import shown
-from diffusion_dpo.objectives import dpo_objective
 from diffusion_dpo.online.advantages import group_advantages
+from diffusion_dpo.online.methods import METHODS, OnlineMethod
 from diffusion_dpo.online.monitors import batch_means, image_statistics
-from diffusion_dpo.online.objective import grpo_transition_loss, policy_metrics, transition_kl
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
-from diffusion_dpo.online.step_choice import choose_steps, row_weights
-from diffusion_dpo.online.trajectory import Trajectory, gather_steps, transition_logprob
+from diffusion_dpo.online.samples import CHOICE, IMAGES, Samples, stream_seeds
 from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
@@ -56,15 +56,6 @@ from diffusion_dpo.recipes.train import TINY
 from diffusion_dpo.reference import AdapterOff, FrozenCopy, SecondAdapter
 
 Tensor = torch.Tensor
-# Independent random streams of one (seed, step, process): images' noise, pair noise, the step choice and order.
-IMAGES, PAIRS, CHOICE = 0, 1, 2
-
-
-def stream_seeds(seed: int, step: int, rank: int, stream: int, n: int) -> list[int]:
-    """n 63-bit seeds from (run seed, sampling step, process, stream, position): what a step draws depends on
-    nothing else, so a resumed run draws the same."""
-    return [int(np.random.SeedSequence([seed, step, rank, stream, i]).generate_state(2, np.uint64)[0] >> 1)
-            for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -142,17 +133,12 @@ def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, dtype: torch.dty
     return AdapterOff(denoiser)  # the starting policy: the adapter's B matrices start at zero
 
 
-def refresh_reference(built: Built) -> None:
-    """online_dpo's refresh: the reference becomes the policy as it is now."""
-    if isinstance(built.reference, SecondAdapter):
-        built.reference.refresh()
-    else:
-        built.reference.module.load_state_dict(built.policy.state_dict())
-
-
 def guidance_scale(cfg: GrpoConfig, built: Built) -> float:
-    """sampling.guidance_scale, or the family's when null: one value for rollout, update and evaluation."""
-    return cfg.sampling.guidance_scale or built.comps.family.online_guidance_scale
+    """sampling.guidance_scale, or when null the family's (1 for nft, CFG-free as DiffusionNFT): one value
+    for rollout, update and evaluation."""
+    if cfg.sampling.guidance_scale is not None:
+        return cfg.sampling.guidance_scale
+    return 1.0 if cfg.method == "nft" else built.comps.family.online_guidance_scale  # NFT samples CFG-free
 
 
 def load_reward(cfg: GrpoConfig, device):
@@ -177,24 +163,12 @@ def load_prompt_texts(cfg: GrpoConfig) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- sampling
 
-@dataclass
-class Samples:
-    """One step's samples on one process: N = P x G images, prompt p's G images at rows p*G .. p*G + G - 1."""
-
-    prompts: list[str]  # [P]
-    cond: Conditioning  # per image [N, ...]
-    trajectory: Trajectory  # latents [N, T + 1, C, h, w], log-probs [N, T] under the sampling policy
-    schedule: Any  # this step's sampler: the run's schedule with this step's SDE window
-    rewards: Tensor  # [N] fp32
-    advantages: Tensor  # [N] fp32, clipped
-    zero_spread_groups: int
-    images: Tensor  # [N, 3, H, W] in [0, 1], on the CPU
-
-
-def step_schedule(cfg: GrpoConfig, schedule, step: int):
-    """The sampler of sampling step ``step``: noise on every step, or only on this step's SDE window (the
-    same on every process, drawn from the run seed and the step)."""
+def step_schedule(cfg: GrpoConfig, schedule, step: int, *, stochastic: bool = True):
+    """The sampler of sampling step ``step``: noise on every step, only on this step's SDE window (the same on
+    every process, drawn from the run seed and the step), or on none (``stochastic`` false: the ODE / DDIM)."""
     o = cfg.online
+    if not stochastic:
+        return dataclasses.replace(schedule, window=torch.zeros(schedule.num_steps, dtype=torch.bool))
     if not o.sde_window_size:
         return schedule
     start = window_start(o.sde_window, step, size=o.sde_window_size, eligible=cfg.eligible_steps(),
@@ -203,15 +177,17 @@ def step_schedule(cfg: GrpoConfig, schedule, step: int):
     return dataclasses.replace(schedule, window=window_mask(schedule.num_steps, start, o.sde_window_size))
 
 
-def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list[str], step: int) -> Samples:
-    """Sample G images per prompt with the current policy, score them once each, and normalise the rewards."""
+def collect(cfg: GrpoConfig, engine: Engine, built: Built, method: OnlineMethod, scorer, prompts: list[str],
+            step: int) -> Samples:
+    """Sample G images per prompt with the method's sampling policy (the current one, or NFT's old one) and
+    sampler (stochastic, or deterministic for NFT), score them once each, and normalise the rewards."""
     g = cfg.online.group_size
     cond = Conditioning.of(built.comps, prompts, guidance_scale=guidance_scale(cfg, built), size=built.size,
                            repeat=g)
     seeds = stream_seeds(cfg.optim.seed, step, engine.rank, IMAGES, len(prompts) * g)
-    schedule = step_schedule(cfg, built.schedule, step)
-    with torch.no_grad(), engine.accelerator.autocast():
-        predict = guided_predict(built.comps.family, built.policy, schedule, cond)
+    schedule = step_schedule(cfg, built.schedule, step, stochastic=method.stochastic_sampling)
+    with torch.no_grad(), engine.accelerator.autocast(), method.sampling_weights() as policy:
+        predict = guided_predict(built.comps.family, policy, schedule, cond)
         roll = rollout(predict, schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
     images = roll.images.cpu()
     per_image = [p for p in prompts for _ in range(g)]
@@ -232,100 +208,13 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, scorer, prompts: list
                    values.clamp(-clip, clip), adv.zero_spread_groups, images)
 
 
-# ------------------------------------------------------------------------------------------- objectives
+# ------------------------------------------------------------------------------------------- update
 
-def grpo_rows(cfg: GrpoConfig, samples: Samples, step: int, rank: int) -> dict[str, Tensor]:
-    """The K chosen transitions of every image as flat rows [N * K]: latents, next latents, old log-probs,
-    step index, image index, advantage."""
-    n = samples.trajectory.logprobs.shape[0]
-    seed = stream_seeds(cfg.optim.seed, step, rank, CHOICE, 1)[0]
-    # the stochastic steps among the trainable first ones: all of them, or this step's window
-    candidates = torch.nonzero(samples.schedule.step_stds()[:cfg.eligible_steps()] > 0).flatten()
-    k = cfg.num_train_steps()
-    if len(candidates) < k:
-        raise InputError(f"online.train_steps = {k} but only {len(candidates)} of the first "
-                         f"{cfg.eligible_steps()} steps inject noise (the others have no log-probability)")
-    steps = candidates[choose_steps(n, len(candidates), k, seed, first=cfg.online.first_steps)]
-    latents, next_latents, old = gather_steps(samples.trajectory, steps)
-    image = torch.arange(n).repeat_interleave(steps.shape[1])
-    advantages = samples.advantages[image.to(samples.advantages.device)]
-    return {"latents": latents, "next_latents": next_latents, "old_logprobs": old,
-            "step_index": steps.flatten(), "image": image, "advantages": advantages,
-            "weights": row_weights(advantages, drop_zero=cfg.online.drop_zero_advantage)}
-
-
-def grpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, rows: dict[str, Tensor],
-              index: Tensor) -> StepOutput:
-    """The clipped ratio loss plus kl_coef x KL of the transitions ``index`` (long [M]) of ``rows``."""
-    family, schedule, o = built.comps.family, samples.schedule, cfg.online
-    reduction = cfg.sampling.logprob_reduction
-    x, x_next = rows["latents"][index], rows["next_latents"][index]
-    step_index = rows["step_index"][index]
-    cond = samples.cond.rows(rows["image"][index])
-    out = guided_predict(family, model, schedule, cond, detach_uncond=o.detach_uncond)(x, step_index)
-    new = transition_logprob(schedule, x, x_next, out, step_index, reduction=reduction)
-    old = rows["old_logprobs"][index].to(new.logprob.device)
-    kl = torch.zeros_like(new.logprob)
-    if o.kl_coef > 0:
-        with torch.no_grad(), built.reference.model() as ref_model:
-            ref_out = guided_predict(family, ref_model, schedule, cond)(x, step_index)
-        kl = transition_kl(schedule, x, new.mean, ref_out, step_index, reduction=reduction,
-                           convention=o.kl_convention)
-    losses, clipped = grpo_transition_loss(new.logprob, old, rows["advantages"][index], kl,
-                                           clip_range=o.clip_range, kl_coef=o.kl_coef)
-    losses = losses * rows["weights"][index].to(losses.device)
-    metrics = policy_metrics(new.logprob, old, clipped) | {
-        "kl": kl.detach(), "ratio": torch.exp(new.logprob.detach() - old)}
-    return StepOutput(losses, metrics, units=len(index))
-
-
-def best_worst(samples: Samples, g: int) -> tuple[Tensor, Tensor]:
-    """Per prompt group, the image index of the highest and of the lowest reward: long [P] each."""
-    grouped = samples.rewards.view(-1, g)
-    offsets = torch.arange(grouped.shape[0], device=grouped.device) * g
-    return grouped.argmax(dim=1) + offsets, grouped.argmin(dim=1) + offsets
-
-
-def online_dpo_loss(cfg: GrpoConfig, built: Built, model, samples: Samples, pairs: tuple[Tensor, Tensor],
-                    index: Tensor, noise_seeds: list[int]) -> StepOutput:
-    """Diffusion-DPO on pairs ``index`` (long [M]) of (best, worst): the final latents of the two images,
-    one noise and time per pair, through ``objectives.dpo_objective``."""
-    best, worst = pairs[0][index], pairs[1][index]
-    final = samples.trajectory.final
-    device = final.device
-    noise = draw_pair_noise(noise_seeds, built.latent_shape, built.noise.draw_time, device)
-    cond = samples.cond
-    text = {k: v[best.to(v.device)] for k, v in cond.text.items()}
-    image = {k: torch.cat([v[best.to(v.device)], v[worst.to(v.device)]]) for k, v in cond.image.items()}
-    x = PairInputs(final[best], final[worst], noise.noise, noise.timesteps, text, image)
-    is_tie = samples.rewards[best] == samples.rewards[worst]
-    return dpo_objective(model, built.reference, x, is_tie, built.noise,
-                         PreferenceLossSection(beta=cfg.online.beta_dpo or built.comps.family.dpo_beta),
-                         built.comps.family.forward)
-
-
-def make_update(cfg: GrpoConfig, engine: Engine, built: Built, model, samples: Samples, step: int):
-    """(micro-batch iterator factory per inner epoch, step function) for this step's samples."""
-    if cfg.method == "grpo":
-        rows = grpo_rows(cfg, samples, step, engine.rank)
-        total = len(rows["image"])
-
-        def step_fn(index: Tensor, ctx: StepContext) -> StepOutput:
-            return grpo_loss(cfg, built, model, samples, rows, index)
-    else:
-        pairs = best_worst(samples, cfg.online.group_size)
-        total = len(pairs[0])
-
-        def step_fn(index: Tensor, ctx: StepContext) -> StepOutput:
-            seeds = [stream_seeds(cfg.optim.seed, step, engine.rank, PAIRS, total)[int(i)] for i in index]
-            return online_dpo_loss(cfg, built, model, samples, pairs, index, seeds)
-
-    def micro_batches(epoch: int):
-        """A seeded shuffle of the rows per inner epoch, cut into micro-batches of optim.batch_size."""
-        g = torch.Generator().manual_seed(stream_seeds(cfg.optim.seed, step, engine.rank, CHOICE, epoch + 2)[-1])
-        return iter(torch.randperm(total, generator=g).split(cfg.optim.batch_size))
-
-    return micro_batches, step_fn
+def micro_batches(cfg: GrpoConfig, total: int, step: int, rank: int, epoch: int):
+    """A seeded shuffle of a step's ``total`` rows for inner epoch ``epoch``, cut into micro-batches of
+    optim.batch_size."""
+    g = torch.Generator().manual_seed(stream_seeds(cfg.optim.seed, step, rank, CHOICE, epoch + 2)[-1])
+    return iter(torch.randperm(total, generator=g).split(cfg.optim.batch_size))
 
 
 # ------------------------------------------------------------------------------------------- monitoring
@@ -412,27 +301,6 @@ class GrpoResult:
     process_index: int = 0
 
 
-def reference_state(cfg: GrpoConfig, built: Built) -> dict[str, Any]:
-    """online_dpo with refreshes: the reference's trained weights, so a resumed run has the same reference."""
-    if cfg.method != "online_dpo" or not cfg.online.ref_refresh_every:
-        return {}
-    if isinstance(built.reference, SecondAdapter):
-        return {"reference": built.reference.state_dict()}
-    names = {n for n, p in built.policy.named_parameters() if p.requires_grad}
-    return {"reference": {k: v.detach().cpu().clone() for k, v in built.reference.module.state_dict().items()
-                          if k in names}}
-
-
-def restore_reference(built: Built, state: dict[str, Any]) -> None:
-    """resume's ``extra``: the reference that :func:`reference_state` saved, if any."""
-    if "reference" not in state:
-        return
-    if isinstance(built.reference, SecondAdapter):
-        built.reference.load_state_dict(state["reference"])
-    else:
-        built.reference.module.load_state_dict(state["reference"], strict=False)
-
-
 @releases_output_dir
 def run(cfg: GrpoConfig) -> GrpoResult:
     """Tune as ``cfg`` says: sample, score, update, log, checkpoint, evaluate; save final/."""
@@ -454,27 +322,28 @@ def run(cfg: GrpoConfig) -> GrpoResult:
                                            engine.world)
     model, optimizer = engine.prepare(built.policy, optimizer)
 
-    engine.resume(built.policy, optimizer, scheduler, feed, extra=lambda state: restore_reference(built, state))
+    method = METHODS[cfg.method](cfg, built)
+    engine.resume(built.policy, optimizer, scheduler, feed, extra=method.load_state_dict)
     params = [p for p in model.parameters() if p.requires_grad]
     prompt_batches = feed.batches(o.prompts_per_step)
     last, evaluation = {}, {}
     while engine.step < cfg.optim.max_steps * inner:
         step = engine.step // inner
-        if cfg.method == "online_dpo" and o.ref_refresh_every and step and step % o.ref_refresh_every == 0:
-            refresh_reference(built)
+        method.before_sampling(step)
         start = time.perf_counter()
-        samples = collect(cfg, engine, built, scorer, next(prompt_batches), step)
+        samples = collect(cfg, engine, built, method, scorer, next(prompt_batches), step)
         sampled = time.perf_counter()
-        micro_batches, step_fn = make_update(cfg, engine, built, model, samples, step)
+        total, loss = method.update(model, samples, step, engine.rank)
         sums, good = {}, 0
         for epoch in range(o.inner_epochs):
-            batches = micro_batches(epoch)
+            batches = micro_batches(cfg, total, step, engine.rank, epoch)
             for _ in range(o.updates_per_epoch):
-                metrics = engine.optimizer_step(model, params, optimizer, scheduler, batches, step_fn,
-                                                cfg.optim.max_grad_norm)
+                metrics = engine.optimizer_step(model, params, optimizer, scheduler, batches,
+                                                lambda index, ctx: loss(index), cfg.optim.max_grad_norm)
                 if metrics is not None:
                     good += 1
                     sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items() if k != "units"}
+        method.after_update(step)
         trained = time.perf_counter()
         n_images = len(samples.rewards) * engine.world
         last = {"step": engine.step, "sampling_step": step + 1, **sample_metrics(engine, samples),
@@ -488,7 +357,7 @@ def run(cfg: GrpoConfig) -> GrpoResult:
             print(f"grpo step {step + 1}/{cfg.optim.max_steps}: reward {last['reward_mean']:.4f} "
                   f"(std {last['reward_std']:.4f}), loss {last.get('loss', float('nan')):.4g}", flush=True)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            engine.save_checkpoint(built.policy, optimizer, scheduler, feed, reference_state(cfg, built))
+            engine.save_checkpoint(built.policy, optimizer, scheduler, feed, method.state_dict())
         if cfg.eval.prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.optim.max_steps:
             evaluation = evaluate_policy(cfg, engine, built, pretrained, f"step-{engine.step}")
             engine.log(evaluation)

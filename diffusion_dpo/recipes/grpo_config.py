@@ -34,7 +34,8 @@ class StochasticSamplingSection:
                                       at_least_one, "at least 1")
     guidance_scale: Optional[float] = option(
         None, "guidance when sampling, recomputing log-probs and evaluating (null: the family's: 4.5, Flow-GRPO's "
-        "SD3.5 setting, for SD1.x/2.x, SDXL and SD3; 3.5 for FLUX.1). Classifier-free for SD and SD3 (1: none); "
+        "SD3.5 setting, for SD1.x/2.x, SDXL and SD3; 3.5 for FLUX.1; 1 for method=nft, CFG-free as "
+        "DiffusionNFT). Classifier-free for SD and SD3 (1: none); "
         "FLUX.1-dev embeds it in the transformer with no unconditional pass, as FluxPipeline does",
         lambda v: v is None or v >= 1, "null or at least 1")
     eta: float = option(1.0, "DDPM families (SD1.x/2.x, SDXL): DDIM eta of the stochastic sampler (DDPO: 1.0)",
@@ -111,6 +112,17 @@ class OnlineSection:
     ref_refresh_every: int = option(0, "online_dpo: copy the policy into the reference every N steps (0: "
                                     "never; the reference stays the starting policy)", non_negative,
                                     "0 or more")
+    nft_beta: float = option(1.0, "nft: strength of the implicit positive/negative policies (DiffusionNFT's configs: "
+                             "1.0; 0.1 for OCR)", lambda v: v > 0, "a positive number")
+    nft_kl_coef: float = option(1e-4, "nft: weight of the mean squared velocity difference to the reference "
+                                "(DiffusionNFT: 1e-4; 0 skips the reference forward)", non_negative, "0 or more")
+    nft_old_decay_rate: float = option(0.001, "nft: the old (sampling) policy keeps d = min(rate x (steps - "
+                                       "after), max) of itself at each step (DiffusionNFT: 0.001)", non_negative,
+                                       "0 or more")
+    nft_old_decay_max: float = option(0.5, "nft: the largest d (DiffusionNFT: 0.5; its OCR config 0.999)",
+                                      lambda v: 0 <= v < 1, "a number in [0, 1)")
+    nft_old_decay_after: int = option(0, "nft: sampling steps with d = 0 (the old policy is the current one) "
+                                      "before d grows (DiffusionNFT's OCR config: 75)", non_negative, "0 or more")
     reference: Optional[Literal["adapter", "copy"]] = option(
         None, "the reference of online_dpo and of grpo's KL: adapter (LoRA only): the policy with its adapter "
         "switched off, or, with online_dpo refreshes, a second frozen adapter on the same base (no second copy "
@@ -138,9 +150,10 @@ class EvalSection:
 class GrpoConfig(TrainingRunOptions):
     output_dir: str = option("runs/grpo", "where config.yaml, metrics.jsonl, logs/, checkpoints/, eval/ and "
                              "final/ go")
-    method: Literal["grpo", "online_dpo"] = option(
+    method: Literal["grpo", "online_dpo", "nft"] = option(
         "grpo", "grpo: the clipped ratio objective on advantages per group; online_dpo: Diffusion-DPO on the "
-        "best vs the worst image of each group")
+        "best vs the worst image of each group; nft: DiffusionNFT, the forward-process loss on images the "
+        "deterministic sampler drew with a trailing old policy (no log-probs)")
     model: ModelConfig = option(ModelConfig(lora_rank=8), "the checkpoint to tune and how (LoRA rank 8 by "
                                 "default; Flow-GRPO's SD3.5 runs: rank 32, alpha 64)")
     prompts: PromptsSection = option(PromptsSection, "training prompts, visited in a seeded order")
@@ -187,11 +200,17 @@ class GrpoConfig(TrainingRunOptions):
         return self.online.reference or ("adapter" if self.model.lora_rank > 0 else "copy")
 
     def needs_reference(self) -> bool:
-        """online_dpo's loss always has a reference; grpo's only through its KL term."""
+        """online_dpo's loss always has a reference; grpo's and nft's only through their KL term."""
+        if self.method == "nft":
+            return self.online.nft_kl_coef > 0
         return self.method == "online_dpo" or self.online.kl_coef > 0
 
     def check(self) -> None:
         o = self.online
+        if self.method == "nft" and o.sde_window_size:
+            raise ConfigError("config key 'online.sde_window_size': nft samples with the deterministic sampler "
+                              f"and trains on the forward process; a noise window has no meaning there, got "
+                              f"{o.sde_window_size}")
         if self.reference_kind() == "adapter" and self.model.lora_rank == 0 and self.needs_reference():
             raise ConfigError("config key 'online.reference': a full fine-tune (model.lora_rank = 0) has no "
                               "adapter to switch off; expected online.reference=copy (a frozen full copy of the "
