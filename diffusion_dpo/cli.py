@@ -37,6 +37,7 @@ COMMANDS: Table = {
     "label": ("diffusion_dpo.recipes.label", "AI-feedback labeling: generate candidates, score, write pairs"),
     "evaluate": ("diffusion_dpo.recipes.evaluate", "tuned vs base on HPSv2-style prompts, per style"),
     "grpo": ("diffusion_dpo.recipes.grpo", "online reward tuning against a scorer: GRPO or online DPO"),
+    "plan": ("diffusion_dpo.recipes.plan", "per-process memory of a training run before it runs, and whether it fits"),
     "demo": ("diffusion_dpo.recipes.demo", "the whole loop offline on a tiny world: label, train, evaluate"),
     "llm": (LLM_METHODS, "language-model paths: sft, reward, dpo, ppo"),
 }
