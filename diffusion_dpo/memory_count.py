@@ -15,9 +15,11 @@ for backward, per checkpoint unit (transformer block, UNet resnet or attention) 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +116,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def _tiny_folder(name: str) -> str:
     from diffusion_dpo.tiny import build_tiny_pipeline
 
-    folder = Path(tempfile.mkdtemp(prefix="diffusion-dpo-plan-")) / name
-    return str(build_tiny_pipeline(folder, family=TINY_FAMILIES[name]))
+    root = tempfile.mkdtemp(prefix="diffusion-dpo-plan-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # only its configs were needed
+    return str(build_tiny_pipeline(Path(root) / name, family=TINY_FAMILIES[name]))
 
 
 def resolve_source(pretrained: str) -> str:
