@@ -27,6 +27,7 @@ CONFIGS = {
     ("evaluate",): ("diffusion_dpo.recipes.evaluate", "EvaluateConfig"),
     ("grpo",): ("diffusion_dpo.recipes.grpo", "GrpoConfig"),
     ("demo",): ("diffusion_dpo.recipes.demo", "DemoConfig"),
+    ("plan",): ("diffusion_dpo.memory_plan", "PlanConfig"),
     ("llm", "sft"): ("diffusion_dpo.recipes.llm_sft", "SFTConfig"),
     ("llm", "reward"): ("diffusion_dpo.recipes.llm_reward", "RewardConfig"),
     ("llm", "dpo"): ("diffusion_dpo.recipes.llm_dpo", "DPOConfig"),
