@@ -198,14 +198,18 @@ def memory_plan(cfg: PlanConfig) -> MemoryPlan:
     return _finish(cfg, arch, rows, trained, reference)
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else (f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k")
+
+
 def _finish(cfg: PlanConfig, arch, rows: list[Row], trained: int, reference: str) -> MemoryPlan:
     device, host = sum(r.device for r in rows), sum(r.host for r in rows)
     headroom = (cfg.headroom_gib if cfg.headroom_gib is not None else 1 + 0.1 * cfg.card_gib) * GIB
     mode = f"LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else "full fine-tune"
     dtype = "fp32" if cfg.mixed_precision == "no" else ("bf16" if cfg.mixed_precision == "auto"
                                                           else cfg.mixed_precision)
-    description = (f"{cfg.model.pretrained} ({arch.kind}; denoiser {arch.denoiser.params / 1e9:.2f}B parameters, "
-                   f"{trained / 1e6:,.1f}M trained), {mode}, {cfg.resolution} px, batch {cfg.batch_size} x "
+    description = (f"{cfg.model.pretrained} ({arch.kind}; denoiser {_count(arch.denoiser.params)} parameters, "
+                   f"{_count(trained)} trained), {mode}, {cfg.resolution} px, batch {cfg.batch_size} x "
                    f"{cfg.images_per_example} images, {cfg.processes} x {cfg.parallel.strategy}"
                    f"{' + cpu_offload' if cfg.parallel.cpu_offload else ''}, {dtype}, {cfg.optimizer}, "
                    f"reference {reference}, gradient checkpointing "
@@ -220,16 +224,17 @@ def _finish(cfg: PlanConfig, arch, rows: list[Row], trained: int, reference: str
                       fits=device + headroom <= cfg.card_gib * GIB, notes=notes)
 
 
-def gib(value: float) -> str:
-    return f"{value / GIB:8.2f}"
-
-
 def format_plan(plan: MemoryPlan) -> str:
-    """The plan as a text table (GiB per process), with the verdict against the card."""
+    """The plan as a text table per process (GiB, or MiB for a plan under 1 GiB), with the verdict."""
+    unit, scale = ("GiB", GIB) if max(plan.device_total, plan.host_total) >= GIB else ("MiB", 2**20)
     width = max(len(r.name) for r in plan.rows)
-    lines = [plan.description, "", f"{'':<{width}}  {'device':>8}  {'host':>8}  (GiB per process)"]
-    lines += [f"{r.name:<{width}}  {gib(r.device)}  {gib(r.host)}  {r.note}" for r in plan.rows]
-    lines.append(f"{'total':<{width}}  {gib(plan.device_total)}  {gib(plan.host_total)}")
+
+    def cell(value: float) -> str:
+        return f"{value / scale:8.2f}"
+
+    lines = [plan.description, "", f"{'':<{width}}  {'device':>8}  {'host':>8}  ({unit} per process)"]
+    lines += [f"{r.name:<{width}}  {cell(r.device)}  {cell(r.host)}  {r.note}" for r in plan.rows]
+    lines.append(f"{'total':<{width}}  {cell(plan.device_total)}  {cell(plan.host_total)}")
     verdict = "fits" if plan.fits else "does not fit"
     lines += ["", f"{verdict} a {plan.card / GIB:g} GiB card (with {plan.headroom / GIB:.1f} GiB headroom for the "
               f"CUDA context & fragmentation: {(plan.card - plan.headroom - plan.device_total) / GIB:+.1f} GiB left)"]

@@ -196,3 +196,16 @@ def test_packaged_training_config_plans_offline(capsys):
     text = capsys.readouterr().out
     assert "LoRA r=16" in text and "8 x ddp" in text and "fits a 80 GiB card" in text
     assert "freed: precomputed latents and text" in text
+
+
+def test_a_grpo_config_plans_one_image_per_example_and_its_reference(tmp_path, capsys):
+    config = tmp_path / "grpo.yaml"
+    config.write_text("model:\n  pretrained: tiny-sd3\n  lora_rank: 8\nsampling:\n  resolution: 32\n"
+                      "online:\n  reference: copy\n  kl_coef: 0.04\noptim:\n  batch_size: 4\n")
+    assert cli_main(["plan", "--config", str(config), "--json"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert (cfg["images_per_example"], cfg["reference"], cfg["resolution"], cfg["batch_size"]) == (1, "copy", 32, 4)
+    train = tmp_path / "train.yaml"
+    train.write_text("model:\n  pretrained: tiny-sd3\n")  # no data.resolution: the trainer's default, 512
+    assert cli_main(["plan", "--config", str(train), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["resolution"] == 512

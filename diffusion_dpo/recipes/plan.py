@@ -10,7 +10,7 @@ allowance. Only config files are read (a hub id's model_index.json and component
 
 ``--config`` takes a train or grpo config (a file or a packaged config's name) and reads the keys that
 decide memory: model.pretrained / revision / lora_rank / lora_targets / gradient_checkpointing,
-data.resolution (grpo: sampling.resolution), optim.batch_size and optim.optimizer, method (dpo: 2 images
+data.resolution (grpo: sampling.resolution; when null, the plan's resolution), optim.batch_size and optim.optimizer, method (dpo: 2 images
 per example), precompute, mixed_precision, parallel.strategy / cpu_offload / frozen, ema.decay (> 0: on) and
 grpo's online.reference; key=value overrides of the plan's own keys (--help) come after it.
 """
@@ -66,6 +66,10 @@ def training_overrides(path: str) -> list[str]:
         if value is not None:
             found[key] = value
     is_grpo = "online" in values or "prompts" in values
+    if not is_grpo and "resolution" not in found:  # a train config without data.resolution trains at its default
+        from diffusion_dpo.data.rows import DataConfig
+
+        found["resolution"] = DataConfig().resolution
     found["images_per_example"] = 1 if is_grpo or values.get("method") == "sft" else 2
     decay = _lookup(values, "ema.decay")
     if decay:
