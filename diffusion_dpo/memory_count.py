@@ -6,11 +6,12 @@ the activations a forward saves for backward, measured on a narrow twin of the d
     acts = activation_model(arch, lora_rank=64)       # bytes per image = a * T_img + b * T_txt + c (fp32)
 
 Parameter counts are exact: each component is built from its config.json on the meta device (shapes, no
-storage). Activations are measured: a twin of the denoiser with the same class, depth and structural settings
-(dual attention, single-stream blocks, LoRA targets) but one attention head (or, for a UNet, channels divided
-by a width factor) runs three small forwards on CPU in fp32 under ``saved_tensors_hooks``; the bytes it saves
-for backward, per checkpoint unit (transformer block, UNet resnet or attention) and outside them, are fitted as
-``a * T_img + b * T_txt + c`` per image and multiplied by the width factor to reach the real width.
+storage). Activations are measured: twins of the denoiser with the same class, depth and structural settings
+(dual attention, single-stream blocks, LoRA targets and rank) but one and two attention heads wide (a UNet:
+its channels divided by a width factor, then doubled) run three small forwards each on CPU (fp32, or bf16
+autocast as the trainer runs) under ``saved_tensors_hooks``; the bytes saved for backward, per checkpoint unit
+(transformer block, UNet resnet or attention) and outside them, are fitted as ``a * T_img + b * T_txt + c`` per
+image and extrapolated linearly in width to the real denoiser.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ KINDS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePi
 # The modules diffusers' gradient checkpointing recomputes: with it on, only their inputs stay saved.
 CHECKPOINT_UNITS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
                     "QwenImageTransformerBlock", "ResnetBlock2D", "Transformer2DModel")
+# Autograd nodes of views: a parameter's cast seen through them is still the cast (not an activation).
+VIEW_NODES = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0",
+              "ExpandBackward0", "AsStridedBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "AliasBackward0"}
 # Text tokens the denoiser attends to, as the training families encode captions (Qwen-Image: its pipeline
 # drops the chat template's prefix, so the count is the prompt's own length; 256 is an assumed long prompt).
 DEFAULT_TEXT_TOKENS = {"sd3": 77 + 256, "flux": 512, "qwen-image": 256, "unet": 77}
@@ -205,11 +209,23 @@ def describe_pipeline(pretrained: str, revision: str | None = None) -> PipelineA
 def saved_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> tuple[dict[str, int], dict[str, int]]:
     """Run ``run()`` (a forward of ``model`` with grad) and return the bytes autograd saved for backward,
     ({unit tag or "rest": bytes}, {unit tag: bytes of the unit's tensor inputs}). Unique storages count once;
-    the model's own parameters and buffers are weights, not activations, and do not count. Unit tags are
-    ``<index>:<class>`` of :data:`CHECKPOINT_UNITS` modules in forward order."""
+    the model's own parameters and buffers are weights, not activations, and do not count, nor do autocast's
+    half-precision casts of them (the plan's compute copy). Unit tags are ``<index>:<class>`` of
+    :data:`CHECKPOINT_UNITS` modules in forward order."""
     seen: set[tuple[int, int]] = set()
     for q in [*model.parameters(), *model.buffers()]:
         seen.add((q.untyped_storage().data_ptr(), q.untyped_storage().nbytes()))
+    parameter_ids = {id(p) for p in model.parameters()}
+
+    def is_weight_cast(t: torch.Tensor) -> bool:
+        fn = t.grad_fn  # autocast's cast of a parameter, possibly seen through views (linear saves W^T)
+        for _ in range(4):
+            if fn is None or type(fn).__name__ not in VIEW_NODES:
+                break
+            fn = fn.next_functions[0][0]
+        if fn is None or type(fn).__name__ != "ToCopyBackward0":
+            return False
+        return any(id(getattr(f, "variable", None)) in parameter_ids for f, _ in fn.next_functions if f is not None)
     saved: dict[str, int] = {}
     inputs: dict[str, int] = {}
     stack = ["rest"]
@@ -222,7 +238,8 @@ def saved_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> tuple[dict[st
         return key[1]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[stack[-1]] = saved.get(stack[-1], 0) + new_bytes(t)
+        if not is_weight_cast(t):
+            saved[stack[-1]] = saved.get(stack[-1], 0) + new_bytes(t)
         return t
 
     held: set[tuple[int, int]] = set(seen)  # what checkpointing keeps: each unit's inputs, shared ones once
@@ -263,13 +280,15 @@ def image_tokens_fit(points: list[tuple[int, int]], values: list[float]) -> tupl
 
 @dataclass
 class ActivationModel:
-    """Saved-for-backward bytes per image as linear fits ``(a, b, c)``: ``a * T_img + b * T_txt + c`` in fp32
-    bytes at the twin's width; ``width_factor`` scales them to the real denoiser's width."""
+    """Saved-for-backward bytes per image as linear fits ``(a, b, c)``: ``a * T_img + b * T_txt + c`` bytes at
+    the twin's width, measured in fp32 (``measured_element_bytes`` 4) or under bf16 autocast (2);
+    ``width_factor`` scales them to the real denoiser's width."""
 
     units: dict[str, tuple[float, float, float]]  # per checkpoint unit, without checkpointing
     unit_inputs: dict[str, tuple[float, float, float]]  # per unit, what checkpointing keeps
     rest: tuple[float, float, float]  # outside the units (embedders, final layers, UNet samplers)
     width_factor: float
+    measured_element_bytes: int = 4
 
     def bytes(self, image_tokens: int, text_tokens: int, images: int, element_bytes: int,
               checkpointing: bool) -> float:
@@ -281,11 +300,14 @@ class ActivationModel:
             kept = sum(map(value, self.unit_inputs.values())) + max(map(value, self.units.values()), default=0.0)
         else:
             kept = sum(map(value, self.units.values()))
-        return (kept + value(self.rest)) * self.width_factor * element_bytes / 4 * images
+        dtype_scale = element_bytes / self.measured_element_bytes  # 1 when measured in the plan's precision
+        return (kept + value(self.rest)) * self.width_factor * dtype_scale * images
 
 
-def _twin(arch: PipelineArchitecture) -> tuple[torch.nn.Module, float]:
-    """The narrow twin of the denoiser (same class, depth and structure) in fp32 on CPU, and its width factor."""
+def _twin(arch: PipelineArchitecture, widths: int) -> tuple[torch.nn.Module, float]:
+    """A narrow twin of the denoiser (same class, depth and structure) in fp32 on CPU, ``widths`` width units
+    wide (a transformer: that many attention heads; a UNet: channels / the width factor x ``widths``, one
+    head per level), and the real denoiser's width in those units (the width factor)."""
     import diffusers
 
     config = {k: v for k, v in arch.denoiser_config.items() if not k.startswith("_")}
@@ -294,13 +316,13 @@ def _twin(arch: PipelineArchitecture) -> tuple[torch.nn.Module, float]:
         factor = next(s for s in (20, 16, 10, 8, 5, 4, 2, 1)
                       if all(c % s == 0 and (c // s) % groups == 0 for c in channels))
         heads = config.get("attention_head_dim", 8)
-        config.update(block_out_channels=[c // factor for c in channels], num_attention_heads=None,
+        config.update(block_out_channels=[c // factor * widths for c in channels], num_attention_heads=None,
                       attention_head_dim=[1] * len(heads) if isinstance(heads, (list, tuple)) else 1)
     else:
         factor = config["num_attention_heads"]
-        config["num_attention_heads"] = 1
+        config["num_attention_heads"] = widths
         if arch.kind == "sd3":
-            config["caption_projection_dim"] = config["attention_head_dim"]
+            config["caption_projection_dim"] = config["attention_head_dim"] * widths
     torch.manual_seed(0)
     return getattr(diffusers, arch.denoiser_class).from_config(config), float(factor)
 
@@ -334,27 +356,51 @@ def _twin_forward(arch: PipelineArchitecture, twin, side: int, text_tokens: int)
 
 
 @functools.lru_cache(maxsize=32)
-def activation_model(arch: PipelineArchitecture, lora_rank: int = 0,
-                     lora_targets: tuple[str, ...] = ()) -> ActivationModel:
-    """Measure the twin of ``arch``'s denoiser (LoRA of rank ~ lora_rank / width factor on ``lora_targets``
-    when ``lora_rank`` > 0, the base frozen) at three token counts and fit each unit's saved bytes."""
-    from diffusion_dpo.models import attach_lora
+def activation_model(arch: PipelineArchitecture, lora_rank: int = 0, lora_targets: tuple[str, ...] = (),
+                     half: bool = False) -> ActivationModel:
+    """Measure twins of ``arch``'s denoiser one and two width units wide (a LoRA of rank ``lora_rank`` on
+    ``lora_targets`` when > 0, the base frozen) at three token counts each, fit each unit's saved bytes, and
+    extrapolate linearly in width to the real denoiser (what does not grow with width, such as rotary tables
+    and the LoRA's rank-sized products, stays as measured). ``half``: held and run as the trainer does in
+    bf16 (a LoRA's base in bf16, trained weights fp32, bf16 autocast; CPU autocast standing in for CUDA's),
+    else in fp32."""
+    narrow, factor = _measure_twin(arch, 1, lora_rank, lora_targets, half)
+    wide, _ = _measure_twin(arch, 2, lora_rank, lora_targets, half)
 
-    twin, factor = _twin(arch)
+    def at_real_width(one, two):
+        return tuple(a + (factor - 1) * (b - a) for a, b in zip(one, two))
+
+    return ActivationModel(
+        units={t: at_real_width(narrow.units[t], wide.units[t]) for t in narrow.units},
+        unit_inputs={t: at_real_width(narrow.unit_inputs[t], wide.unit_inputs[t]) for t in narrow.unit_inputs},
+        rest=at_real_width(narrow.rest, wide.rest), width_factor=1.0, measured_element_bytes=2 if half else 4)
+
+
+def _measure_twin(arch: PipelineArchitecture, widths: int, lora_rank: int, lora_targets: tuple[str, ...],
+                  half: bool) -> tuple[ActivationModel, float]:
+    """The fits of one twin ``widths`` units wide (its own width, width_factor 1), and the width factor."""
+    from diffusion_dpo.models import attach_lora, trainable_parameters
+
+    twin, factor = _twin(arch, widths)
     if lora_rank:
-        attach_lora(twin, max(1, round(lora_rank / factor)), None, list(lora_targets))
+        if half:
+            twin.to(torch.bfloat16)
+        attach_lora(twin, lora_rank, None, list(lora_targets))
+        for p in trainable_parameters(twin):
+            p.data = p.data.float()
     twin.train()
     unit = 2 ** (len(twin.config.block_out_channels) - 1) if arch.kind == "unet" else arch.patch
     base = 4 if arch.kind != "unet" else 2
     grids = [(base * unit, 8), (2 * base * unit, 8), (base * unit, 24)]
-    measured = [saved_bytes(twin, _twin_forward(arch, twin, side, text)) for side, text in grids]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+        measured = [saved_bytes(twin, _twin_forward(arch, twin, side, text)) for side, text in grids]
     points = [((side // arch.patch) ** 2, text) for side, text in grids]
-    tags = [t for t in measured[0][0] if t != "rest"]
 
     def fit(values):
         return image_tokens_fit(points, [float(v) for v in values])
 
-    return ActivationModel(
-        units={t: fit([m[0].get(t, 0) for m in measured]) for t in tags},
+    fits = ActivationModel(
+        units={t: fit([m[0].get(t, 0) for m in measured]) for t in measured[0][0] if t != "rest"},
         unit_inputs={t: fit([m[1].get(t, 0) for m in measured]) for t in measured[0][1]},
-        rest=fit([m[0].get("rest", 0) for m in measured]), width_factor=factor)
+        rest=fit([m[0].get("rest", 0) for m in measured]), width_factor=1.0)
+    return fits, factor

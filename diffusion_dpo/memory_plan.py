@@ -188,7 +188,7 @@ def memory_plan(cfg: PlanConfig) -> MemoryPlan:
     encoders = 0.0 if cfg.precompute else half * sum(arch.frozen.values()) / frozen_share
     rows.append(_placed("frozen encoders + VAE", encoders, frozen_host, "freed: precomputed latents and text"
                         if cfg.precompute else ", ".join(sorted(arch.frozen))))
-    acts = activation_model(arch, cfg.model.lora_rank, tuple(targets))
+    acts = activation_model(arch, cfg.model.lora_rank, tuple(targets), half=half < 4)
     text_tokens = cfg.text_tokens or arch.text_tokens
     images = cfg.batch_size * cfg.images_per_example
     rows.append(Row("activations", acts.bytes(arch.tokens(cfg.resolution), text_tokens, images, half,

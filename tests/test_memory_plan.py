@@ -130,7 +130,9 @@ def test_compute_dtype_halves_frozen_and_activations_and_precompute_frees_encode
     fp32 = rows(plan_for(*base))
     bf16 = rows(memory_plan(load_config(PlanConfig, overrides=[*base, "mixed_precision=bf16"])))
     assert bf16["weights"] == fp32["weights"]  # trained weights stay fp32
-    assert bf16["reference"] == fp32["reference"] / 2 and bf16["activations"] == fp32["activations"] / 2
+    assert bf16["reference"] == fp32["reference"] / 2
+    # activations are measured in bf16: most saved tensors halve, a few stay fp32 (norm statistics, rotary tables)
+    assert 0.4 * fp32["activations"] < bf16["activations"] < 0.75 * fp32["activations"]
     assert bf16["compute copy"] == fp32["weights"] / 2  # autocast's bf16 casts of the fp32 weights
     assert rows(plan_for(*base, "precompute=true"))["frozen encoders + VAE"] == 0
 
@@ -209,3 +211,28 @@ def test_a_grpo_config_plans_one_image_per_example_and_its_reference(tmp_path, c
     train.write_text("model:\n  pretrained: tiny-sd3\n")  # no data.resolution: the trainer's default, 512
     assert cli_main(["plan", "--config", str(train), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["resolution"] == 512
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny"])
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_bf16_activations_within_10_percent_of_what_autocast_saves(name, lora_rank):
+    """Held as the trainer holds it in bf16 (a LoRA's base in bf16, trained weights fp32) under autocast;
+    autocast's casts of the weights are the plan's compute copy, not activations (saved_bytes leaves them)."""
+    unet = models.load_components(resolve_source(name)).denoiser
+    comps = models.load_components(resolve_source(name))
+    if lora_rank:
+        unet.to(torch.bfloat16)
+        models.attach_lora(unet, lora_rank, None, TARGETS)
+        for p in models.trainable_parameters(unet):
+            p.data = p.data.float()
+    unet.train()
+    images, h = 6, 20
+    noisy = torch.randn(images, 4, h, h)
+    text = comps.family.encode_text(comps, ["a red dog"] * images)
+    timestep = torch.full((images,), 500 if name == "tiny" else 500.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, _ = saved_bytes(unet, lambda: comps.family.forward(unet, noisy, timestep, text, {}))
+    plan = rows(memory_plan(load_config(PlanConfig, overrides=[
+        f"model.pretrained={name}", f"model.lora_rank={lora_rank}", "resolution=40", "batch_size=3",
+        "mixed_precision=bf16"])))
+    assert close(plan["activations"], sum(saved.values()))
