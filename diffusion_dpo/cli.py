@@ -38,6 +38,7 @@ COMMANDS: Table = {
     "evaluate": ("diffusion_dpo.recipes.evaluate", "tuned vs base on HPSv2-style prompts, per style"),
     "grpo": ("diffusion_dpo.recipes.grpo", "online reward tuning against a scorer: GRPO or online DPO"),
     "serve": ("diffusion_dpo.recipes.serve", "a scorer behind HTTP, for scorer.name=remote elsewhere"),
+    "plan": ("diffusion_dpo.recipes.plan", "per-process memory of a training run before it runs, and whether it fits"),
     "demo": ("diffusion_dpo.recipes.demo", "the whole loop offline on a tiny world: label, train, evaluate"),
     "llm": (LLM_METHODS, "language-model paths: sft, reward, dpo, ppo"),
 }

@@ -28,6 +28,7 @@ CONFIGS = {
     ("grpo",): ("diffusion_dpo.recipes.grpo", "GrpoConfig"),
     ("demo",): ("diffusion_dpo.recipes.demo", "DemoConfig"),
     ("serve",): ("diffusion_dpo.recipes.serve", "ServeConfig"),
+    ("plan",): ("diffusion_dpo.memory_plan", "PlanConfig"),
     ("llm", "sft"): ("diffusion_dpo.recipes.llm_sft", "SFTConfig"),
     ("llm", "reward"): ("diffusion_dpo.recipes.llm_reward", "RewardConfig"),
     ("llm", "dpo"): ("diffusion_dpo.recipes.llm_dpo", "DPOConfig"),

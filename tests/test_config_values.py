@@ -91,7 +91,7 @@ def _parse_through_cli(monkeypatch, command: str, module: str, overrides: list[s
 
 # Keys a command cannot do without (its checks run when the config is read).
 REQUIRED = {"llm ppo": ["reward.function=my_rewards:length", "model.lora.enabled=true"],
-            "llm dpo": ["model.lora.enabled=true"]}
+            "llm dpo": ["model.lora.enabled=true"], "plan": ["model.lora_rank=4"]}  # plan: reference=adapter
 
 
 def _config_class(monkeypatch, command: str, module: str) -> type:
