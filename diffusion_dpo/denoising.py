@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from diffusion_dpo.noise import DDPMNoise, reduce_error, uniform_timestep
+
 Tensor = torch.Tensor
 
 
@@ -35,8 +37,6 @@ def unet_forward(unet, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
 
 def as_process(noise):
     """A noise process; a bare diffusers scheduler means its DDPM process with mean reduction."""
-    from diffusion_dpo.families.base import DDPMNoise
-
     return noise if hasattr(noise, "draw_time") else DDPMNoise(noise)
 
 
@@ -49,8 +49,6 @@ def denoising_errors(model, latents: Tensor, noise: Tensor, times: Tensor, proce
     fp32 error [N] between the prediction and the process's target. Run it under ``torch.autocast`` when
     the weights are in half precision; gradients flow unless under no_grad.
     """
-    from diffusion_dpo.families.base import reduce_error
-
     process = as_process(process)
     latents = latents.float()
     noise = noise.to(latents)
@@ -144,6 +142,3 @@ def draw_pair_noise(seeds: list[int], latent_shape: tuple[int, int, int],
     return PairNoise(torch.cat(timesteps).to(device), torch.stack(noise).to(device), torch.stack(eps).to(device))
 
 
-def uniform_timestep(num_train_timesteps: int) -> Callable[[torch.Generator], Tensor]:
-    """DDPM's time draw for T timesteps: long [1], uniform in [0, T)."""
-    return lambda g: torch.randint(0, num_train_timesteps, (1,), generator=g)

@@ -180,7 +180,7 @@ def _latent_factor(vae_config: dict[str, Any]) -> int:
 @functools.lru_cache(maxsize=16)
 def describe_pipeline(pretrained: str, revision: str | None = None) -> PipelineArchitecture:
     """Count ``pretrained``'s components from their configs (no weights are read or allocated)."""
-    from diffusion_dpo.models import pipeline_index
+    from diffusion_dpo.families import pipeline_index
 
     source = resolve_source(pretrained)
     index = pipeline_index(source, revision)

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from diffusion_dpo.config import ConfigError, at_least_one, non_negative, option, positive
+from diffusion_dpo.families import DEFAULT_LORA_TARGETS
 from diffusion_dpo.memory_count import activation_model, describe_pipeline, lora_shapes
-from diffusion_dpo.models import DEFAULT_LORA_TARGETS
 
 GIB = 2**30
 

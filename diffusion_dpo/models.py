@@ -26,12 +26,11 @@ import torch
 
 from diffusion_dpo.denoising import PairInputs
 from diffusion_dpo.errors import InputError
-from scorers.hub import from_hub, looks_local
+from diffusion_dpo.families import DEFAULT_LORA_TARGETS, SDFamily, SDXLFamily, detect_index, pipeline_index
 
 Tensor = torch.Tensor
 
 # The attention projections, as the diffusers LoRA examples and the paper's follow-ups adapt them.
-DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 class Components:
@@ -46,8 +45,6 @@ class Components:
 
     def __init__(self, denoiser=None, vae=None, text_encoders=(), tokenizers=(), noise_scheduler=None,
                  family=None, *, unet=None, is_sdxl: bool = False):
-        from diffusion_dpo.families import SDFamily, SDXLFamily
-
         self.denoiser = denoiser if denoiser is not None else unet
         self.vae, self.noise_scheduler = vae, noise_scheduler
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
@@ -61,27 +58,6 @@ class Components:
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.get("prediction_type") or "flow"
-
-
-def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
-    """The pipeline's ``model_index.json`` (component name -> [library, class]), from a folder or the hub.
-
-    A hub id that is neither cached nor fetchable (offline, hub unreachable, no such repo) is an error saying
-    so; the components are then fetched by their own loaders.
-    """
-    from diffusers import DiffusionPipeline
-
-    if not looks_local(pretrained):
-        return dict(from_hub(lambda local_only: DiffusionPipeline.load_config(
-            pretrained, revision=revision, local_files_only=local_only), "diffusers pipeline",
-            f"hub id {pretrained!r}", "model.pretrained"))
-    try:
-        return dict(DiffusionPipeline.load_config(pretrained, revision=revision))
-    except (OSError, ValueError) as e:
-        raise InputError(
-            f"model.pretrained {pretrained!r}: not a diffusers pipeline (a hub id such as "
-            f"stable-diffusion-v1-5/stable-diffusion-v1-5, or a local folder with model_index.json): {e}"
-        ) from None
 
 
 def _component_class(index: dict[str, Any], name: str, pretrained: str):
@@ -101,8 +77,6 @@ def load_components(pretrained: str, *, revision: str | None = None, variant: st
     ``madebyollin/sdxl-vae-fp16-fix``, which the paper's SDXL run used so fp16 does not overflow). The
     frozen modules are returned with ``requires_grad`` off and in eval mode.
     """
-    from diffusion_dpo.families import detect_index
-
     index = pipeline_index(pretrained, revision)
     family = detect_index(index, pretrained)
 
@@ -113,7 +87,7 @@ def load_components(pretrained: str, *, revision: str | None = None, variant: st
         return component_class.from_pretrained(pretrained, subfolder=name, revision=revision, **kwargs)
 
     try:
-        comps = family.load(pretrained, load, vae)
+        comps = Components(**family.load(pretrained, load, vae))
     except OSError as e:
         raise InputError(f"cannot load the components of {pretrained!r}: {e}") from None
     comps.pipeline_config = {k: v for k, v in index.items() if not isinstance(v, (list, tuple))}
@@ -257,17 +231,7 @@ def trainable_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def lora_state_dict(unet) -> dict[str, Tensor]:
-    """The adapter weights in the key layout ``pipe.load_lora_weights`` reads."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
 def save_lora(unet, path, is_sdxl: bool) -> None:
     """Write an SD or SDXL UNet's adapter to ``path/pytorch_lora_weights.safetensors`` for
     ``pipe.load_lora_weights(path)`` (other families: ``family.save_lora``)."""
-    from diffusion_dpo.families import SDFamily, SDXLFamily
-
     (SDXLFamily() if is_sdxl else SDFamily()).save_lora(unet, path)

@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.families.base import DDPMNoise, Family, FlowNoise, NoiseConfig
+from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, DDPMNoise, Family, FlowNoise, NoiseConfig
 from diffusion_dpo.families.flux import FluxFamily
 from diffusion_dpo.families.sd import SDFamily, SDXLFamily
 from diffusion_dpo.families.sd3 import SD3Family
+from scorers.hub import from_hub, looks_local
 
-__all__ = ["FAMILIES", "DDPMNoise", "Family", "FlowNoise", "NoiseConfig", "detect", "detect_index", "by_name"]
+__all__ = ["FAMILIES", "DEFAULT_LORA_TARGETS", "DDPMNoise", "Family", "FlowNoise", "NoiseConfig", "detect", "detect_index", "by_name", "pipeline_index"]
 
 FAMILIES: tuple[type[Family], ...] = (SD3Family, FluxFamily, SDXLFamily, SDFamily)
 
@@ -31,9 +32,28 @@ def detect_index(index: dict[str, Any], pretrained: str = "") -> Family:
                      f"family (expected one of {', '.join(f.pipeline_class for f in FAMILIES)}, or a UNet pipeline)")
 
 
-def detect(pretrained: str, revision: str | None = None) -> Family:
-    from diffusion_dpo.models import pipeline_index
+def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
+    """The pipeline's ``model_index.json`` (component name -> [library, class]), from a folder or the hub.
 
+    A hub id that is neither cached nor fetchable (offline, hub unreachable, no such repo) is an error saying
+    so; the components are then fetched by their own loaders.
+    """
+    from diffusers import DiffusionPipeline
+
+    if not looks_local(pretrained):
+        return dict(from_hub(lambda local_only: DiffusionPipeline.load_config(
+            pretrained, revision=revision, local_files_only=local_only), "diffusers pipeline",
+            f"hub id {pretrained!r}", "model.pretrained"))
+    try:
+        return dict(DiffusionPipeline.load_config(pretrained, revision=revision))
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"model.pretrained {pretrained!r}: not a diffusers pipeline (a hub id such as "
+            f"stable-diffusion-v1-5/stable-diffusion-v1-5, or a local folder with model_index.json): {e}"
+        ) from None
+
+
+def detect(pretrained: str, revision: str | None = None) -> Family:
     return detect_index(pipeline_index(pretrained, revision), pretrained)
 
 
