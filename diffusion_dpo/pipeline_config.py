@@ -4,8 +4,9 @@ pipeline (label, evaluate); :func:`diffusion_dpo.sampling.load_pipeline` takes t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from diffusion_dpo.config import at_least_one, option
+from diffusion_dpo.config import at_least_one, non_negative, option
 
 
 @dataclass
@@ -33,3 +34,25 @@ class SamplingSection:
     width: int | None = option(None, "image width in px; null: the checkpoint's native size")
     scheduler: str | None = option(None, "diffusers scheduler class to sample with (e.g. "
                                    "DPMSolverMultistepScheduler); null: the checkpoint's own")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a "
+                             "local diffusers folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from "
+                             "model_index.json); 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
+                             "<output_dir>/tiny/ (offline)")
+    revision: Optional[str] = option(None, "hub revision (branch, tag or commit) of model.pretrained")
+    variant: Optional[str] = option(None, "weight-file variant to load, e.g. 'fp16' (null: the full files)")
+    vae: Optional[str] = option(None, "a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
+                                "as the paper's SDXL run; null: the pipeline's own")
+    lora_rank: int = option(0, "0: full fine-tune of the denoiser (UNet or transformer); r > 0: train a rank-r "
+                            "LoRA adapter instead",
+                            non_negative, "0 (full fine-tune) or a positive LoRA rank")
+    lora_alpha: Optional[float] = option(None, "LoRA alpha (scale alpha/rank); null: equal to lora_rank",
+                                         lambda v: v is None or v > 0, "null or a positive number")
+    lora_targets: Optional[list[str]] = option(None, "module names LoRA adapts; null: the family's (the "
+                                               "attention projections to_q, to_k, to_v, to_out.0)",
+                                               lambda v: v is None or bool(v), "null or at least one name")
+    gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward (less memory, "
+                                          "~30% slower; the paper's code turns it on for SDXL)")

@@ -27,6 +27,9 @@ DEFAULT_WORDS = (
     "triangle background dog cat house tree car flower mountain city sky sea portrait landscape"
 ).split()
 
+# model.pretrained values that build a tiny pipeline, and its family
+TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+
 
 def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
                          max_length: int = 16) -> Path:

@@ -179,7 +179,7 @@ def test_demo_keys_are_the_names_of_the_keys_they_set_and_old_names_say_the_new_
     """The demo's train.* and online.* keys are the train and grpo commands' names (train.optim.learning_rate
     sets train's optim.learning_rate); an old name, on the command line or in a file, is refused with its new
     name. The settings the demo hands to train are the ones it always did."""
-    from diffusion_dpo.recipes import demo
+    from diffusion_dpo.recipes import demo, demo_common
 
     cases = [("train.beta_dpo=100", "'train.loss.beta'"), ("train.learning_rate=1e-4", "'train.optim.learning_rate'"),
              ("train.lora_rank=4", "'train.model.lora_rank'"), ("train.max_steps=3", "'train.optim.max_steps'"),
@@ -201,8 +201,8 @@ def test_demo_keys_are_the_names_of_the_keys_they_set_and_old_names_say_the_new_
     assert not (tmp_path / "d").exists()
 
     cfg = demo.resolve_defaults(load_config(demo.DemoConfig, [], ["train.optim.learning_rate=1e-4"]))
-    dpo = demo.train_config(cfg, "dpo", str(demo.BASES["sd"]), tmp_path / "p", tmp_path / "o", 1, None)
-    sft = demo.train_config(cfg, "sft", str(demo.BASES["sd"]), tmp_path / "p", tmp_path / "o", 1, None)
+    dpo = demo.train_config(cfg, "dpo", str(demo_common.BASES["sd"]), tmp_path / "p", tmp_path / "o", 1, None)
+    sft = demo.train_config(cfg, "sft", str(demo_common.BASES["sd"]), tmp_path / "p", tmp_path / "o", 1, None)
     assert (dpo.model.lora_rank, dpo.loss.beta, dpo.optim.learning_rate, dpo.optim.max_steps) == (8, 5000.0, 1e-4, 200)
     assert (dpo.optim.batch_size, dpo.optim.warmup_steps, dpo.data.caption_dropout) == (16, 20, 0.0)
     assert (sft.optim.learning_rate, sft.optim.max_steps, sft.optim.batch_size) == (3e-4, 200, 16)

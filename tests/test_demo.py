@@ -8,9 +8,9 @@ from PIL import Image
 from diffusion_dpo import cli
 from diffusion_dpo.config import ConfigError, load_config
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.recipes import demo
+from diffusion_dpo.recipes import demo, demo_common
 
-BASE = demo.DEFAULT_BASE
+BASE = demo_common.DEFAULT_BASE
 
 
 

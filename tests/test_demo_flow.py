@@ -7,9 +7,9 @@ import pytest
 from diffusion_dpo.config import ConfigError, load_config
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import detect
-from diffusion_dpo.recipes import demo
+from diffusion_dpo.recipes import demo, demo_common
 
-FLOW_BASE = demo.BASES["flow"]
+FLOW_BASE = demo_common.BASES["flow"]
 TINY = [
     "world.train_prompts=4", "world.held_out_prompts=3", "candidates_per_prompt=2", "eval_seeds=1",
     "sampling.num_inference_steps=2", "train.optim.max_steps=2", "train.sft_optim.max_steps=2", "train.optim.batch_size=2",
@@ -34,14 +34,14 @@ def test_family_picks_the_base_and_its_tuning_defaults():
     assert flow.train.optim.max_steps == 7  # given keys win over the family's defaults
     sd = demo.resolve_defaults(load_config(demo.DemoConfig, [], []))
     assert (sd.family, sd.train.loss.beta, sd.train.optim.learning_rate) == ("sd", 5000.0, 3e-4)
-    assert demo.check_base(flow) == str(FLOW_BASE) and demo.check_base(sd) == str(demo.DEFAULT_BASE)
+    assert demo_common.check_base(flow) == str(FLOW_BASE) and demo_common.check_base(sd) == str(demo_common.DEFAULT_BASE)
 
 
 def test_family_config_checks(tmp_path):
     with pytest.raises(ConfigError, match="family"):
         load_config(demo.DemoConfig, [], ["family=sd3"])
     with pytest.raises(InputError, match="family=flow but .* is a sd pipeline"):
-        demo.run(load_config(demo.DemoConfig, [], ["family=flow", f"base={demo.DEFAULT_BASE}",
+        demo.run(load_config(demo.DemoConfig, [], ["family=flow", f"base={demo_common.DEFAULT_BASE}",
                                                    f"output_dir={tmp_path / 'a'}"]))
     with pytest.raises(InputError, match="family=sd but .* is a sd3 pipeline"):
         demo.run(load_config(demo.DemoConfig, [], [f"base={FLOW_BASE}", f"output_dir={tmp_path / 'b'}"]))

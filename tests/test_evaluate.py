@@ -12,6 +12,7 @@ from diffusion_dpo import sampling
 from diffusion_dpo.cli import main as cli_main
 from diffusion_dpo.config import load_config, parse_args
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.paired import SEED_STRIDE, EvaluateConfig, run, scorer_names
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.reports import (
     CAPTION_LINES,
@@ -21,7 +22,6 @@ from diffusion_dpo.evaluation.reports import (
     grid_size,
     pair_grid,
 )
-from diffusion_dpo.recipes.evaluate import SEED_STRIDE, EvaluateConfig, run, scorer_names
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
 FAST = ["sampling.num_inference_steps=2", "n_boot=200", "grid_cell=64", "batch_size=8"]

@@ -85,11 +85,11 @@ def _demo_stages_accept(cfg: Any) -> None:
     every stage (label, train, evaluate, grpo) a config that stage accepts, and prompts on both sides of the
     world's split; else the demo would fail minutes in, after writing, naming a key the user did not type."""
     from diffusion_dpo.config import ConfigError
-    from diffusion_dpo.recipes import demo, demo_online
+    from diffusion_dpo.recipes import demo, demo_common, demo_online
     from scorers.shapes.world import split_prompts
 
-    base, where = demo.check_base(cfg), Path("unused")
-    stages = {"evaluate": demo.evaluate_config(cfg, base, base, where, where, None)}
+    base, where = demo_common.check_base(cfg), Path("unused")
+    stages = {"evaluate": demo_common.evaluate_config(cfg, base, base, where, where, None)}
     if cfg.method in demo.ONLINE_METHODS:
         stages["grpo"] = demo_online.grpo_config(demo_online.resolve_online_defaults(cfg), base, where, where, None)
     else:

@@ -237,12 +237,12 @@ def test_shapes_checks_fail_where_the_image_is_wrong():
 
 def test_the_demo_evaluates_with_the_shapes_geneval(tmp_path):
     from diffusion_dpo.evaluation.benchmarks import benchmark_tables
+    from diffusion_dpo.evaluation.paired import _scores, row_names
     from diffusion_dpo.evaluation.reports import build_report, geneval_sentence
-    from diffusion_dpo.recipes import demo
-    from diffusion_dpo.recipes.evaluate import _scores, row_names
+    from diffusion_dpo.recipes import demo, demo_common
 
     cfg = load_config(demo.DemoConfig, [], [])
-    evaluation = demo.evaluate_config(cfg, "base", "tuned", tmp_path / "p.txt", tmp_path / "e", None)
+    evaluation = demo_common.evaluate_config(cfg, "base", "tuned", tmp_path / "p.txt", tmp_path / "e", None)
     assert "shapes_geneval" in evaluation.scorers.split(",")
     # The rows evaluate writes for it, and the table built from them, on rendered world images (base) and
     # the same images with the colours inverted (tuned: every check but counting and position fails).

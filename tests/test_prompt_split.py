@@ -11,8 +11,8 @@ import pytest
 from diffusion_dpo import ASSETS
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.paired import EvaluateConfig, training_captions
 from diffusion_dpo.evaluation.prompts import HPS_STYLES, Prompt, load_prompts, overlap_warning
-from diffusion_dpo.recipes.evaluate import EvaluateConfig, training_captions
 from diffusion_dpo.recipes.label import LabelConfig
 
 CONFIGS = ASSETS / "configs"

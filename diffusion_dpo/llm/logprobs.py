@@ -61,3 +61,13 @@ def forward_logps(
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding: the first real token of every row is position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of completion-token negative log-likelihoods, number of completion tokens) of one batch."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    mask = batch["completion_mask"][:, 1:].float()
+    nll = -(token_logps(logits[:, :-1], batch["input_ids"][:, 1:]) * mask).sum()
+    return nll, mask.sum()

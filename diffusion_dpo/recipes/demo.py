@@ -28,14 +28,13 @@ replaces it, resume=auto continues its stages (label and evaluate reuse their fi
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from diffusion_dpo import ASSETS, config
+from diffusion_dpo import config
 from diffusion_dpo.config import (
     OptimSection,
     PreferenceLossSection,
@@ -49,9 +48,17 @@ from diffusion_dpo.config import (
     to_dict,
 )
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
-from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.paired import reuse_base_images
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
+from diffusion_dpo.recipes.demo_common import (
+    Console,
+    check_base,
+    evaluate_config,
+    policy_pipeline,
+    timed,
+    write_prompts,
+)
 from diffusion_dpo.recipes.demo_config import (
     FAMILY_TRAIN_DEFAULTS,
     DemoTrainConfig,
@@ -60,8 +67,6 @@ from diffusion_dpo.recipes.demo_config import (
 )
 from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
 
-BASES = {"sd": ASSETS / "demo" / "base", "flow": ASSETS / "demo" / "flow_base"}
-DEFAULT_BASE = BASES["sd"]
 
 @dataclass
 class DemoConfig(RunOptions):
@@ -91,10 +96,11 @@ class DemoConfig(RunOptions):
                           "1 can be much faster than 2", non_negative, "0 (torch's default) or a positive number")
     n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
     grid_prompts: int = option(12, "held-out prompts shown in grid.png (first seed)", non_negative, "0 or more")
-    method: Literal["offline_dpo", "grpo", "online_dpo"] = option(
-        "offline_dpo", "offline_dpo: label -> train (-> evaluate); grpo / online_dpo: tune online against the "
-        "scorer (diffusion-dpo grpo), then evaluate (recipes/demo_online.py)")
-    online: OnlineDemoConfig = option(OnlineDemoConfig, "method=grpo / online_dpo: the online tuning settings")
+    method: Literal["offline_dpo", "grpo", "online_dpo", "nft"] = option(
+        "offline_dpo", "offline_dpo: label -> train (-> evaluate); grpo / online_dpo / nft: tune online against "
+        "the scorer (diffusion-dpo grpo), then evaluate (recipes/demo_online.py)")
+    online: OnlineDemoConfig = option(OnlineDemoConfig, "method=grpo / online_dpo / nft: the online tuning "
+                                      "settings")
 
 
 # ------------------------------------------------------------------------------------------ stage configs
@@ -137,25 +143,6 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
     )
 
 
-# The demo's scorer, and the shapes world as an offline GenEval (count, colour, shape, size, position,
-# background checked on the world's exact geometry), reported beside it.
-EVAL_SCORERS = "shapes,shapes_geneval"
-
-
-def evaluate_config(cfg: DemoConfig, base: str, tuned: str, prompts_file: Path, out: Path, resume: str | None):
-    from diffusion_dpo.recipes import evaluate
-
-    s = cfg.sampling
-    return evaluate.EvaluateConfig(
-        model=PipelineSection(pretrained=base), tuned=evaluate.TunedConfig(pretrained=tuned),
-        prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed, scorers=EVAL_SCORERS,
-        sampling=SamplingSection(num_inference_steps=s.num_inference_steps,
-                                         guidance_scale=s.guidance_scale),
-        batch_size=s.batch_size, n_boot=cfg.n_boot, grid_prompts=0, output_dir=str(out), resume=resume,
-        mixed_precision=cfg.mixed_precision,
-    )
-
-
 def _resolution(pipeline: str) -> int:
     """Image side in px of a pipeline folder: denoiser sample size (in latent px) x VAE downsampling factor."""
     from diffusion_dpo.families import detect
@@ -173,98 +160,7 @@ def resolve_defaults(cfg: DemoConfig) -> DemoConfig:
     return replace(cfg, train=fill_nulls(cfg.train, FAMILY_TRAIN_DEFAULTS[cfg.family]))
 
 
-def check_base(cfg: DemoConfig) -> str:
-    """The base folder, checked: a diffusers pipeline of the family ``cfg.family`` names."""
-    from diffusion_dpo.families import detect
-
-    base = str(Path(cfg.base) if cfg.base else BASES[cfg.family])
-    if not (Path(base) / "model_index.json").is_file():
-        raise InputError(f"config key 'base': {base} is not a diffusers pipeline folder (no "
-                         f"model_index.json); build one with scripts/train_demo_base.py --family {cfg.family}")
-    family = detect(base)
-    if family.flow != (cfg.family == "flow"):
-        raise InputError(f"config keys 'family' / 'base': family={cfg.family} but {base} is a {family.name} "
-                         f"pipeline ({'flow matching' if family.flow else 'DDPM'}); expected "
-                         f"{'an SD3 or FLUX' if cfg.family == 'flow' else 'an SD1.x/2.x or SDXL'} pipeline")
-    return base
-
-
 # ---------------------------------------------------------------------------------------------- pieces
-
-def write_prompts(cfg: DemoConfig, folder: Path) -> tuple[Path, Path]:
-    """The world's train and held-out prompts as text files (one per line) in ``folder``."""
-    from scorers.shapes.world import split_prompts
-
-    train, held_out = split_prompts(cfg.world.held_out_fraction, cfg.world.split_seed)
-    train, held_out = train[:cfg.world.train_prompts], held_out[:cfg.world.held_out_prompts]
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "train.txt", folder / "held_out.txt"
-    for path, prompts in zip(paths, (train, held_out)):
-        path.write_text("".join(p + "\n" for p in prompts))
-    return paths
-
-
-def policy_pipeline(previous: str, final: Path, fmt: str, out: Path) -> str:
-    """A full pipeline folder: ``previous`` with its denoiser (UNet or transformer) replaced by a training
-    run's ``final/`` (a denoiser folder, or LoRA weights fused into ``previous``'s). The next round starts
-    from it; evaluate and label load it like any checkpoint."""
-    import torch
-
-    from diffusion_dpo.families import detect
-    from diffusion_dpo.sampling import load_pipeline
-
-    name = detect(previous).denoiser_name
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # The pipeline's components only: not the denoiser, nor the base's own notes (samples.png, ...).
-    top = Path(previous).resolve()
-    shutil.copytree(previous, tmp, ignore=lambda folder, names: [
-        n for n in names
-        if Path(folder).resolve() == top and (n == name or n.endswith((".png", "summary.json")))
-    ])
-    if fmt == "lora":
-        pipe = load_pipeline(previous, lora=str(final), device="cpu", dtype=torch.float32)
-        pipe.unload_lora_weights()  # the fused weights stay; only the adapter modules go
-        getattr(pipe, name).save_pretrained(str(tmp / name))
-    else:
-        shutil.copytree(final, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return str(out)
-
-
-def reuse_base_images(source: Path, target: Path) -> None:
-    """Copy the base model's evaluation images into another evaluation folder, so evaluate reads them
-    instead of generating them again (same base, prompts, seeds and sampler)."""
-    if (source / "images" / "base").is_dir() and not (target / "images" / "base").exists():
-        shutil.copytree(source / "images" / "base", target / "images" / "base")
-
-
-class Console:
-    """The demo's own words on stdout: numbered stage announcements, and sentences (never raw JSON)."""
-
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-
-    def stage(self, text: str) -> str:
-        """Announce the next stage; return its tag ("[k/N] <first word>") for the stage's progress bars."""
-        self.done += 1
-        tag = f"[{self.done}/{self.total}]"
-        print(f"{tag} {text}", flush=True)
-        return f"{tag} {text.split(':')[0]}"
-
-    @staticmethod
-    def say(text: str) -> None:
-        print(f"      {text}", flush=True)
-
-
-def _timed(timings: dict, name: str, fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    timings[name] = round(time.perf_counter() - start, 1)
-    return result
-
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -337,7 +233,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     source = "the base" if r == 1 else f"round {r - 1}'s policy"
     tag = console.stage(f"label: {cfg.candidates_per_prompt} candidates for each of {ctx.n_train} training "
                         f"prompts from {source}, best vs worst by the shapes scorer")
-    labelled = _timed(seconds, f"label_{r}", label.run,
+    labelled = timed(seconds, f"label_{r}", label.run,
                       label_config(cfg, policy, ctx.train_file, rdir / "pairs", r, resume), desc=tag)
     console.say(f"{labelled.pairs_written} pairs; mean winner score {labelled.mean_winner_score:.3f}, mean loser "
                 f"score {labelled.mean_loser_score:.3f}.")
@@ -345,7 +241,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     kind = f"a rank-{t.model.lora_rank} LoRA" if t.model.lora_rank else "the full denoiser"
     console.stage(f"train DPO: {t.optim.max_steps} steps of {t.optim.batch_size} pairs, {kind}, beta_dpo "
                   f"{t.loss.beta:g}")
-    trained = _timed(seconds, f"train_dpo_{r}", train.run,
+    trained = timed(seconds, f"train_dpo_{r}", train.run,
                      train_config(cfg, "dpo", policy, rdir / "pairs", rdir / "dpo", r, resume))
     m = trained.last_metrics
     console.say(f"last logged DPO loss {m.get('loss', float('nan')):.4f}, implicit accuracy "
@@ -353,14 +249,14 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     sft_run = None
     if r == 1 and cfg.sft:
         console.stage(f"train SFT: the paper's baseline, {t.sft_optim.max_steps} steps on the winners of the same pairs")
-        sft_run = _timed(seconds, "train_sft", train.run,
+        sft_run = timed(seconds, "train_sft", train.run,
                          train_config(cfg, "sft", policy, rdir / "pairs", rdir / "sft", r, resume))
     new_policy = policy_pipeline(policy, Path(trained.final), trained.format, rdir / "policy")
     if r > 1:
         reuse_base_images(ctx.out / "round-1" / "eval", rdir / "eval")
     tag = console.stage(f"evaluate: {'SFT and ' if sft_run else ''}Diffusion-DPO round {r} against the base on "
                         f"{ctx.n_held_out} held-out prompts x {cfg.eval_seeds} seed{'s' * (cfg.eval_seeds != 1)}")
-    evaluation = _timed(seconds, f"evaluate_{r}", evaluate.run,
+    evaluation = timed(seconds, f"evaluate_{r}", evaluate.run,
                         evaluate_config(cfg, ctx.base, new_policy, ctx.held_out_file, rdir / "eval", resume),
                         desc=f"{tag} DPO")
     dpo = TunedVsBase.of(evaluation.scorers["shapes"], evaluation.output_dir)
@@ -368,7 +264,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     if sft_run is not None:
         sft_policy = policy_pipeline(policy, Path(sft_run.final), sft_run.format, rdir / "sft_policy")
         reuse_base_images(rdir / "eval", rdir / "sft_eval")
-        sft_eval = _timed(seconds, "evaluate_sft", evaluate.run,
+        sft_eval = timed(seconds, "evaluate_sft", evaluate.run,
                           evaluate_config(cfg, ctx.base, sft_policy, ctx.held_out_file, rdir / "sft_eval", resume),
                           desc=f"{tag} SFT")
         sft = TunedVsBase.of(sft_eval.scorers["shapes"], sft_eval.output_dir)
@@ -395,7 +291,7 @@ def _write_report(report: DemoReport, evaluations: list, grid_prompts: int, out:
 
 
 # demo methods run by recipes/demo_online.py (the offline label -> train loop is run() above)
-ONLINE_METHODS = ("grpo", "online_dpo")
+ONLINE_METHODS = ("grpo", "online_dpo", "nft")
 
 
 def main(argv: list[str]) -> int:

@@ -52,8 +52,8 @@ from diffusion_dpo.online.samples import CHOICE, IMAGES, Samples, stream_seeds
 from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
-from diffusion_dpo.recipes.train import TINY
 from diffusion_dpo.reference import AdapterOff, FrozenCopy, SecondAdapter
+from diffusion_dpo.tiny import TINY
 
 Tensor = torch.Tensor
 
@@ -246,8 +246,7 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     of the policy against the base into output_dir/eval/<label>/; returns the logged numbers (main process).
     The policy's weights (the EMA's with eval.use_ema) are written to eval/<label>/weights first, unless
     ``final`` (final/) holds them already: it holds the EMA exactly when ema.final."""
-    from diffusion_dpo.recipes import evaluate
-    from diffusion_dpo.recipes.demo import reuse_base_images
+    from diffusion_dpo.evaluation import paired
 
     folder = engine.out / "eval" / label
     use_ema = cfg.eval.use_ema and engine.ema is not None
@@ -261,10 +260,10 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
         print(f"eval {label}: the {'EMA' if use_ema else 'trained'} weights", flush=True)
     if engine.is_main:  # the base's images are the same at every evaluation: generated once
         for earlier in sorted((engine.out / "eval").glob("*/images/base")):
-            reuse_base_images(earlier.parent.parent, folder)
+            paired.reuse_base_images(earlier.parent.parent, folder)
     engine.accelerator.wait_for_everyone()
     e, name = cfg.eval, cfg.scorer.name
-    result = evaluate.run(evaluate.EvaluateConfig(
+    result = paired.run(paired.EvaluateConfig(
         model=PipelineSection(pretrained=pretrained, lora=str(weights) if built.is_lora else None,
                                    denoiser=None if built.is_lora else str(weights)),
         prompts=e.prompts, seeds=e.seeds, seed=cfg.optim.seed, scorers=[name],

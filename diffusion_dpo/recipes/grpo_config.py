@@ -16,8 +16,8 @@ from diffusion_dpo.config import (
     positive,
 )
 from diffusion_dpo.families import NoiseConfig
-from diffusion_dpo.recipes.label import ScorerConfig
-from diffusion_dpo.recipes.train import ModelConfig
+from diffusion_dpo.labeling.scoring import ScorerConfig
+from diffusion_dpo.pipeline_config import ModelConfig
 
 
 @dataclass

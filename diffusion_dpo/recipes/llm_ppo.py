@@ -51,11 +51,10 @@ from diffusion_dpo.fileio import not_a_file
 from diffusion_dpo.llm import models, rl
 from diffusion_dpo.llm.collate import DemoCollator, pad
 from diffusion_dpo.llm.data import read_rows, tokenize_prompts
-from diffusion_dpo.llm.logprobs import entropy_from_logits, position_ids, token_logps
+from diffusion_dpo.llm.logprobs import completion_nll, entropy_from_logits, position_ids, token_logps
 from diffusion_dpo.losses import ppo_policy_loss, ppo_value_loss
 from diffusion_dpo.recipes.llm_common import DATA_STATS
 from diffusion_dpo.recipes.llm_ppo_config import PPOConfig, PtxSection
-from diffusion_dpo.recipes.llm_sft import completion_nll
 from diffusion_dpo.reference import AdapterOff, FrozenCopy
 
 VALUE_DIR = "value"

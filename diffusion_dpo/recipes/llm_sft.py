@@ -18,7 +18,7 @@ from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_outpu
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import DemoCollator
 from diffusion_dpo.llm.data import tokenize_demos
-from diffusion_dpo.llm.logprobs import token_logps
+from diffusion_dpo.llm.logprobs import completion_nll
 from diffusion_dpo.recipes import llm_common
 
 
@@ -45,16 +45,6 @@ class SFTConfig(llm_common.HeldOutRunOptions):
     optim: OptimSection = option(OptimSection(learning_rate=2e-5, warmup_ratio=0.1),
                                  "optimizer and schedule (learning_rate 2e-5 suits a full fine-tune; ~2e-4 "
                                  "LoRA)")
-
-
-def completion_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of completion-token negative log-likelihoods, number of completion tokens) of one batch."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    mask = batch["completion_mask"][:, 1:].float()
-    nll = -(token_logps(logits[:, :-1], batch["input_ids"][:, 1:]) * mask).sum()
-    return nll, mask.sum()
 
 
 def sft_step(model, batch: dict, ctx: StepContext) -> StepOutput:

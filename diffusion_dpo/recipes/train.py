@@ -38,7 +38,6 @@ from diffusion_dpo.config import (
     OptimSection,
     PreferenceLossSection,
     TrainingRunOptions,
-    non_negative,
     option,
     parse_args,
     to_dict,
@@ -54,34 +53,12 @@ from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.latent_cache import CachedPairs, OnlinePairs, build_latent_cache
 from diffusion_dpo.objectives import OBJECTIVES
+from diffusion_dpo.pipeline_config import ModelConfig
 from diffusion_dpo.reference import AdapterOff, FrozenCopy
+from diffusion_dpo.tiny import TINY
 
 Tensor = torch.Tensor
-# model.pretrained values that build a tiny pipeline, and its family
-TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
-
-
-@dataclass
-class ModelConfig:
-    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "the pipeline to tune: a hub id or a "
-                             "local diffusers folder (its family, SD1.x/2.x, SDXL, SD3 or FLUX.1, read from "
-                             "model_index.json); 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux': build a tiny random pipeline into "
-                             "<output_dir>/tiny/ (offline)")
-    revision: Optional[str] = option(None, "hub revision (branch, tag or commit) of model.pretrained")
-    variant: Optional[str] = option(None, "weight-file variant to load, e.g. 'fp16' (null: the full files)")
-    vae: Optional[str] = option(None, "a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
-                                "as the paper's SDXL run; null: the pipeline's own")
-    lora_rank: int = option(0, "0: full fine-tune of the denoiser (UNet or transformer); r > 0: train a rank-r "
-                            "LoRA adapter instead",
-                            non_negative, "0 (full fine-tune) or a positive LoRA rank")
-    lora_alpha: Optional[float] = option(None, "LoRA alpha (scale alpha/rank); null: equal to lora_rank",
-                                         lambda v: v is None or v > 0, "null or a positive number")
-    lora_targets: Optional[list[str]] = option(None, "module names LoRA adapts; null: the family's (the "
-                                               "attention projections to_q, to_k, to_v, to_out.0)",
-                                               lambda v: v is None or bool(v), "null or at least one name")
-    gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward (less memory, "
-                                          "~30% slower; the paper's code turns it on for SDXL)")
 
 
 @dataclass
