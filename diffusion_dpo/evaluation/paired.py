@@ -21,6 +21,7 @@ from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, overlap_warni
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
 from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
+from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 
 # Items (prompt, seed) held in memory per model between generating and scoring.
@@ -160,7 +161,8 @@ def _load_scorers(cfg: EvaluateConfig, device) -> dict:
         except InputError:
             raise
         except Exception as e:  # missing weights, no network, a wrong option: the user's to fix
-            raise InputError(f"scorer {name!r} cannot load with options {options}: {type(e).__name__}: {e}") from None
+            raise InputError(f"scorer {name!r} cannot load with options {shown(options)}: {type(e).__name__}: "
+                             f"{e}") from None
     return loaded
 
 
