@@ -122,6 +122,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
                     return _check(reading, arg, key)
                 except ConfigError:
                     pass
+        read = value.value if isinstance(value, Plain) else value
+        if float in get_args(tp) and isinstance(read, float) and not math.isfinite(read):
+            raise _mismatch(key, "a finite number", value.text if isinstance(value, Plain) else value)
         raise _mismatch(key, _type_name(tp), value.text if isinstance(value, Plain) else value)
     if isinstance(value, Plain):
         # An error below then quotes what the user wrote (`No`, `maybe`), not YAML's reading of it.
