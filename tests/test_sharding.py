@@ -288,12 +288,10 @@ runpy.run_module("diffusion_dpo", run_name="__main__")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, when, resumed_step", [
-    ("step-2.tmp/state.json", "before", 1),  # shards written, the commit mark not: step-2 is ignored
-    ("step-2.tmp", "after", 2),  # killed right after publishing step-2 (os.replace(tmp, step-2))
-])
-def test_sharded_run_killed_at_a_checkpoint_write_resumes_exactly(world, sharded_sd3, tmp_path, point, when,
-                                                                  resumed_step):
+def test_sharded_run_killed_at_a_checkpoint_write_resumes_exactly(world, sharded_sd3, tmp_path):
+    """Process 0 killed right before writing step-2's commit mark (state.json), after every process wrote
+    its shards: step-2 is ignored, resume=auto continues from step-1 and ends as the undisturbed run."""
+    point, when, resumed_step = "step-2.tmp/state.json", "before", 1
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     out = tmp_path / "killed"
@@ -302,7 +300,7 @@ def test_sharded_run_killed_at_a_checkpoint_write_resumes_exactly(world, sharded
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(killer), point, when, "train", *args], env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode != 0 and "Signals.SIGKILL" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "final").exists()
     run_on_two_processes("train", [*args, "resume=auto"])
     summary = json.loads((out / "summary.json").read_text())
