@@ -15,7 +15,6 @@ more or less moves them by ~1e-3 (checked below, so the tolerance would catch a 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
