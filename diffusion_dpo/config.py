@@ -408,25 +408,22 @@ class GenerationRunOptions(RunOptions):
 
 
 @dataclasses.dataclass
-class ParallelSection:
-    """How the processes of a training run share the work (re-exported by diffusion_dpo.engine.sharding)."""
+class ParallelSection:  # re-exported by diffusion_dpo.engine.sharding, which applies it
     # How the weights are laid out, not what the steps compute: a checkpoint loads under either layout.
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"strategy", "cpu_offload", "frozen"})
     strategy: Literal["ddp", "fsdp"] = option(
-        "ddp", "ddp: data parallel (every process holds the whole trained model; accelerate's DDP); fsdp: "
-        "torch FSDP2 shards the trained model over the processes, one unit per block (the family's: UNet "
-        "down/mid/up blocks, SD3/FLUX transformer blocks, an LLM's decoder layers), each process holding 1/N "
-        "of the weights, gradients and optimizer state (fp32 master weights; bf16 compute under "
-        "mixed_precision=bf16, gradients reduced in fp32)")
+        "ddp", "ddp: data parallel (every process holds the whole trained model; accelerate's DDP); fsdp: torch "
+        "FSDP2 shards the trained model, one unit per block (UNet down/mid/up blocks, SD3/FLUX transformer "
+        "blocks, an LLM's decoder layers), each process holding 1/N of the weights, gradients and optimizer "
+        "state (fp32 master weights; bf16 compute under mixed_precision=bf16, gradients reduced in fp32)")
     cpu_offload: bool = option(False, "fsdp on a CUDA GPU: keep the trained model's shards, gradients and "
                                "optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; slower, for models that "
                                "do not fit even sharded)")
     frozen: Literal["shard", "offload"] = option(
-        "shard", "fsdp: how the frozen full copy of the starting denoiser (the DPO reference of a full "
-        "fine-tune) is kept. shard: sharded like the trained model (1/N of it per GPU, gathered block by "
-        "block in its forward); offload: whole in CPU memory, moved to the GPU for its forward only. The "
-        "VAE and text encoders stay whole on every GPU under either value (free them with precompute=true); "
-        "a LoRA run's reference is the policy itself and has no copy")
+        "shard", "fsdp: where the frozen full copy of the starting model (the DPO reference of a full fine-"
+        "tune, llm dpo's reference.kind=copy) lives. shard: sharded like the trained model, gathered block by "
+        "block in its forward; offload: whole in CPU memory, on the GPU for its forward only. VAE and text "
+        "encoders stay whole on every GPU (precompute=true frees them); LoRA's reference has no copy")
 
     def check(self) -> None:
         if self.cpu_offload and self.strategy != "fsdp":

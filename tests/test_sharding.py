@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from diffusion_dpo.config import ConfigError, ParallelSection, TrainingRunOptions, load_config, validate
 from diffusion_dpo.denoising import pair_seeds
 from diffusion_dpo.engine import Engine, sharding
-from diffusion_dpo.engine.trainer import check_parallel
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.recipes import train
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
@@ -141,10 +140,10 @@ def test_pair_seeds_follow_the_global_position():
 
 def test_parallel_combinations_refused(tmp_path):
     with pytest.raises(ConfigError, match="mixed_precision=bf16"):
-        check_parallel(ParallelSection(strategy="fsdp"), "fp16")
+        sharding.check_parallel(ParallelSection(strategy="fsdp"), "fp16")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="parallel.cpu_offload"):
-            check_parallel(ParallelSection(strategy="fsdp", cpu_offload=True), "no")
+            sharding.check_parallel(ParallelSection(strategy="fsdp", cpu_offload=True), "no")
     with pytest.raises(ConfigError, match="parallel.cpu_offload"):
         validate(TrainingRunOptions(parallel=ParallelSection(cpu_offload=True)))
     out = tmp_path / "refused"

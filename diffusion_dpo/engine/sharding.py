@@ -26,10 +26,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from diffusion_dpo.config import ParallelSection
+from diffusion_dpo.config import ConfigError, ParallelSection
 
-__all__ = ["ParallelSection", "clip_grad_norm", "full_state_dict", "is_sharded", "local_shard_bytes",
-           "gathered", "local", "modules_of_classes", "no_split_blocks", "offloaded", "shard_model"]
+__all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "ensure_process_group", "full_state_dict", "is_sharded", "local_shard_bytes",
+           "gathered", "local", "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
 
 Tensor = torch.Tensor
 
@@ -167,12 +167,29 @@ def gathered(module: nn.Module) -> Iterator[nn.Module | None]:
             owner._parameters[leaf] = p
 
 
-@contextlib.contextmanager
-def offloaded(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
-    """``module`` moved to ``device`` for the block, then back to the CPU (a frozen module kept off the
-    accelerator between uses)."""
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
+def check_parallel(parallel, mixed_precision: str) -> None:
+    """The parallel.* combinations this engine cannot run, refused before anything is made."""
+    if parallel.strategy != "fsdp":
+        return
+    if mixed_precision == "fp16":
+        raise ConfigError("config key 'parallel.strategy': fsdp runs with mixed_precision=bf16 or no (fp32); "
+                          "fp16 needs a gradient scaler FSDP2 shards do not have: use mixed_precision=bf16, or "
+                          "parallel.strategy=ddp with fp16")
+    if parallel.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("config key 'parallel.cpu_offload': expected false without a CUDA GPU (the weights "
+                          "are in CPU memory already), got true")
+
+
+def ensure_process_group() -> None:
+    """FSDP2 needs a process group even on one process: launched without torchrun or accelerate launch,
+    form one of this process alone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def unwrapped_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper (what torch.distributed.checkpoint reads)."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -124,7 +124,7 @@ class Engine:
         validate(cfg)
         before_write()  # the recipe's input checks: nothing is created if they fail
         mixed = resolve_mixed_precision(cfg.mixed_precision)
-        check_parallel(cfg.parallel, mixed)
+        sharding.check_parallel(cfg.parallel, mixed)
         if unsharded_because and cfg.parallel.strategy == "fsdp":
             raise ConfigError(f"config key 'parallel.strategy': expected ddp for {owner or name} "
                               f"({unsharded_because}), got 'fsdp'")
@@ -141,7 +141,7 @@ class Engine:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         acc = self.accelerator
         if self.sharded:
-            _ensure_process_group()
+            sharding.ensure_process_group()
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
         self.is_main = acc.is_main_process
         self.compute_dtype = DTYPES[mixed]
@@ -223,7 +223,7 @@ class Engine:
         if self.resume_from is not None:
             state = checkpointing.load_checkpoint(self.resume_from, self.rank, self.world)
             if state["strategy"] == "fsdp":  # model and optimizer shards, resharded onto this run's processes
-                checkpointing.load_sharded(self.resume_from, policy, _torch_optimizer(optimizer),
+                checkpointing.load_sharded(self.resume_from, policy, sharding.unwrapped_optimizer(optimizer),
                                            getattr(self, "ema", None))
             elif self.sharded:
                 raise InputError(f"resume: checkpoint {self.resume_from} was written with parallel.strategy=ddp;"
@@ -405,7 +405,7 @@ class Engine:
         if self.sharded:  # every process checks its shards; all refuse together
             self._check_finite_everywhere(checkpointing.trainable_state_dict(policy), what)
             trainable, sharded = None, functools.partial(checkpointing.save_sharded, policy=policy,
-                                                         optimizer=_torch_optimizer(optimizer),
+                                                         optimizer=sharding.unwrapped_optimizer(optimizer),
                                                          ema=getattr(self, "ema", None))
         else:
             trainable = checkpointing.trainable_state_dict(policy) if self.is_main else None
@@ -461,34 +461,6 @@ class Engine:
         if self.is_main:
             release_output_dir(self.out)
         return summary | {"process_index": self.rank}
-
-
-def check_parallel(parallel, mixed_precision: str) -> None:
-    """The parallel.* combinations this engine cannot run, refused before anything is made."""
-    if parallel.strategy != "fsdp":
-        return
-    if mixed_precision == "fp16":
-        raise ConfigError("config key 'parallel.strategy': fsdp runs with mixed_precision=bf16 or no (fp32); "
-                          "fp16 needs a gradient scaler FSDP2 shards do not have: use mixed_precision=bf16, or "
-                          "parallel.strategy=ddp with fp16")
-    if parallel.cpu_offload and not torch.cuda.is_available():
-        raise ConfigError("config key 'parallel.cpu_offload': expected false without a CUDA GPU (the weights "
-                          "are in CPU memory already), got true")
-
-
-def _ensure_process_group() -> None:
-    """FSDP2 needs a process group even on one process: launched without torchrun or accelerate launch,
-    form one of this process alone."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
-def _torch_optimizer(optimizer):
-    """The torch optimizer inside accelerate's wrapper (what torch.distributed.checkpoint reads)."""
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _data_position(feed: Feed, state: dict[str, Any], world: int) -> dict[str, Any]:
