@@ -308,3 +308,24 @@ def test_sharded_run_killed_at_a_checkpoint_write_resumes_exactly(world, sharded
     assert all(torch.equal(got[k], want[k]) for k in want)  # the same processes, the same order: exact
     want_summary = json.loads((sharded_sd3 / "summary.json").read_text())
     assert summary["weight_digests"] == want_summary["weight_digests"]
+
+
+def test_a_data_position_regroups_onto_one_process(world):
+    """Two processes' positions after one step of 2 pairs each, regrouped onto one process of 4 pairs: its
+    next batch holds the pairs of the one-process run's second batch, and the used-pairs counts add up."""
+    from diffusion_dpo.data import DataConfig, PreferencePairs
+
+    cfg = DataConfig(source=world["pairs"], resolution=32)
+    states = []
+    for rank in (0, 1):
+        pairs = PreferencePairs(cfg, seed=0, process_index=rank, num_processes=2)
+        next(pairs.batches(2))
+        states.append(pairs.state_dict())
+    regrouped = PreferencePairs(cfg, seed=0)
+    regrouped.load_state_dict(regrouped.regroup(states))
+    assert regrouped.stats()["pairs_used"] == 4
+    single = PreferencePairs(cfg, seed=0).batches(4)
+    first, second = next(single), next(single)
+    resumed = next(regrouped.batches(4))
+    assert resumed["row_indices"].tolist() == second["row_indices"].tolist()
+    assert not set(resumed["row_indices"].tolist()) & set(first["row_indices"].tolist())
