@@ -4,6 +4,8 @@ A recipe brings its models, a data feed and a step function; the engine owns eve
 
     Engine(cfg, ...)      the run folder (its one rule: engine.run_folder), the accelerator, config.yaml,
                           metrics.jsonl + tensorboard, the resolved mixed precision
+    engine.shard(m, blocks) under parallel.strategy=fsdp, the trained model sharded by FSDP2 (before its
+                          optimizer is built); keep_frozen: a reference copy sharded or offloaded alike
     engine.fit(...)       the loop: micro-batches with gradient accumulation, clipping, the non-finite guard,
                           optimizer and schedule steps, windowed metrics and the progress bar, checkpoints
                           every N steps, exact resume (weights, optimizer, schedule, RNG, data position)
