@@ -273,7 +273,8 @@ def load_sharded(path: Path, policy: torch.nn.Module, optimizer, ema=None) -> No
 
     state = _sharded_state(policy, optimizer, ema)
     try:
-        dcp.load(state, checkpoint_id=str(path / SHARDED))
+        # A one-process run without a process group (ddp) reads every shard itself.
+        dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=not torch.distributed.is_initialized())
     except Exception as e:  # another model, another LoRA rank, or damaged files
         raise InputError(f"resume: checkpoint {path} does not fit this run's trained parameters or cannot be "
                          f"read ({type(e).__name__}: {str(e)[:300]}); was it written with another model or "

@@ -196,6 +196,20 @@ def test_sharded_sd3_equals_one_process_and_resumes_on_one(world, sharded_sd3, t
 
 
 @pytest.mark.slow
+def test_one_process_sharded_checkpoint_resumes_on_two(world, sharded_sd3, tmp_path):
+    out = tmp_path / "one"
+    proc = one_process(["train", *overrides(world, out, "sd3", 4, "parallel.strategy=fsdp")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "checkpoints" / "step-1" / "state.json").read_text())["world_size"] == 1
+    for name in ("final", "summary.json", "checkpoints/step-2"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    run_on_two_processes("train", overrides(world, out, "sd3", 2, "parallel.strategy=fsdp", "resume=auto"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert Path(summary["resumed_from"]).name == "step-1" and summary["num_processes"] == 2
+    assert max_difference(load_file(out / "final" / TRANSFORMER), load_file(sharded_sd3 / "final" / TRANSFORMER)) <= TOL
+
+
+@pytest.mark.slow
 def test_sharded_final_loads_and_generates(world, sharded_sd3):
     from diffusers import SD3Transformer2DModel
 
@@ -286,10 +300,14 @@ runpy.run_module("diffusion_dpo", run_name="__main__")
 
 
 @pytest.mark.slow
-def test_sharded_run_killed_at_a_checkpoint_write_resumes_exactly(world, sharded_sd3, tmp_path):
-    """Process 0 killed right before writing step-2's commit mark (state.json), after every process wrote
-    its shards: step-2 is ignored, resume=auto continues from step-1 and ends as the undisturbed run."""
-    point, when, resumed_step = "step-2.tmp/state.json", "before", 1
+@pytest.mark.parametrize("point, when, resumed_step", [
+    ("step-2.tmp/state.json", "before", 1),  # every process wrote its shards, the commit mark is not written
+    ("step-2.tmp", "after", 2),  # right after publishing step-2 (os.replace(step-2.tmp, step-2))
+])
+def test_sharded_run_killed_at_a_checkpoint_write_resumes_exactly(world, sharded_sd3, tmp_path, point, when,
+                                                                  resumed_step):
+    """Process 0 killed at a write of step-2's save: resume=auto continues from the newest complete
+    checkpoint and ends as the undisturbed run."""
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     out = tmp_path / "killed"

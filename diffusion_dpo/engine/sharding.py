@@ -82,6 +82,18 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def _collective_device() -> torch.device:
+    """Where collectives run: the GPU under NCCL (also for shards offloaded to the CPU), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def whole(p: Tensor) -> Tensor:
+    """A (sharded) parameter's whole value on the CPU; collective for a DTensor."""
+    if not hasattr(p, "full_tensor"):
+        return p.detach().cpu()
+    return p.detach().to(_collective_device()).full_tensor().cpu()
+
+
 def local(t: Tensor) -> Tensor:
     """This process's shard of a DTensor; any other tensor as it is."""
     from torch.distributed.tensor import DTensor
@@ -100,7 +112,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     distributed = dist.is_available() and dist.is_initialized()
     first = not distributed or dist.get_rank() == 0
-    device = local(grads[0]).device if grads else torch.device("cpu")
+    device = _collective_device()
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:
         from torch.distributed.tensor import DTensor
@@ -125,8 +137,7 @@ def full_state_dict(module: nn.Module, trainable_only: bool = True) -> dict[str,
     out = {}
     for name, p in module.named_parameters():
         if name in wanted:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[name] = full.detach().cpu()
+            out[name] = whole(p)
     return out
 
 
@@ -155,8 +166,8 @@ def gathered(module: nn.Module) -> Iterator[nn.Module | None]:
     for owner in module.modules():
         for leaf, p in list(owner.named_parameters(recurse=False)):
             if id(p) not in wholes:
-                whole = p.full_tensor().detach().cpu() if hasattr(p, "full_tensor") else p.detach().cpu()
-                wholes[id(p)] = nn.Parameter(whole, requires_grad=p.requires_grad) if first else None
+                value = whole(p)
+                wholes[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad) if first else None
             if first:
                 swapped.append((owner, leaf, p))
                 owner._parameters[leaf] = wholes[id(p)]
