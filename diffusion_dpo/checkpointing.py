@@ -6,7 +6,13 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-N/`` holding
     ema.safetensors         (with ema.decay > 0) the EMA of those parameters, fp32, the same names
     training_state.pt       optimizer, LR scheduler and (fp16) gradient-scaler state
     rank-R.pt               per process: RNG states (python, numpy, torch CPU, CUDA) and the data position
-    state.json              step, world size, and the SHA-256 of every other file; written last
+    state.json              step, world size, strategy, and the SHA-256 of every other file; written last
+
+Under ``parallel.strategy=fsdp`` the trained parameters and the optimizer state (and an EMA, if the engine
+has one) are not gathered: every process writes its own shards with torch.distributed.checkpoint into
+``sharded/`` (``__R_0.distcp`` per process, ``.metadata`` from process 0), in place of trainable.safetensors
+and training_state.pt's optimizer. torch.distributed.checkpoint reshards on load, so such a checkpoint
+resumes on another number of processes, sharded or not.
 
 never the reference model (it is the starting checkpoint, rebuilt at start). It is written into
 ``step-N.tmp/``, every file flushed to disk (fsync), and renamed to ``step-N/`` only when complete, so a
@@ -44,6 +50,8 @@ from diffusion_dpo.fileio import fsync_path
 _STEP_DIR = re.compile(r"^step-(\d+)(\.old)?$")
 STATE_FILE = "state.json"
 EMA_FILE = "ema.safetensors"
+SHARDED = "sharded"  # the folder of torch.distributed.checkpoint's files under fsdp
+SHARDED_METADATA = f"{SHARDED}/.metadata"
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -87,7 +95,8 @@ def checkpoint_problem(path: Path) -> str | None:
         world = int(meta["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path / STATE_FILE} is not readable JSON with a world_size"
-    needed = ["trainable.safetensors", "training_state.pt", *(f"rank-{r}.pt" for r in range(world))]
+    weights = SHARDED_METADATA if meta.get("strategy") == "fsdp" else "trainable.safetensors"
+    needed = [weights, "training_state.pt", *(f"rank-{r}.pt" for r in range(world))]
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
@@ -195,14 +204,17 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     keep: int | None = None,
     ema: dict[str, torch.Tensor] | None = None,
+    sharded: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically; every process calls it (collectively, like a barrier).
 
     trainable, training_state: from the main process (rank 0; the others pass None: with data parallelism
     their weights and optimizer states are identical). rank_state: this process's RNG states and data
     position. ``barrier`` synchronises the processes (``accelerator.wait_for_everyone``); ``keep`` (None:
-    all) is how many complete checkpoints to leave, the newest. ``ema`` (main process, optional): the EMA
-    weights, written as ema.safetensors. Returns the checkpoint folder.
+    all) is how many complete checkpoints to leave, the newest. ``ema`` (main process, optional, data
+    parallel only): the EMA weights, written as ema.safetensors (under fsdp they travel in the shards).
+    ``sharded``: under fsdp, every process's writer of its shards into a folder (:func:`save_sharded`); then
+    ``trainable`` is None. Returns the checkpoint folder.
     """
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
@@ -212,9 +224,12 @@ def save_checkpoint(
         write(tmp, lambda p: p.mkdir(parents=True))
     barrier()
     write(tmp / f"rank-{rank}.pt", functools.partial(_torch_save, rank_state))
-    if rank == 0:
+    if sharded is not None:
+        write(tmp / SHARDED, sharded)
+    if rank == 0 and sharded is None:
         weights = {k: v.contiguous().float() for k, v in (trainable or {}).items()}
         write(tmp / "trainable.safetensors", functools.partial(_safetensors_save, weights))
+    if rank == 0:
         write(tmp / "training_state.pt", functools.partial(_torch_save, training_state or {}))
         if ema is not None:
             averaged = {k: v.contiguous().float() for k, v in ema.items()}
@@ -223,15 +238,60 @@ def save_checkpoint(
     if rank == 0:
         # state.json is the commit mark: written last, after everything else is on disk, with the digests
         # a resume checks the files against.
-        digests = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta = {"step": step, "world_size": world_size, "sha256": digests}
+        digests = {p.relative_to(tmp).as_posix(): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        meta = {"step": step, "world_size": world_size, "strategy": "ddp" if sharded is None else "fsdp",
+                "sha256": digests}
         write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        if sharded is not None:
+            write(tmp / SHARDED, fsync_path)
         write(tmp, fsync_path)
         write(final, functools.partial(_publish, tmp))  # a rename can fail too (a full directory block)
         write(root, fsync_path)  # the rename itself reaches the disk
         prune_checkpoints(output_dir, keep)
     barrier()
     return final
+
+
+def _sharded_state(policy: torch.nn.Module, optimizer, ema) -> dict[str, Any]:
+    """What torch.distributed.checkpoint saves and loads in place: the trained parameters (frozen ones are
+    rebuilt at start), the optimizer state keyed by parameter name, and the EMA's, as DTensors under fsdp."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": model, "optimizer": optim}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def save_sharded(folder: Path, *, policy: torch.nn.Module, optimizer, ema=None) -> None:
+    """Every process writes its shards of the trained parameters, the optimizer state (and the EMA) into
+    ``folder`` (collective; the files are fsynced)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(policy, optimizer, ema), checkpoint_id=str(folder))
+
+
+def load_sharded(path: Path, policy: torch.nn.Module, optimizer, ema=None) -> bool:
+    """Restore what :func:`save_sharded` wrote in ``path/sharded`` into ``policy``, ``optimizer`` (and the
+    EMA, in place), resharded onto this run's processes (collective). ``policy`` may be sharded or whole.
+    Returns whether an EMA was restored (False when the checkpoint holds none, or the run keeps none)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    saved_keys = dcp.FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata
+    with_ema = ema is not None and any(key.startswith("ema.") for key in saved_keys)
+    state = _sharded_state(policy, optimizer, ema if with_ema else None)
+    try:
+        # A one-process run without a process group (ddp) reads every shard itself.
+        dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=not torch.distributed.is_initialized())
+    except Exception as e:  # another model, another LoRA rank, or damaged files
+        raise InputError(f"resume: checkpoint {path} does not fit this run's trained parameters or cannot be "
+                         f"read ({type(e).__name__}: {str(e)[:300]}); was it written with another model or "
+                         "model.lora_rank?") from e
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True))
+    return with_ema  # the EMA's shadow tensors were loaded in place
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -301,10 +361,12 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
 def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Read a checkpoint folder for process ``rank`` of ``world_size``.
 
-    Returns {"step", "trainable" (state dict), "training_state", "rank_state", "ema" (state dict, or None
-    when the checkpoint holds no EMA)}. Raises InputError when the
-    folder is missing or incomplete, or was written by a different number of processes (each process's
-    data position belongs to that split of the data).
+    Returns {"step", "strategy", "world_size" (the writer's), "trainable" (state dict; None under fsdp,
+    whose weights :func:`load_sharded` reads), "training_state", "rank_state", "rank_states", "ema" (the EMA
+    weights of a data-parallel checkpoint, or None)}. ``rank_state`` is this process's (RNG, data position);
+    written by another number of processes, it is the state of process ``rank`` modulo theirs, and
+    ``rank_states`` holds every writer's, for the data feed to map its position (engine). Raises InputError
+    when the folder is missing or incomplete.
     """
     from safetensors.torch import load_file
 
@@ -314,19 +376,21 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dic
         raise InputError(f"resume: {path} is not a complete checkpoint folder{hint}; "
                          f"expected {path / STATE_FILE}")
     meta = json.loads((path / STATE_FILE).read_text())
-    if meta["world_size"] != world_size:
-        raise InputError(f"resume: checkpoint {path} was written by {meta['world_size']} processes, this run "
-                         f"has {world_size}; resume with the same number of processes")
-    for name in ("trainable.safetensors", "training_state.pt", f"rank-{rank}.pt"):
+    strategy, old_world = meta.get("strategy", "ddp"), int(meta["world_size"])
+    weights = SHARDED_METADATA if strategy == "fsdp" else "trainable.safetensors"
+    ranks = [rank] if old_world == world_size else list(range(old_world))
+    for name in (weights, "training_state.pt", *(f"rank-{r}.pt" for r in ranks)):
         if not (path / name).is_file():
             raise InputError(f"resume: checkpoint {path} lacks {name} (removed by hand?); resume from another "
                              f"step in {path.parent}")
     try:
+        rank_states = [torch.load(path / f"rank-{r}.pt", weights_only=True) for r in ranks]
         return {
-            "step": int(meta["step"]),
-            "trainable": load_file(path / "trainable.safetensors"),
+            "step": int(meta["step"]), "strategy": strategy, "world_size": old_world,
+            "trainable": load_file(path / "trainable.safetensors") if strategy == "ddp" else None,
             "training_state": torch.load(path / "training_state.pt", weights_only=True),
-            "rank_state": torch.load(path / f"rank-{rank}.pt", weights_only=True),
+            "rank_state": rank_states[0] if len(ranks) == 1 else rank_states[rank % old_world],
+            "rank_states": rank_states,
             "ema": load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None,
         }
     except Exception as e:  # a damaged file of a checkpoint without digests: safetensors', pickle's errors

@@ -429,6 +429,30 @@ class EMASection:
 
 
 @dataclasses.dataclass
+class ParallelSection:  # re-exported by diffusion_dpo.engine.sharding, which applies it
+    # How the weights are laid out, not what the steps compute: a checkpoint loads under either layout.
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"strategy", "cpu_offload", "frozen"})
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp", "ddp: data parallel (every process holds the whole trained model; accelerate's DDP); fsdp: torch "
+        "FSDP2 shards the trained model, one unit per block (UNet down/mid/up blocks, SD3/FLUX transformer "
+        "blocks, an LLM's decoder layers), each process holding 1/N of the weights, gradients and optimizer "
+        "state (fp32 master weights; bf16 compute under mixed_precision=bf16, gradients reduced in fp32)")
+    cpu_offload: bool = option(False, "fsdp on a CUDA GPU: keep the trained model's shards, gradients and "
+                               "optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; slower, for models that "
+                               "do not fit even sharded)")
+    frozen: Literal["shard", "offload"] = option(
+        "shard", "fsdp: where the frozen full copy of the starting model (the DPO reference of a full fine-"
+        "tune, llm dpo's reference.kind=copy) lives. shard: sharded like the trained model, gathered block by "
+        "block in its forward; offload: whole in CPU memory, on the GPU for its forward only. VAE and text "
+        "encoders stay whole on every GPU (precompute=true frees them); LoRA's reference has no copy")
+
+    def check(self) -> None:
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError("config key 'cpu_offload': expected false unless strategy is fsdp (data "
+                              "parallelism keeps whole weights on every GPU), got true")
+
+
+@dataclasses.dataclass
 class TrainingRunOptions(RunOptions):
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"log_every", "tensorboard", "checkpoint_every",
                                                        "checkpoints_keep", "max_nonfinite_steps"})
@@ -439,6 +463,9 @@ class TrainingRunOptions(RunOptions):
                                    non_negative, "0 (never) or a positive number of steps")
     checkpoints_keep: Optional[int] = option(3, "how many checkpoints to keep, newest first (null: all)",
                                              lambda v: v is None or v >= 1, "null or at least 1")
+    parallel: ParallelSection = option(
+        ParallelSection, "data parallel or sharded (FSDP2) training over the processes that accelerate launch "
+        "or torchrun start (docs/train.md, 'Many processes')")
     max_nonfinite_steps: int = option(
         10, "a step whose loss or gradient is NaN/inf is skipped (no update) and counted; this many in a row "
         "stop the run with an error naming the step and the quantity", at_least_one, "at least 1")

@@ -7,7 +7,7 @@ process's target; the error of one image is the squared error reduced over (C, H
 In Diffusion-DPO the winner and the loser of a pair are noised with the **same** eps and time (Wallace et
 al. 2023, eq. 14), so their errors differ only because of the images. :func:`pair_errors` does that for a
 batch of pairs; :func:`draw_pair_noise` makes the shared randomness from per-pair seeds, so a pair's noise
-depends only on (seed, step, rank, position), which makes resumed and accumulated runs exact.
+depends only on (seed, step, its position in the step's global batch), which makes resumed and accumulated runs exact.
 
     process = family.noise_process(comps.noise_scheduler, NoiseConfig())
     noise = draw_pair_noise(pair_seeds(seed, 0, 0, B), latent_shape, process.draw_time)
@@ -115,14 +115,19 @@ class PairNoise:
     latent_eps: Tensor  # [B, 2, C, h, w], index 0 winner
 
 
-def pair_seeds(seed: int, step: int, rank: int, n_pairs: int, offset: int = 0) -> list[int]:
-    """One 63-bit seed per pair from (run seed, optimizer step, process rank, position in the step).
+def pair_seeds(seed: int, step: int, rank: int, n_pairs: int, offset: int = 0, world: int = 1) -> list[int]:
+    """One 63-bit seed per pair from (run seed, optimizer step, the pair's position in the step's global batch).
 
-    ``offset`` is the position of the first pair within the step (micro-batch index x batch size), so a
-    step of 2 accumulated micro-batches of 1 pair draws exactly what one batch of 2 pairs draws.
+    ``offset`` is the position of the first pair within this process's part of the step (micro-batch index x
+    batch size), so a step of 2 accumulated micro-batches of 1 pair draws exactly what one batch of 2 pairs
+    draws. With ``world`` processes, pair i of process ``rank`` is the global pair ``(offset + i) x world +
+    rank``: PreferencePairs deals the epoch's order out in turn (process r takes every world-th pair from r),
+    so that is the pair's position in the one-process run at a ``world`` times larger batch, which therefore
+    draws the same noise for it. One process (rank 0) draws what it always drew.
     """
-    return [int(np.random.SeedSequence([seed, step, rank, offset + i]).generate_state(2, np.uint64)[0] >> 1)
-            for i in range(n_pairs)]
+    # The third entry once held the rank; kept 0 so that one process's seeds stay bit-identical.
+    return [int(np.random.SeedSequence([seed, step, 0, (offset + i) * world + rank])
+                .generate_state(2, np.uint64)[0] >> 1) for i in range(n_pairs)]
 
 
 def draw_pair_noise(seeds: list[int], latent_shape: tuple[int, int, int],

@@ -47,6 +47,9 @@ class OnlinePairs:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data.load_state_dict(state)
 
+    def regroup(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.data.regroup(states)
+
     def stats(self) -> dict[str, Any]:
         return self.data.stats()
 
@@ -217,6 +220,11 @@ class CachedPairs:
                              f"saved for {state.get('mode')} ({state.get('cached_pairs')} pairs)")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
         self._batches_done = int(state["batches_done"])
+
+    def regroup(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """This process's position from every process's of a run with another number of processes (the
+        same pairs per micro-batch over all of them): the cached pairs they consumed, shared out again."""
+        return {**states[0], "position": sum(int(st["position"]) for st in states) // self.data.num_processes}
 
     def stats(self) -> dict[str, Any]:
         return {"cached_pairs": len(self), "epoch": self._epoch, "caching_pass": self._caching_stats}

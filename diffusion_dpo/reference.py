@@ -24,10 +24,16 @@ from diffusion_dpo.errors import InputError
 
 
 class FrozenCopy:
+    """A frozen module; with ``offload_to`` it lives in CPU memory and moves to that device only for the
+    block of :meth:`model` (parallel.frozen=offload)."""
+
     kind = "copy"
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, offload_to: torch.device | str | None = None):
         self.module = module.eval().requires_grad_(False)
+        self.offload_to = offload_to
+        if offload_to is not None:
+            self.module.to("cpu")
 
     @classmethod
     def of(cls, policy: nn.Module, dtype: torch.dtype | None = None) -> "FrozenCopy":
@@ -39,7 +45,14 @@ class FrozenCopy:
 
     @contextmanager
     def model(self) -> Iterator[nn.Module]:
-        yield self.module
+        if self.offload_to is None:
+            yield self.module
+            return
+        self.module.to(self.offload_to)
+        try:
+            yield self.module
+        finally:
+            self.module.to("cpu")
 
 
 class AdapterOff:

@@ -212,6 +212,28 @@ class PreferencePairs:
         self._stream_state = state["stream"]
         self._stats = DataStats(**state["stats"])
 
+    def regroup(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """This process's position from ``states``, the positions of every process of a run with another
+        number of processes and the same examples per micro-batch over all of them (map-style only): the
+        pairs the old processes consumed in the epoch, shared out again (exact unless a bad image made the
+        shares advance unevenly). The share's counts (pairs decoded and used, bad images) of the old
+        processes that map onto this one (old rank modulo this run's count) are added up."""
+        if self.cfg.streaming:
+            raise InputError("resume on another number of processes: a streaming source's position belongs to "
+                             "its split of the stream; resume with the same number of processes")
+        old_world = len(states)
+        group = [st for r, st in enumerate(states) if r % self.num_processes == self.process_index]
+        stats = dict(group[0]["stats"]) if group else dict(states[0]["stats"])
+        for count in ("pairs_decoded", "pairs_used", "converted_images"):
+            stats[count] = sum(st["stats"][count] for st in group)
+        stats["bad_rows"] = {**{r: n for r, n in states[0]["stats"]["bad_rows"].items() if r in ROW_REASONS},
+                             **{r: sum(st["stats"]["bad_rows"].get(r, 0) for st in group) for r in IMAGE_REASONS
+                                if any(st["stats"]["bad_rows"].get(r) for st in group)}}
+        batch_size = states[0]["batch_size"]
+        return {**states[0], **self._order_settings(), "stats": stats,
+                "batch_size": None if batch_size is None else batch_size * old_world // self.num_processes,
+                "position": sum(int(st["position"]) for st in states) // self.num_processes}
+
     # -------------------------------------------------------------------------------- bad-row accounting
     def _count_bad(self, reason: str, message: str) -> None:
         self._stats.count_bad(reason, message)

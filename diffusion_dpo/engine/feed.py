@@ -60,5 +60,11 @@ class ExampleFeed:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
+    def regroup(self, states: list[dict[str, int]]) -> dict[str, int]:
+        """This process's position from every process's of a run with another number of processes and the
+        same examples per micro-batch over all of them: each global batch is the same span of the epoch's
+        permutation, so the count of batches handed out carries over as it is."""
+        return dict(states[0])
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

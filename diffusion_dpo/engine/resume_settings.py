@@ -59,13 +59,38 @@ def _listed(changes: dict) -> str:
     return ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changes.items())
 
 
-def check_resume_settings(cfg: Any, out: Path, checkpoint: Path) -> dict:
+def regrouped_batch(cfg: Any, checkpoint: Path, world: int, refused: dict, allowed: dict) -> None:
+    """A resume on another number of processes than the checkpoint's writer: optim.batch_size may change
+    (moved from ``refused`` to ``allowed``) when batch_size x processes, the examples of one micro-batch over
+    all processes, stays what it was; otherwise InputError naming the keys to keep equal."""
+    try:
+        old_world = int(json.loads((checkpoint / "state.json").read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    optim = getattr(cfg, "optim", None)
+    if old_world == world or optim is None:
+        return
+    old_batch = refused.pop("optim.batch_size", (optim.batch_size, optim.batch_size))[0]
+    if old_batch * old_world != optim.batch_size * world:
+        raise InputError(
+            f"resume from {checkpoint} on {world} processes: it was written by {old_world} with optim.batch_size="
+            f"{old_batch} ({old_batch * old_world} examples per micro-batch over all processes); keep optim."
+            f"batch_size x processes equal (optim.batch_size={old_batch * old_world // world} here, when it "
+            "divides), and optim.gradient_accumulation_steps as it was, so the steps keep their meaning")
+    if optim.batch_size != old_batch:
+        allowed["optim.batch_size"] = (old_batch, optim.batch_size)
+
+
+def check_resume_settings(cfg: Any, out: Path, checkpoint: Path, world: int | None = None) -> dict:
     """Refuse (InputError) a resume from ``checkpoint`` whose settings change what its run's steps meant;
     otherwise print the allowed changes, append the resume to out/resumes.jsonl, and return them. Main
-    process only. A checkpoint whose run left no config.yaml is not compared."""
+    process only. A checkpoint whose run left no config.yaml is not compared. ``world``: this run's number of
+    processes (see :func:`regrouped_batch`)."""
     config_file = checkpoint.parent.parent / "config.yaml"
     old = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
     refused, allowed = changed_settings(cfg, old) if isinstance(old, dict) else ({}, {})
+    if world is not None:
+        regrouped_batch(cfg, checkpoint, world, refused, allowed)
     if refused:
         safe = sorted(_all_safe(cfg))
         raise InputError(

@@ -4,6 +4,8 @@ A recipe brings its models, a data feed and a step function; the engine owns eve
 
     Engine(cfg, ...)      the run folder (its one rule: engine.run_folder), the accelerator, config.yaml,
                           metrics.jsonl + tensorboard, the resolved mixed precision
+    engine.shard(m, blocks) under parallel.strategy=fsdp, the trained model sharded by FSDP2 (before its
+                          optimizer is built); keep_frozen: a reference copy sharded or offloaded alike
     engine.fit(...)       the loop: micro-batches with gradient accumulation, clipping, the non-finite guard,
                           optimizer and schedule steps, windowed metrics and the progress bar, checkpoints
                           every N steps, exact resume (weights, optimizer, schedule, RNG, data position)
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -34,11 +37,13 @@ from tqdm.auto import tqdm
 
 from diffusion_dpo import checkpointing
 from diffusion_dpo.config import ConfigError, TrainingRunOptions, save_config, to_dict, validate
+from diffusion_dpo.engine import sharding
 from diffusion_dpo.engine.ema import EMA
 from diffusion_dpo.engine.resume_settings import RESUME_LOG, check_resume_settings
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
 from diffusion_dpo.errors import InputError, RunError
 from diffusion_dpo.fileio import atomic_write_text
+from diffusion_dpo.reference import FrozenCopy
 
 Tensor = torch.Tensor
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,18 +116,26 @@ class Engine:
     generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens);
     ``run_files``: what the recipe writes into output_dir besides RUN_FILES (removed too by overwrite=true);
     ``name`` names the tensorboard run, ``desc`` the progress bar (default: name); ``owner`` the command
-    that owns the folder (default: name; engine.run_folder)."""
+    that owns the folder (default: name; engine.run_folder); ``unsharded_because``: why the recipe runs under
+    parallel.strategy=ddp only (then fsdp is refused, naming the reason)."""
 
     def __init__(self, cfg: TrainingRunOptions, *, seed: int, gradient_accumulation_steps: int = 1,
                  unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None,
-                 run_files: tuple[str, ...] = (), desc: str | None = None, owner: str | None = None):
+                 run_files: tuple[str, ...] = (), desc: str | None = None, owner: str | None = None,
+                 unsharded_because: str | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         validate(cfg)
         before_write()  # the recipe's input checks: nothing is created if they fail
         mixed = resolve_mixed_precision(cfg.mixed_precision)
+        sharding.check_parallel(cfg.parallel, mixed)
+        if unsharded_because and cfg.parallel.strategy == "fsdp":
+            raise ConfigError(f"config key 'parallel.strategy': expected ddp for {owner or name} "
+                              f"({unsharded_because}), got 'fsdp'")
         self.cfg = dataclasses.replace(cfg, mixed_precision=mixed)
+        self.sharded = cfg.parallel.strategy == "fsdp"
+        self.shard_bytes: list[tuple[int, int]] = []  # (held, whole) per process, once shard() ran
         self.out = Path(cfg.output_dir)
         self.unit, self.name, self.desc = unit, name, desc or name  # desc: the progress bar's label
         self.grad_accum = gradient_accumulation_steps
@@ -132,6 +145,8 @@ class Engine:
             cpu=not torch.cuda.is_available(), log_with="tensorboard" if cfg.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         acc = self.accelerator
+        if self.sharded:
+            sharding.ensure_process_group()
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
         self.is_main = acc.is_main_process
         self.compute_dtype = DTYPES[mixed]
@@ -170,16 +185,44 @@ class Engine:
                 raise InputError(f"config key 'resume': checkpoint {checkpoint} is damaged: {problem}; resume "
                                  f"from another step in {checkpoint.parent}")
             if checkpoint is not None:
-                check_resume_settings(self.cfg, self.out, checkpoint)
+                check_resume_settings(self.cfg, self.out, checkpoint, self.world)
             save_config(self.cfg, self.out / "config.yaml")
         except BaseException:
             release_output_dir(self.out)
             raise
 
+    def shard(self, module: torch.nn.Module, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        """Under parallel.strategy=fsdp: ``module`` sharded over the processes, one FSDP unit per block of
+        ``blocks`` (the family's, or the LM's decoder layers) and one for the rest; its parameters become
+        DTensors, so call this before building the optimizer. Under ddp: ``module`` as it is."""
+        from accelerate.utils import gather_object
+
+        if not self.sharded:
+            return module
+        module = sharding.shard_model(module, blocks, self.compute_dtype, self.cfg.parallel.cpu_offload)
+        # What each process holds of the trained weights, measured from its DTensor shards (summary.json).
+        self.shard_bytes = gather_object([sharding.local_shard_bytes(module)])
+        return module
+
+    def keep_frozen(self, module: torch.nn.Module, blocks: list[torch.nn.Module]) -> FrozenCopy:
+        """A frozen full copy (a reference model) kept as parallel.frozen says under fsdp: ``shard``: sharded
+        over the processes by ``blocks`` like the trained model; ``offload``: in CPU memory, on the device only
+        for its forward. Under ddp: whole, where it is."""
+        if not self.sharded:
+            return FrozenCopy(module)
+        if self.cfg.parallel.frozen == "offload":
+            return FrozenCopy(module, offload_to=self.device)
+        return FrozenCopy(sharding.shard_model(module.requires_grad_(False), blocks, self.compute_dtype))
+
     def prepare(self, *modules):
-        """accelerate's prepare (DDP wrapping, device placement of optimizers). The first module given is the
-        trained one: with ema.decay > 0 its EMA starts here, from its weights as they are now."""
-        prepared = self.accelerator.prepare(*modules)
+        """accelerate's prepare (DDP wrapping, device placement of optimizers); a sharded module is already
+        distributed and passes through unwrapped. The first module given is the trained one: with ema.decay > 0
+        its EMA starts here, from its weights as they are now (sharded like them under fsdp)."""
+        if not self.sharded:
+            prepared = self.accelerator.prepare(*modules)
+        else:
+            prepared = [m if isinstance(m, torch.nn.Module) else self.accelerator.prepare(m) for m in modules]
+            prepared = prepared[0] if len(prepared) == 1 else tuple(prepared)
         # ---- EMA (engine.ema): every training recipe passes its trained module through here
         trained = next((m for m in modules if isinstance(m, torch.nn.Module)), None)
         if self.cfg.ema.decay > 0 and trained is not None:
@@ -193,20 +236,30 @@ class Engine:
         receives the recipe's own saved state (see :meth:`save_checkpoint`)."""
         if self.resume_from is not None:
             state = checkpointing.load_checkpoint(self.resume_from, self.rank, self.world)
-            checkpointing.load_trainable_state_dict(policy, state["trainable"], str(self.resume_from))
+            ema_restored = False
+            if state["strategy"] == "fsdp":  # model and optimizer shards, resharded onto this run's processes
+                ema_restored = checkpointing.load_sharded(self.resume_from, policy,
+                                                          sharding.unwrapped_optimizer(optimizer), self.ema)
+            elif self.sharded:
+                raise InputError(f"resume: checkpoint {self.resume_from} was written with parallel.strategy=ddp;"
+                                 " resume it with parallel.strategy=ddp (a sharded run writes checkpoints "
+                                 "either strategy resumes)")
+            else:
+                checkpointing.load_trainable_state_dict(policy, state["trainable"], str(self.resume_from))
+                optimizer.load_state_dict(state["training_state"]["optimizer"])
             training = state["training_state"]
-            optimizer.load_state_dict(training["optimizer"])
             scheduler.load_state_dict(training["lr_scheduler"])
             if self.accelerator.scaler is not None and training.get("scaler"):
                 self.accelerator.scaler.load_state_dict(training["scaler"])
             self.nonfinite_steps = int(training.get("nonfinite_steps", 0))
             checkpointing.restore_rng_state(state["rank_state"]["rng"])
             if feed is not None:
-                feed.load_state_dict(state["rank_state"]["data"])
+                feed.load_state_dict(_data_position(feed, state, self.world))
             if extra is not None:
                 extra(state["rank_state"].get("recipe", {}))
             self.step = state["step"]
-            self._resume_ema(state.get("ema"))
+            if not ema_restored:  # a data-parallel checkpoint's EMA file, or none
+                self._resume_ema(state.get("ema"))
         if self.is_main:  # a resumed run re-logs the steps after its checkpoint; a fresh one starts empty
             kept = [line for line in (self.metrics_path.read_text().splitlines()
                                       if self.metrics_path.exists() and self.step else [])
@@ -243,6 +296,8 @@ class Engine:
         units, bad = 0, None
         for micro in range(self.grad_accum):
             batch = next(micro_batches)
+            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(micro == self.grad_accum - 1)
             with acc.accumulate(model):
                 with acc.autocast():
                     out = step_fn(batch, StepContext(self.step, micro, self.rank))
@@ -252,7 +307,10 @@ class Engine:
             for k, v in {"loss": loss, **out.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().mean() / self.grad_accum
             units += out.units
-        grad_norm = acc.clip_grad_norm_(params, max_grad_norm or math.inf)
+        if self.sharded:
+            grad_norm = sharding.clip_grad_norm(params, max_grad_norm or math.inf)
+        else:
+            grad_norm = acc.clip_grad_norm_(params, max_grad_norm or math.inf)
         bad = bad or _first_nonfinite({"grad_norm": grad_norm})
         # Every process must skip together: a NaN on one rank reaches all ranks' gradients through the
         # all-reduce, but a NaN metric stays local, so the verdict is reduced.
@@ -361,23 +419,43 @@ class Engine:
             raise NonFiniteError(f"step {self.step}: weight {name} is not finite; {what} was not written "
                                  f"(the last checkpoint in {self.out / 'checkpoints'} holds good weights)")
 
+    def _check_finite_everywhere(self, state: dict[str, Tensor], what: str) -> None:
+        """Every process checks its own ``state`` (its shards); if any is not finite, all raise."""
+        name = _first_nonfinite({k: sharding.local(v) for k, v in state.items()})
+        flag = torch.tensor([0.0 if name is None else 1.0], device=self.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+            raise NonFiniteError(f"step {self.step}: weight {name or 'a shard on another process'} is not "
+                                 f"finite; {what} was not written (the last checkpoint in "
+                                 f"{self.out / 'checkpoints'} holds good weights)")
+
     def save_checkpoint(self, policy: torch.nn.Module, optimizer, scheduler, feed: Feed | None = None,
                         recipe_state: dict[str, Any] | None = None) -> Path:
         """checkpoints/step-N: trainable weights, optimizer, schedule, scaler and counters (main process), RNG
         and data position (every process); ``recipe_state``: anything else the recipe must restore."""
-        trainable = checkpointing.trainable_state_dict(policy) if self.is_main else None
-        if trainable is not None:
-            self._check_finite(trainable, f"checkpoint step-{self.step}")
-        ema = self.ema.state_dict() if self.ema is not None and self.is_main else None
-        if ema is not None:
-            self._check_finite(ema, f"checkpoint step-{self.step} (its EMA)")
+        what = f"checkpoint step-{self.step}"
+        if self.sharded:  # every process checks its shards; all refuse together
+            self._check_finite_everywhere(checkpointing.trainable_state_dict(policy), what)
+            trainable, sharded = None, functools.partial(checkpointing.save_sharded, policy=policy,
+                                                         optimizer=sharding.unwrapped_optimizer(optimizer),
+                                                         ema=self.ema)
+            ema = None  # in the shards
+        else:
+            trainable = checkpointing.trainable_state_dict(policy) if self.is_main else None
+            if trainable is not None:
+                self._check_finite(trainable, what)
+            sharded = None
+            ema = self.ema.state_dict() if self.ema is not None and self.is_main else None
+            if ema is not None:
+                self._check_finite(ema, f"{what} (its EMA)")
         scaler = self.accelerator.scaler
+        training_state = {"lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                          "nonfinite_steps": self.nonfinite_steps}
+        if not self.sharded:
+            training_state["optimizer"] = optimizer.state_dict()
         return checkpointing.save_checkpoint(
             self.out, self.step, rank=self.rank, world_size=self.world,
             barrier=self.accelerator.wait_for_everyone, keep=self.cfg.checkpoints_keep, trainable=trainable,
-            training_state={"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict() if scaler else None,
-                            "nonfinite_steps": self.nonfinite_steps} if self.is_main else None,
+            training_state=training_state if self.is_main else None, sharded=sharded,
             rank_state={"rng": checkpointing.capture_rng_state(),
                         "data": feed.state_dict() if feed is not None else {}, "recipe": recipe_state or {}},
             ema=ema)
@@ -390,13 +468,14 @@ class Engine:
 
     def _save_final(self, policy: torch.nn.Module, write: Callable[[Path], None]) -> Path:
         final = self.out / "final"
-        if self.is_main:
-            self._check_finite(checkpointing.trainable_state_dict(policy), "final/")
-            tmp = final.with_name("final.tmp")
-            _remove(tmp)
-            write(tmp)
-            _remove(final)
-            tmp.rename(final)
+        with (sharding.gathered(policy) if self.sharded else contextlib.nullcontext(policy)) as whole:
+            if self.is_main:  # under fsdp: the whole weights, gathered once onto the main process's CPU
+                self._check_finite(checkpointing.trainable_state_dict(whole), "final/")
+                tmp = final.with_name("final.tmp")
+                _remove(tmp)
+                write(tmp)
+                _remove(final)
+                tmp.rename(final)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -404,6 +483,8 @@ class Engine:
         """Every process's weight digest (data parallelism keeps them identical)."""
         from accelerate.utils import gather_object
 
+        if self.sharded:  # the shards differ; the gathered weights are what every process holds together
+            return gather_object([weights_digest(sharding.full_state_dict(policy))])
         return gather_object([weights_digest(checkpointing.trainable_state_dict(policy))])
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -411,6 +492,9 @@ class Engine:
         summary = {"output_dir": str(self.out), "steps": self.step, "nonfinite_steps": self.nonfinite_steps,
                    "resumed_from": str(self.resume_from) if self.resume_from else None,
                    "num_processes": self.world, "wall_s": time.perf_counter() - self.start} | summary
+        if self.sharded and self.shard_bytes:
+            summary["trained_bytes"] = self.shard_bytes[0][1]
+            summary["trained_bytes_held"] = [held for held, _ in self.shard_bytes]  # per process
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         self.accelerator.wait_for_everyone()
@@ -418,6 +502,20 @@ class Engine:
         if self.is_main:
             release_output_dir(self.out)
         return summary | {"process_index": self.rank}
+
+
+def _data_position(feed: Feed, state: dict[str, Any], world: int) -> dict[str, Any]:
+    """This process's data position: its own, or, when the checkpoint was written by another number of
+    processes (same examples per micro-batch over all processes), the feed's mapping of every old
+    process's position onto this process (``regroup``)."""
+    if state["world_size"] == world:
+        return state["rank_state"]["data"]
+    regroup = getattr(feed, "regroup", None)
+    if regroup is None:
+        raise InputError(f"resume: checkpoint written by {state['world_size']} processes, this run has {world}, "
+                         f"and its data feed ({type(feed).__name__}) cannot map its position onto another number "
+                         "of processes; resume with the same number of processes")
+    return regroup([s["data"] for s in state["rank_states"]])
 
 
 def _remove(path: Path) -> None:

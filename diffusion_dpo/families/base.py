@@ -56,6 +56,18 @@ class Family(ABC):
     def matches(cls, index: dict[str, Any]) -> bool:
         return index.get("_class_name") == cls.pipeline_class
 
+    def shard_blocks(self, denoiser) -> list:
+        """The denoiser's submodules that parallel.strategy=fsdp shards as one unit each: by default the
+        instances of the classes its own ``_no_split_modules`` names (SD3's joint transformer blocks, FLUX's
+        double- and single-stream blocks), outermost first."""
+        names = set(getattr(type(denoiser), "_no_split_modules", None) or ())
+        found, covered = [], []
+        for path, module in denoiser.named_modules():
+            if type(module).__name__ in names and not any(path.startswith(c + ".") for c in covered):
+                found.append(module)
+                covered.append(path)
+        return found
+
     # ------------------------------------------------------------------------------------------ loading
     def load(self, pretrained: str, load: Callable[..., Any], vae: str | None = None) -> dict[str, Any]:
         """Load the components with ``load(name, weights=bool)`` (the shared loader: the class named in

@@ -29,6 +29,11 @@ class SDFamily(Family):
         # Any UNet pipeline with one text encoder (img2img, inpainting and custom SD pipelines included).
         return bool(index.get("unet")) and not (index.get("text_encoder_2") or [None])[0]
 
+    def shard_blocks(self, unet) -> list:
+        """The UNet's down blocks, mid block and up blocks: the resolution stages, each a few resnets with
+        their attention (its ``_no_split_modules`` names pieces smaller than a stage)."""
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
     @torch.no_grad()
     def encode_text(self, comps, captions: list[str]) -> dict[str, Tensor]:
         """{"hidden": [B, L, D]}: the last hidden state, as StableDiffusionPipeline conditions on."""

@@ -309,7 +309,9 @@ def run(cfg: GrpoConfig) -> GrpoResult:
 
     o, inner = cfg.online, cfg.optimizer_steps_per_step()
     engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.rows_per_update() // cfg.optim.batch_size,
-                    unit="rows", name="grpo", run_files=("eval", "tiny"))
+                    unit="rows", name="grpo", run_files=("eval", "tiny"),
+                    unsharded_because="its sampler and the online reference read the whole denoiser on "
+                    "every process; fsdp shards train and llm sft, reward and dpo")
     cfg = engine.cfg
     pretrained = resolve_pretrained(cfg, engine)
     set_seed(cfg.optim.seed)  # LoRA init from here, after any tiny pipeline was built

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_dpo.config import OptimSection, TrainingRunOptions, option
-from diffusion_dpo.engine import Engine, ExampleFeed, build_optimizer
+from diffusion_dpo.engine import Engine, ExampleFeed, build_optimizer, sharding
 
 DATA_STATS = "data_stats.json"
 # output_dir's help in sft, reward and dpo
@@ -87,8 +87,10 @@ class Remembered:
 
 
 def prepare_training(engine: Engine, module: torch.nn.Module, optim: OptimSection, feed: ExampleFeed):
-    """AdamW/Adafactor and the schedule over the run's steps; the module prepared (DDP) with its optimizer;
-    the checkpoint this run continues from, if any, restored. Returns (model, optimizer, scheduler, steps)."""
+    """The module sharded by its decoder layers under parallel.strategy=fsdp; AdamW/Adafactor and the
+    schedule over the run's steps; the module prepared (DDP) with its optimizer; the checkpoint this run
+    continues from, if any, restored. Returns (model, optimizer, scheduler, steps)."""
+    module = engine.shard(module, sharding.no_split_blocks(module))  # its parameters become DTensors first
     steps = total_steps(optim, feed.batches_per_epoch(optim.batch_size))
     optimizer, scheduler = build_optimizer(module.parameters(), optim, steps, engine.world)
     model, optimizer = engine.prepare(module, optimizer)

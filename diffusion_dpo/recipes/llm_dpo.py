@@ -28,14 +28,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_dpo.config import ConfigError, OptimSection, PreferenceLossSection, option, parse_args
-from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
+from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir, sharding
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import PairCollator
 from diffusion_dpo.llm.data import tokenize_pairs
 from diffusion_dpo.llm.logprobs import forward_logps
 from diffusion_dpo.losses import dpo_loss, implicit_accuracy
 from diffusion_dpo.recipes import llm_common
-from diffusion_dpo.reference import AdapterOff, FrozenCopy, Precomputed
+from diffusion_dpo.reference import AdapterOff, Precomputed
 
 REFERENCE_CACHE = "reference_logps.pt"
 
@@ -157,7 +157,8 @@ def build_reference(engine: Engine, cfg: DPOConfig, policy, sets: dict[str, list
     if kind == "copy":
         dtype = models.frozen_dtype(cfg.model.dtype, engine.device)
         name = cfg.reference.model or cfg.model.name_or_path
-        return FrozenCopy(models.load_causal_lm(name, dtype, cfg.model.attn_implementation).to(engine.device))
+        model = models.load_causal_lm(name, dtype, cfg.model.attn_implementation).to(engine.device)
+        return engine.keep_frozen(model, sharding.no_split_blocks(model))
     if kind == "adapter":
         return AdapterOff(policy)
     if kind == "precomputed":

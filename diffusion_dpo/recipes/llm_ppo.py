@@ -396,7 +396,9 @@ def run(cfg: PPOConfig) -> dict:
     in summary.json)."""
     engine = Engine(cfg, seed=cfg.optim.seed,
                     gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit="rollouts", name="ppo", run_files=(DATA_STATS, VALUE_DIR), owner="llm ppo")
+                    unit="rollouts", name="ppo", run_files=(DATA_STATS, VALUE_DIR), owner="llm ppo",
+                    unsharded_because="its rollouts generate with the whole policy on every process; fsdp "
+                    "shards train and llm sft, reward and dpo")
     cfg = engine.cfg
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
     prompts, ptx, prompt_stats = setup_data(cfg, engine, tokenizer)

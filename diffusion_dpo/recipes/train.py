@@ -54,7 +54,7 @@ from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.latent_cache import CachedPairs, OnlinePairs, build_latent_cache
 from diffusion_dpo.objectives import OBJECTIVES
 from diffusion_dpo.pipeline_config import ModelConfig
-from diffusion_dpo.reference import AdapterOff, FrozenCopy
+from diffusion_dpo.reference import AdapterOff
 from diffusion_dpo.tiny import TINY
 
 Tensor = torch.Tensor
@@ -148,7 +148,10 @@ class Models:
 
 
 def setup_models(cfg: TrainConfig, pretrained: str, engine: Engine) -> Models:
-    """Frozen VAE and text encoders in the compute dtype; the trained weights in fp32; the reference."""
+    """Frozen VAE and text encoders in the compute dtype; the trained weights in fp32; the reference. Under
+    parallel.strategy=fsdp the denoiser is sharded by its family's blocks (its frozen base of a LoRA run kept
+    fp32: the shards are cast to the compute dtype block by block) and the reference kept as parallel.frozen
+    says."""
     m, device, dtype = cfg.model, engine.device, engine.compute_dtype
     comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
     noise = comps.family.noise_process(comps.noise_scheduler, cfg.noise)
@@ -156,17 +159,21 @@ def setup_models(cfg: TrainConfig, pretrained: str, engine: Engine) -> Models:
     unet = comps.denoiser
     is_lora = m.lora_rank > 0
     if is_lora:  # the base denoiser is frozen in the compute dtype; only the adapter trains, in fp32
-        models.move(unet, device, dtype)
+        models.move(unet, device, torch.float32 if engine.sharded else dtype)
         models.attach_lora(unet, m.lora_rank, m.lora_alpha, m.lora_targets or list(comps.family.lora_targets))
         for p in models.trainable_parameters(unet):
             p.data = p.data.float()
         reference = AdapterOff(unet)
     else:
         unet.to(device)
-        reference = FrozenCopy(models.frozen_copy(unet, dtype)) if cfg.method == "dpo" else None
+        reference = None
+        if cfg.method == "dpo":
+            copy = models.frozen_copy(unet, dtype)
+            reference = engine.keep_frozen(copy, comps.family.shard_blocks(copy))
     if m.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    unet = engine.shard(unet, comps.family.shard_blocks(unet))  # before the optimizer sees its parameters
     return Models(comps, unet, reference, is_lora, noise)
 
 
@@ -212,7 +219,7 @@ def make_step(cfg: TrainConfig, unet, built: Models, vae_config, engine: Engine)
 
     def step(batch, ctx: StepContext) -> StepOutput:
         latent_shape = (batch.moments.shape[2] // 2, *batch.moments.shape[3:])
-        noise = draw_pair_noise(pair_seeds(seed, ctx.step, ctx.rank, batch_size, ctx.micro * batch_size),
+        noise = draw_pair_noise(pair_seeds(seed, ctx.step, ctx.rank, batch_size, ctx.micro * batch_size, engine.world),
                                 latent_shape, process.draw_time, engine.device)
         if cfg.log_rows:
             with open(engine.out / "rows" / f"rank-{ctx.rank}.txt", "a") as f:
