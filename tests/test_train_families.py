@@ -39,7 +39,7 @@ def config(world, out, *overrides):
 
 
 def generate(pipe):
-    return pipe("a red dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+    return pipe(prompt="a red dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
