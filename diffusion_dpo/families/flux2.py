@@ -94,6 +94,16 @@ class Flux2Family(Family):
         self.prepare_vae(comps["vae"])
         return comps
 
+    def save_lora(self, denoiser, folder) -> None:
+        """The adapter in peft's own key layout (lora_A / lora_B), which Flux2LoraLoaderMixin reads: the
+        older diffusers layout that Family.save_lora writes renames only some projections, and a mixed file
+        loads without the renamed ones."""
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        pipeline = getattr(diffusers, self.pipeline_class)
+        pipeline.save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(denoiser))
+
     def prepare_vae(self, vae) -> None:
         register_latent_normalisation(vae)
 
