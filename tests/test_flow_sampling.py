@@ -121,7 +121,10 @@ def test_implicit_reward_of_a_changed_transformer_follows_the_formula(world):
     scores = score_pairs(tuned, base, pairs, beta_dpo=100.0, noise_draws=1, batch_size=1)
     again = score_pairs(tuned, base, pairs, beta_dpo=100.0, noise_draws=1, batch_size=2)
     assert counts["ties"] == 1
-    assert [s.reward_w for s in scores] == pytest.approx([s.reward_w for s in again], rel=1e-5)
+    # the reward is beta / 2 times a difference of two close errors, which magnifies the rounding of batched
+    # kernels; the 27-layer Qwen3 of tiny klein rounds a little more between batch sizes than the others
+    rel = 1e-4 if world["name"] == "flux2_klein" else 1e-5
+    assert [s.reward_w for s in scores] == pytest.approx([s.reward_w for s in again], rel=rel)
     for s in scores:
         assert s.policy_mse_w != s.ref_mse_w
         assert s.reward_w == pytest.approx(0.5 * 100.0 * (s.ref_mse_w - s.policy_mse_w), rel=1e-5)
