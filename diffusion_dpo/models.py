@@ -119,14 +119,23 @@ def encode_prompts(components: Components, captions: list[str]) -> dict[str, Ten
 def encode_latent_moments(vae, pixel_values: Tensor) -> Tensor:
     """VAE posterior parameters (mean and log-variance stacked on channels) of images in [-1, 1].
 
-    pixel_values: [N, 3, H, W]. Returns [N, 2C, H/f, W/f] in the VAE's dtype. Caching these (rather than one
+    pixel_values: [N, 3, H, W]. Returns [N, 2C, H/f, W/f] in the VAE's dtype (a VAE whose config names
+    ``latents_patch_size`` p: each half patchified, [N, 2 p^2 C, H/pf, W/pf]). Caching these (rather than one
     sample) keeps a pre-computed run sampling a fresh latent each step, as an online run does.
     """
-    return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters
+    moments = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters
+    if vae.config.get("latents_patch_size"):  # FLUX.2: the denoiser's latent is the 2x2-patchified one
+        from diffusion_dpo.families.flux2 import patchify
+
+        mean, logvar = moments.chunk(2, dim=1)
+        moments = torch.cat([patchify(mean), patchify(logvar)], dim=1)
+    return moments
 
 
 def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
-    """A scaled latent sample z = (mean + std * eps - shift) * scaling_factor, in fp32.
+    """A scaled latent sample z = (mean + std * eps - shift) * scaling_factor, in fp32; a VAE whose config
+    holds per-channel ``latents_mean`` / ``latents_std`` (FLUX.2's batch-norm statistics) normalises per
+    channel instead: z = (sample - latents_mean[c]) / latents_std[c].
 
     vae_config: the VAE's ``config``; moments: [N, 2C, h, w] from :func:`encode_latent_moments`;
     eps: [N, C, h, w] standard normal draws.
@@ -134,8 +143,30 @@ def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     dist = DiagonalGaussianDistribution(moments.float())
+    sample = dist.mean + dist.std * eps.to(dist.mean.device)
+    if vae_config.get("latents_patch_size"):
+        mean, std = _channel_stats(vae_config, sample)
+        return (sample - mean) / std
     shift = vae_config.get("shift_factor") or 0.0
-    return (dist.mean + dist.std * eps.to(dist.mean.device) - shift) * vae_config.scaling_factor
+    return (sample - shift) * vae_config.scaling_factor
+
+
+def unscale_latents(vae_config, latents: Tensor) -> Tensor:
+    """The inverse of :func:`sample_latents`' scaling: what the VAE decoder takes, [N, C', h', w'] (FLUX.2:
+    de-normalised and unpatchified back to the VAE's own C channels at twice the side)."""
+    if vae_config.get("latents_patch_size"):
+        from diffusion_dpo.families.flux2 import unpatchify
+
+        mean, std = _channel_stats(vae_config, latents)
+        return unpatchify(latents * std + mean)
+    return latents / vae_config.scaling_factor + (vae_config.get("shift_factor") or 0.0)
+
+
+def _channel_stats(vae_config, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``latents_mean`` and ``latents_std`` as [1, C, 1, 1] on ``like``'s device and dtype."""
+    to = dict(device=like.device, dtype=like.dtype)
+    return (torch.tensor(vae_config.latents_mean, **to).view(1, -1, 1, 1),
+            torch.tensor(vae_config.latents_std, **to).view(1, -1, 1, 1))
 
 
 @dataclass

@@ -9,6 +9,7 @@ seconds on a CPU. The tests, the README's first command and the benchmarks use t
     path = build_tiny_pipeline("tiny-sdxl", sdxl=True)       # SDXL layout (or family="sdxl")
     path = build_tiny_pipeline("tiny-sd3", family="sd3")     # SD3 layout, FlowMatchEulerDiscreteScheduler
     path = build_tiny_pipeline("tiny-flux", family="flux")   # FLUX.1-dev layout (guidance embedding)
+    path = build_tiny_pipeline("tiny-flux2", family="flux2")  # FLUX.2-dev (or family="flux2_klein")
     write_tiny_pairs("pairs/", n_pairs=16)                # Pick-a-Pic schema parquet shard
 """
 
@@ -27,8 +28,11 @@ DEFAULT_WORDS = (
     "triangle background dog cat house tree car flower mountain city sky sea portrait landscape"
 ).split()
 
+FLUX2_TINY = ("flux2", "flux2_klein")  # built by diffusion_dpo.tiny_flux2
+
 # model.pretrained values that build a tiny pipeline, and its family
-TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux",
+        "tiny-flux2": "flux2", "tiny-flux2-klein": "flux2_klein"}
 
 
 def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
@@ -102,10 +106,16 @@ def build_tiny_pipeline(
     from transformers import CLIPTokenizer
 
     family = family or ("sdxl" if sdxl else "sd")
-    if family not in ("sd", "sdxl", "sd3", "flux"):
-        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3 or flux")
+    if family not in ("sd", "sdxl", "sd3", "flux", *FLUX2_TINY):
+        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3, flux, "
+                         f"{' or '.join(FLUX2_TINY)}")
     path = Path(path)
     torch.manual_seed(seed)
+    if family in FLUX2_TINY:
+        from diffusion_dpo.tiny_flux2 import tiny_flux2_pipeline
+
+        tiny_flux2_pipeline(family, path, words, resolution).save_pretrained(str(path))
+        return path
     tok_dir = write_clip_tokenizer(path / "_tokenizer_build", words)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     text_config = dict(

@@ -14,7 +14,7 @@ from diffusion_dpo.recipes import evaluate, label
 from diffusion_dpo.sampling import denoiser_of, generate, load_pipeline, native_size, pipeline_family
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein"]
 # FLUX's pipeline default is 1024 px (256 for the tiny one); the tests sample the tiny models' 32 px.
 SIZE = ["sampling.height=32", "sampling.width=32"]
 
@@ -53,6 +53,10 @@ def test_sampling_conditions_the_transformer_as_training_does(world):
     assert options == {"max_sequence_length": 16}  # the tiny T5 tokenizer's model_max_length
     captions = ["a red circle", "a blue square"]
     trained = family.encode_text(pipeline_components(pipe), captions)
+    if world["name"].startswith("flux2"):  # one chat-templated LM, no pooled output
+        torch.testing.assert_close(trained["hidden"], pipe.encode_prompt(captions, **options)[0])
+        assert native_size(pipe) == 256  # default_sample_size 128 x the tiny VAE's factor 2
+        return
     extra = {"prompt_3": None} if world["name"] == "sd3" else {}
     sampled = pipe.encode_prompt(prompt=captions, prompt_2=None, device="cpu", num_images_per_prompt=1,
                                  **extra, **options, **({"do_classifier_free_guidance": False}
@@ -117,7 +121,10 @@ def test_implicit_reward_of_a_changed_transformer_follows_the_formula(world):
     scores = score_pairs(tuned, base, pairs, beta_dpo=100.0, noise_draws=1, batch_size=1)
     again = score_pairs(tuned, base, pairs, beta_dpo=100.0, noise_draws=1, batch_size=2)
     assert counts["ties"] == 1
-    assert [s.reward_w for s in scores] == pytest.approx([s.reward_w for s in again], rel=1e-5)
+    # the reward is beta / 2 times a difference of two close errors, which magnifies the rounding of batched
+    # kernels; the 27-layer Qwen3 of tiny klein rounds a little more between batch sizes than the others
+    rel = 1e-4 if world["name"] == "flux2_klein" else 1e-5
+    assert [s.reward_w for s in scores] == pytest.approx([s.reward_w for s in again], rel=rel)
     for s in scores:
         assert s.policy_mse_w != s.ref_mse_w
         assert s.reward_w == pytest.approx(0.5 * 100.0 * (s.ref_mse_w - s.policy_mse_w), rel=1e-5)

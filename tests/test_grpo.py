@@ -39,7 +39,8 @@ def one_thread():
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
-    pipes = {f: str(build_tiny_pipeline(root / f, family=f)) for f in ("sd", "sdxl", "sd3", "flux")}
+    pipes = {f: str(build_tiny_pipeline(root / f, family=f))
+             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein")}
     return {"prompts": str(root / "prompts.txt"), **pipes}
 
 
@@ -78,12 +79,14 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
     assert rows[1]["kl"] > 0.0  # the second sampling step's policy has moved away from the reference
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein"])
 def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family):
     """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
     (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
-    shift and decoding, so what GRPO tunes is what the diffusers pipeline generates. FLUX.1-dev's guidance is
-    embedded rather than classifier-free: the same value on both sides, here 2.0 (not the default 3.5)."""
+    shift and decoding, so what GRPO tunes is what the diffusers pipeline generates. FLUX.1-dev's and
+    FLUX.2-dev's guidance is embedded rather than classifier-free: the same value on both sides, here 2.0
+    (not the defaults 3.5 and 4.0); FLUX.2-klein guides classifier-free. FLUX.2's pipelines take their
+    latents patchified [4C, h/2, w/2] (what our sampler draws) and shift by their empirical mu."""
     from diffusers import DDIMScheduler
 
     from diffusion_dpo import models
@@ -93,11 +96,10 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     comps = models.load_components(world[family])
     models.freeze_to(comps, torch.device("cpu"), torch.float32)
     side = comps.vae.config.sample_size
-    hw = (side // 2 ** (len(comps.vae.config.block_out_channels) - 1),) * 2
-    schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=hw)
-    cfg_scale = 2.0 if family == "flux" else 4.0
+    shape = comps.family.latent_shape(comps.vae.config, side)
+    schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=shape[1:])
+    cfg_scale = 2.0 if family in ("flux", "flux2") else 4.0
     cond = Conditioning.of(comps, PROMPTS[:2], guidance_scale=cfg_scale, size=(side, side))
-    shape = (comps.vae.config.latent_channels, *hw)
     ours = rollout(guided_predict(comps.family, comps.denoiser, schedule, cond), schedule, comps.vae, [7, 8],
                    shape, "cpu").images
 
@@ -109,7 +111,7 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
         from diffusion_dpo.families.flux import pack_latents
 
         start = pack_latents(start)
-    theirs = pipe(PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
+    theirs = pipe(prompt=PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
                   guidance_scale=cfg_scale, **comps.family.call_options(pipe)).images
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 

@@ -17,7 +17,7 @@ from diffusion_dpo.families import detect
 from diffusion_dpo.recipes import train
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein"]
 
 
 
@@ -39,7 +39,7 @@ def config(world, out, *overrides):
 
 
 def generate(pipe):
-    return pipe("a red dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+    return pipe(prompt="a red dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
@@ -56,7 +56,8 @@ def test_lora_first_loss_is_ln2_and_final_loads(worlds, tmp_path, name):
     family = detect(world["model"])
     base = generate(family.load_pipeline(world["model"]))
     pipe = family.load_pipeline(world["model"], lora=result.final)
-    assert type(pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+    assert type(pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+                                   "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline"}[name]
     tuned = generate(pipe)
     assert tuned.size == (32, 32) and tuned.tobytes() != base.tobytes()
 

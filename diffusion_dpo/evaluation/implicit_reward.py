@@ -53,6 +53,7 @@ def pipeline_components(pipe):
 
     family = pipeline_family(pipe)
     scheduler = pipe.scheduler if family.flow else DDPMScheduler.from_config(pipe.scheduler.config)
+    family.prepare_vae(pipe.vae)
     return Components(
         getattr(pipe, family.denoiser_name), pipe.vae,
         [getattr(pipe, enc) for _, enc in family.text_components],

@@ -128,6 +128,27 @@ class Family(ABC):
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
 
+    def sampling_mu(self, scheduler_config, latent_hw: tuple[int, int], num_inference_steps: int):
+        """The ``mu`` a dynamically shifting scheduler's ``set_timesteps`` takes for latents [C, h, w]
+        (``latent_hw`` = (h, w)): FluxPipeline's ``calculate_shift`` of the packed length h/2 * w/2; None
+        when the scheduler does not shift dynamically."""
+        if not scheduler_config.get("use_dynamic_shifting", False):
+            return None
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = scheduler_config
+        return calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
+                               c.base_shift, c.max_shift)
+
+    def latent_shape(self, vae_config, side: int) -> tuple[int, int, int]:
+        """(C, h, w): the denoiser's latent of a ``side`` px square image (the VAE's channels, side / f)."""
+        h = side // 2 ** (len(vae_config.block_out_channels) - 1)
+        return (vae_config.latent_channels, h, h)
+
+    def prepare_vae(self, vae) -> None:
+        """Make the VAE's config carry what maps its samples into the denoiser's latent space (FLUX.2's
+        batch-norm statistics); nothing here, where scaling_factor and shift_factor already do."""
+
     def sampling_sigmas(self, num_inference_steps: int):
         """The sigmas the family's pipeline hands its flow-matching scheduler's ``set_timesteps`` (before the
         scheduler's shift), or None when the pipeline lets the scheduler space them (SD3)."""

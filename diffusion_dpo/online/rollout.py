@@ -32,8 +32,8 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
                       latent_hw: tuple[int, int], sde: str = "flow_grpo"):
     """The stochastic sampler of ``comps.family``: a :class:`DDIMSchedule` (eta) built from the pipeline's
     noise schedule for DDPM families, or a :class:`FlowSDESchedule` (noise_level) from its flow-matching
-    scheduler. ``latent_hw``: the latent size, which sets FLUX's resolution-dependent shift. The timesteps are
-    those the family's diffusers pipeline samples with (FluxPipeline: sigmas linspace(1, 1/T, T) shifted by
+    scheduler. ``latent_hw``: the denoiser latent's (h, w), which sets FLUX's resolution-dependent shift. The
+    timesteps are those the family's diffusers pipeline samples with (FluxPipeline: sigmas linspace(1, 1/T, T) shifted by
     mu of the packed sequence length h/2 * w/2), so the tuned sampler is the one evaluate and label use.
     ``sde``: the flow step, flow_grpo's SDE or cps (DDPM families have only DDIM)."""
     from diffusers import DDIMScheduler
@@ -45,13 +45,8 @@ def sampling_schedule(comps, *, num_inference_steps: int, eta: float, noise_leve
         scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, eta)
     scheduler = copy.deepcopy(comps.noise_scheduler)
-    options = {}
-    if scheduler.config.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        c = scheduler.config
-        options["mu"] = calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len,
-                                        c.max_image_seq_len, c.base_shift, c.max_shift)
+    mu = comps.family.sampling_mu(scheduler.config, latent_hw, num_inference_steps)
+    options = {} if mu is None else {"mu": mu}
     sigmas = comps.family.sampling_sigmas(num_inference_steps)
     if sigmas is None:
         scheduler.set_timesteps(num_inference_steps, **options)
@@ -124,9 +119,10 @@ def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
 @torch.no_grad()
 def decode(vae, latents: Tensor) -> Tensor:
     """Images [N, 3, H, W] in [0, 1] (fp32) from denoiser latents [N, C, h, w]: the inverse of
-    ``models.sample_latents``' scaling and shift, then the VAE decoder."""
-    c = vae.config
-    z = latents / c.scaling_factor + (c.get("shift_factor") or 0.0)
+    ``models.sample_latents``' scaling and shift (``models.unscale_latents``), then the VAE decoder."""
+    from diffusion_dpo.models import unscale_latents
+
+    z = unscale_latents(vae.config, latents)
     return (vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -110,13 +110,13 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     side = cfg.sampling.resolution or comps.vae.config.sample_size
-    factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    latent_hw = (side // factor, side // factor)
+    latent_shape = comps.family.latent_shape(comps.vae.config, side)
+    latent_hw = latent_shape[1:]
     s = cfg.sampling
     schedule = sampling_schedule(comps, num_inference_steps=s.num_inference_steps, eta=s.eta,
                                  noise_level=s.noise_level, latent_hw=latent_hw, sde=s.sde)
     return Built(comps, denoiser, reference, is_lora, comps.family.noise_process(comps.noise_scheduler, cfg.noise),
-                 schedule, (side, side), (comps.vae.config.latent_channels, *latent_hw))
+                 schedule, (side, side), latent_shape)
 
 
 def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, dtype: torch.dtype):
