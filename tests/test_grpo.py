@@ -39,7 +39,7 @@ def one_thread():
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
-    pipes = {f: str(build_tiny_pipeline(root / f, family=f)) for f in ("sd", "sdxl", "sd3", "flux")}
+    pipes = {f: str(build_tiny_pipeline(root / f, family=f)) for f in ("sd", "sdxl", "sd3", "flux", "z_image")}
     return {"prompts": str(root / "prompts.txt"), **pipes}
 
 
@@ -78,12 +78,13 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
     assert rows[1]["kl"] > 0.0  # the second sampling step's policy has moved away from the reference
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "z_image"])
 def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family):
     """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
     (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
     shift and decoding, so what GRPO tunes is what the diffusers pipeline generates. FLUX.1-dev's guidance is
-    embedded rather than classifier-free: the same value on both sides, here 2.0 (not the default 3.5)."""
+    embedded rather than classifier-free: the same value on both sides, here 2.0 (not the default 3.5).
+    Z-Image's is c + w (c - u) on unpadded captions, the pipeline's own."""
     from diffusers import DDIMScheduler
 
     from diffusion_dpo import models
