@@ -54,6 +54,9 @@ class Family(ABC):
     # The guidance_scale at which the pipeline skips the unconditional pass: 1 for u + w (c - u), 0 for a
     # pipeline whose guidance is c + w (c - u) (Z-Image).
     unguided_scale = 1.0
+    # The image side in px the pipeline generates without height/width when it fixes one rather than
+    # deriving it from its denoiser's sample_size (None: derived).
+    native_resolution: int | None = None
 
     @classmethod
     def matches(cls, index: dict[str, Any]) -> bool:

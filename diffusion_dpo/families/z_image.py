@@ -31,6 +31,7 @@ class ZImageFamily(Family):
     dpo_beta = 100.0  # flow_grpo's DPO on SD3.5 (Family.dpo_beta)
     max_sequence_length = 512  # ZImagePipeline's default
     online_guidance_scale = 5.0  # ZImagePipeline's default guidance_scale
+    native_resolution = 1024  # ZImagePipeline's height and width when not given
     unguided_scale = 0.0  # ZImagePipeline skips the unconditional pass at guidance_scale 0 (Z-Image-Turbo)
 
     def text_length(self, tokenizer) -> int:
