@@ -9,6 +9,7 @@ seconds on a CPU. The tests, the README's first command and the benchmarks use t
     path = build_tiny_pipeline("tiny-sdxl", sdxl=True)       # SDXL layout (or family="sdxl")
     path = build_tiny_pipeline("tiny-sd3", family="sd3")     # SD3 layout, FlowMatchEulerDiscreteScheduler
     path = build_tiny_pipeline("tiny-flux", family="flux")   # FLUX.1-dev layout (guidance embedding)
+    path = build_tiny_pipeline("tiny-z-image", family="z_image")  # Z-Image layout (Qwen3 text encoder)
     write_tiny_pairs("pairs/", n_pairs=16)                # Pick-a-Pic schema parquet shard
 """
 
@@ -91,9 +92,9 @@ def write_t5_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DE
 
 def write_qwen_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
                          max_length: int = 64) -> Path:
-    """Save a Qwen2 tokenizer (byte-level BPE) with Qwen's special tokens and a chat template: each of
-    ``words``, the chat roles and the template's line break one token, any other text in bytes. The merges
-    spell each word left to right, so the vocabulary (and a seeded text encoder) is the same in every
+    """Save a Qwen2 tokenizer (byte-level BPE) with Qwen's special tokens and a chat template. Its merges
+    spell each of ``words`` and the chat roles left to right (so they take few tokens; any other text falls
+    back to bytes) in a fixed order, so the vocabulary, and a seeded text encoder, is the same in every
     process."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast

@@ -115,7 +115,8 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3)])
+@pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3),
+                                       ("z_image", 3e-3)])
 def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, lr):
     """GRPO on brightness (a full fine-tune: a random tiny UNet's attention has too little leverage on the
     decoded pixels for LoRA to show within a few steps; the SD UNet takes a smaller step than the transformers,
