@@ -114,6 +114,9 @@ def pipeline_family(pipe):
 
 def native_size(pipe) -> int:
     """The image side in px a pipeline generates when no height/width is given (its own default)."""
+    fixed = pipeline_family(pipe).native_resolution
+    if fixed:
+        return fixed
     latent = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe).config.sample_size
     return int(latent * pipe.vae_scale_factor)
 

@@ -10,6 +10,7 @@ seconds on a CPU. The tests, the README's first command and the benchmarks use t
     path = build_tiny_pipeline("tiny-sd3", family="sd3")     # SD3 layout, FlowMatchEulerDiscreteScheduler
     path = build_tiny_pipeline("tiny-flux", family="flux")   # FLUX.1-dev layout (guidance embedding)
     path = build_tiny_pipeline("tiny-flux2", family="flux2")  # FLUX.2-dev (or family="flux2_klein")
+    path = build_tiny_pipeline("tiny-z-image", family="z_image")  # Z-Image layout (Qwen3 text encoder)
     write_tiny_pairs("pairs/", n_pairs=16)                # Pick-a-Pic schema parquet shard
 """
 
@@ -32,7 +33,14 @@ FLUX2_TINY = ("flux2", "flux2_klein")  # built by diffusion_dpo.tiny_flux2
 
 # model.pretrained values that build a tiny pipeline, and its family
 TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux",
-        "tiny-flux2": "flux2", "tiny-flux2-klein": "flux2_klein"}
+        "tiny-flux2": "flux2", "tiny-flux2-klein": "flux2_klein", "tiny-z-image": "z_image"}
+# The chat template of the tiny Qwen tokenizers: Qwen's turns, and Qwen3's empty think block when a caller
+# turns thinking off (ZImagePipeline turns it on, so none).
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+    "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 
 
 def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
@@ -86,6 +94,37 @@ def write_t5_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DE
     return Path(path)
 
 
+def write_qwen_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
+                         max_length: int = 64) -> Path:
+    """Save a Qwen2 tokenizer (byte-level BPE) with Qwen's special tokens and a chat template. Its merges
+    spell each of ``words`` and the chat roles left to right (so they take few tokens; any other text falls
+    back to bytes) in a fixed order, so the vocabulary, and a seeded text encoder, is the same in every
+    process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(alphabet)}
+    merges = []
+    for word in dict.fromkeys([w.lower() for w in words] + ["user", "assistant", "system"]):
+        for spelled in (word, "\u0120" + word):  # the word, and the word after a space
+            token = spelled[0]
+            for char in spelled[1:]:
+                if token + char not in vocab:
+                    merges.append((token, char))
+                    vocab[token + char] = len(vocab)
+                token += char
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, model_max_length=max_length, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(path))
+    return Path(path)
+
+
 def build_tiny_pipeline(
     path: str | Path,
     *,
@@ -97,7 +136,7 @@ def build_tiny_pipeline(
     unet_channels: tuple[int, ...] = (32, 64),
     seed: int = 0,
 ) -> Path:
-    """Write a randomly initialised pipeline folder of ``family`` ("sd", "sdxl", "sd3" or "flux"; default
+    """Write a randomly initialised pipeline folder of ``family`` ("sd", "sdxl", "sd3", "flux" or "z_image"; default
     "sdxl" if ``sdxl`` else "sd") and return its path. The VAE downsamples by 2 (two blocks), so
     ``resolution`` px images have ``resolution // 2`` px latents. ``prediction_type`` and ``unet_channels``
     apply to the UNet families.
@@ -106,8 +145,8 @@ def build_tiny_pipeline(
     from transformers import CLIPTokenizer
 
     family = family or ("sdxl" if sdxl else "sd")
-    if family not in ("sd", "sdxl", "sd3", "flux", *FLUX2_TINY):
-        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3, flux, "
+    if family not in ("sd", "sdxl", "sd3", "flux", "z_image", *FLUX2_TINY):
+        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3, flux, z_image, "
                          f"{' or '.join(FLUX2_TINY)}")
     path = Path(path)
     torch.manual_seed(seed)
@@ -116,6 +155,8 @@ def build_tiny_pipeline(
 
         tiny_flux2_pipeline(family, path, words, resolution).save_pretrained(str(path))
         return path
+    if family == "z_image":
+        return _save(_tiny_z_image_pipeline(path, words, resolution), path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_build", words)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     text_config = dict(
@@ -129,6 +170,11 @@ def build_tiny_pipeline(
         t5_tokenizer = _t5_tokenizer(path / "_t5_tokenizer_build", words)
         pipe = (_tiny_sd3_pipeline if family == "sd3" else _tiny_flux_pipeline)(
             tokenizer, t5_tokenizer, text_config, resolution)
+    return _save(pipe, path)
+
+
+def _save(pipe, path: Path) -> Path:
+    """Save ``pipe`` to ``path`` and remove the tokenizer folders its builder wrote there."""
     pipe.save_pretrained(str(path))
     for folder in path.glob("_*tokenizer_build"):
         for f in folder.iterdir():
@@ -243,6 +289,27 @@ def _tiny_flux_pipeline(tokenizer, t5_tokenizer, text_config, resolution):
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=tokenizer,
                         text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+
+
+def _tiny_z_image_pipeline(path: Path, words, resolution):
+    """Z-Image layout: a Qwen3 model 32 wide (3 layers: the pipeline reads the second-to-last), a 4-channel
+    VAE with FLUX's shift and scale (Z-Image's VAE), a single-stream transformer over 2x2 patches with one
+    refiner layer per stream, and Z-Image-Turbo's static shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
+
+    tokenizer = Qwen2TokenizerFast.from_pretrained(str(write_qwen_tokenizer(path / "_qwen_tokenizer_build", words)))
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = _tiny_vae(resolution, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
 
 
 def _pattern_image(rng: random.Random, size: int, color: tuple[int, int, int]):

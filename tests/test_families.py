@@ -18,11 +18,12 @@ from diffusion_dpo.tiny import build_tiny_pipeline
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {name: str(build_tiny_pipeline(root / name, family=name)) for name in ("sd3", "flux")}
+    return {name: str(build_tiny_pipeline(root / name, family=name)) for name in ("sd3", "flux", "z_image")}
 
 
 def test_detect_from_model_index(tiny, tmp_path):
     assert detect(tiny["sd3"]).name == "sd3" and detect(tiny["flux"]).name == "flux"
+    assert detect(tiny["z_image"]).name == "z_image"
     assert detect(str(build_tiny_pipeline(tmp_path / "xl", sdxl=True))).name == "sdxl"
     unet_only = {"_class_name": "StableDiffusionImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder_2": [None, None]}
@@ -58,6 +59,22 @@ def test_flux_text_matches_the_pipeline(tiny):
     assert text["hidden"].shape == (2, 16, 48) and text["pooled"].shape == (2, 32)
     assert torch.allclose(text["hidden"], hidden, atol=1e-6) and torch.allclose(text["pooled"], pooled, atol=1e-6)
     assert not text_ids.any()  # the positions the FLUX forward gives its text tokens: zeros
+
+
+def test_z_image_guidance_and_time_follow_its_pipeline(tiny):
+    """Z-Image's guidance is c + w (c - u) (skipped at w = 0); its transformer sees 1 - sigma and predicts
+    the negated velocity, so the family's forward at sigma is minus the transformer's output at 1 - sigma."""
+    comps = models.load_components(tiny["z_image"])
+    family = comps.family
+    u, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    assert family.unguided_scale == 0.0 and family.guide(u, c, 2.0).tolist() == [7.0, -1.0]
+    text = family.encode_text(comps, ["a red dog"])
+    noisy = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = family.forward(comps.denoiser, noisy, torch.tensor([250.0]), text, {})
+        raw = comps.denoiser([noisy[0].unsqueeze(1)], torch.tensor([0.75]), [text["hidden"][0][text["mask"][0]]],
+                             return_dict=False)[0][0]
+    torch.testing.assert_close(ours[0], -raw.squeeze(1))
 
 
 def test_flow_velocity_target_by_hand():
@@ -125,7 +142,7 @@ def test_flux_packing_round_trips_and_matches_the_pipeline():
     assert ids[5].tolist() == [0.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z_image"])
 def test_winner_and_loser_share_sigma_and_noise(tiny, name):
     """The same image as winner and loser gives the same error: one sigma and one noise per pair."""
     comps = models.load_components(tiny[name])

@@ -1,4 +1,5 @@
-"""label, evaluate and implicit reward on the flow-matching families (tiny SD3 and FLUX.1-dev pipelines)."""
+"""label, evaluate and implicit reward on the flow-matching families (tiny SD3, FLUX.1-dev and Z-Image
+pipelines)."""
 
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from diffusion_dpo.recipes import evaluate, label
 from diffusion_dpo.sampling import denoiser_of, generate, load_pipeline, native_size, pipeline_family
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux", "flux2", "flux2_klein"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image"]
 # FLUX's pipeline default is 1024 px (256 for the tiny one); the tests sample the tiny models' 32 px.
 SIZE = ["sampling.height=32", "sampling.width=32"]
 
@@ -30,7 +31,7 @@ def world(request, tmp_path_factory):
     transformer = family.load_denoiser(str(base / "transformer"))
     changed = family.load_denoiser(str(base / "transformer"))
     with torch.no_grad():
-        changed.proj_out.weight.add_(0.5)  # the velocity's output layer
+        output_layer(changed).weight.add_(0.5)  # the velocity's output layer
     changed.save_pretrained(root / "tuned")
     attach_lora(transformer, rank=2)
     family.save_lora(transformer, root / "zero_lora")
@@ -39,6 +40,13 @@ def world(request, tmp_path_factory):
     write_tiny_pairs(root / "pairs", n_pairs=3, n_ties=1)
     return {"name": name, "root": root, "base": str(base), "zero_lora": str(root / "zero_lora"),
             "tuned": str(root / "tuned"), "prompts": str(prompts), "pairs": str(root / "pairs")}
+
+
+def output_layer(transformer):
+    """The transformer's last linear layer (Z-Image's final layer of its one patch size)."""
+    if hasattr(transformer, "proj_out"):
+        return transformer.proj_out
+    return transformer.all_final_layer["2-1"].linear
 
 
 def test_sampling_conditions_the_transformer_as_training_does(world):
@@ -50,9 +58,15 @@ def test_sampling_conditions_the_transformer_as_training_does(world):
     family = pipeline_family(pipe)
     assert family.name == world["name"] and denoiser_of(pipe) is pipe.transformer
     options = family.call_options(pipe)
-    assert options == {"max_sequence_length": 16}  # the tiny T5 tokenizer's model_max_length
     captions = ["a red circle", "a blue square"]
     trained = family.encode_text(pipeline_components(pipe), captions)
+    if world["name"] == "z_image":  # the tiny Qwen tokenizer's 64 tokens; unpadded captions, no pooled output
+        assert options == {"max_sequence_length": 64} and native_size(pipe) == 1024
+        sampled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False, **options)
+        for hidden, mask, caption in zip(trained["hidden"], trained["mask"], sampled):
+            torch.testing.assert_close(hidden[mask], caption.detach())
+        return
+    assert options == {"max_sequence_length": 16}  # the tiny T5 tokenizer's model_max_length
     if world["name"].startswith("flux2"):  # one chat-templated LM, no pooled output
         torch.testing.assert_close(trained["hidden"], pipe.encode_prompt(captions, **options)[0])
         assert native_size(pipe) == 256  # default_sample_size 128 x the tiny VAE's factor 2
@@ -71,9 +85,9 @@ def test_tuned_transformer_and_lora_load_through_the_family(world):
     base = load_pipeline(world["base"], device="cpu")
     tuned = load_pipeline(world["base"], denoiser=world["tuned"], device="cpu")
     zero = load_pipeline(world["base"], lora=world["zero_lora"], device="cpu")
-    first = base.transformer.proj_out.weight
-    assert torch.allclose(tuned.transformer.proj_out.weight, first + 0.5)
-    assert torch.equal(zero.transformer.proj_out.weight, first)
+    first = output_layer(base.transformer).weight
+    assert torch.allclose(output_layer(tuned.transformer).weight, first + 0.5)
+    assert torch.equal(output_layer(zero.transformer).weight, first)
     args = dict(num_inference_steps=2, guidance_scale=3.5, height=32, width=32)
     a, b, c = (generate(p, ["a red circle"], [7], **args)[0] for p in (base, zero, tuned))
     assert a.size == (32, 32)

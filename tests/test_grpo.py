@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
     pipes = {f: str(build_tiny_pipeline(root / f, family=f))
-             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein")}
+             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image")}
     return {"prompts": str(root / "prompts.txt"), **pipes}
 
 
@@ -79,14 +79,15 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
     assert rows[1]["kl"] > 0.0  # the second sampling step's policy has moved away from the reference
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image"])
 def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family):
     """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
     (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
     shift and decoding, so what GRPO tunes is what the diffusers pipeline generates. FLUX.1-dev's and
     FLUX.2-dev's guidance is embedded rather than classifier-free: the same value on both sides, here 2.0
     (not the defaults 3.5 and 4.0); FLUX.2-klein guides classifier-free. FLUX.2's pipelines take their
-    latents patchified [4C, h/2, w/2] (what our sampler draws) and shift by their empirical mu."""
+    latents patchified [4C, h/2, w/2] (what our sampler draws) and shift by their empirical mu.
+    Z-Image's guidance is c + w (c - u) on unpadded captions, the pipeline's own."""
     from diffusers import DDIMScheduler
 
     from diffusion_dpo import models
@@ -116,7 +117,8 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3)])
+@pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3),
+                                       ("z_image", 3e-3)])
 def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, lr):
     """GRPO on brightness (a full fine-tune: a random tiny UNet's attention has too little leverage on the
     decoded pixels for LoRA to show within a few steps; the SD UNet takes a smaller step than the transformers,

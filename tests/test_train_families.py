@@ -1,4 +1,4 @@
-"""``diffusion-dpo train`` on tiny SD3 and FLUX.1 pipelines (32 px, CPU): the first loss is ln 2 (LoRA and
+"""``diffusion-dpo train`` on tiny SD3, FLUX.1 and Z-Image pipelines (32 px, CPU): the first loss is ln 2 (LoRA and
 full), final/ loads into StableDiffusion3Pipeline / FluxPipeline and generates, resume is exact, gradient
 accumulation matches a bigger batch, precompute trains like online and frees the text encoders, and two
 processes end with identical weights."""
@@ -17,7 +17,7 @@ from diffusion_dpo.families import detect
 from diffusion_dpo.recipes import train
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux", "flux2", "flux2_klein"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image"]
 
 
 
@@ -57,7 +57,8 @@ def test_lora_first_loss_is_ln2_and_final_loads(worlds, tmp_path, name):
     base = generate(family.load_pipeline(world["model"]))
     pipe = family.load_pipeline(world["model"], lora=result.final)
     assert type(pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
-                                   "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline"}[name]
+                                   "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline",
+                                   "z_image": "ZImagePipeline"}[name]
     tuned = generate(pipe)
     assert tuned.size == (32, 32) and tuned.tobytes() != base.tobytes()
 

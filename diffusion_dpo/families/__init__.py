@@ -17,11 +17,12 @@ from diffusion_dpo.families.flux import FluxFamily
 from diffusion_dpo.families.flux2 import Flux2Family, Flux2KleinDistilledFamily, Flux2KleinFamily
 from diffusion_dpo.families.sd import SDFamily, SDXLFamily
 from diffusion_dpo.families.sd3 import SD3Family
+from diffusion_dpo.families.z_image import ZImageFamily
 from scorers.hub import from_hub, looks_local
 
 __all__ = ["FAMILIES", "DEFAULT_LORA_TARGETS", "DDPMNoise", "Family", "FlowNoise", "NoiseConfig", "detect", "detect_index", "by_name", "pipeline_index"]
 
-FAMILIES: tuple[type[Family], ...] = (SD3Family, FluxFamily, SDXLFamily, SDFamily,
+FAMILIES: tuple[type[Family], ...] = (SD3Family, FluxFamily, SDXLFamily, SDFamily, ZImageFamily,
                                       Flux2Family, Flux2KleinFamily, Flux2KleinDistilledFamily)
 
 

@@ -51,6 +51,12 @@ class Family(ABC):
     # (False), or as a value the denoiser embeds, with no unconditional pass (True: FLUX.1).
     guidance_embedded = False
     online_guidance_scale = 4.5  # grpo's sampling.guidance_scale when null (Flow-GRPO's SD3.5 setting)
+    # The guidance_scale at which the pipeline skips the unconditional pass: 1 for u + w (c - u), 0 for a
+    # pipeline whose guidance is c + w (c - u) (Z-Image).
+    unguided_scale = 1.0
+    # The image side in px the pipeline generates without height/width when it fixes one rather than
+    # deriving it from its denoiser's sample_size (None: derived).
+    native_resolution: int | None = None
 
     @classmethod
     def matches(cls, index: dict[str, Any]) -> bool:
@@ -153,6 +159,11 @@ class Family(ABC):
         """The sigmas the family's pipeline hands its flow-matching scheduler's ``set_timesteps`` (before the
         scheduler's shift), or None when the pipeline lets the scheduler space them (SD3)."""
         return None
+
+    def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """The guided prediction [N, C, h, w] from the unconditional and conditional ones, as the pipeline
+        combines them: classifier-free guidance u + w (c - u) (Ho & Salimans 2022, eq. 6)."""
+        return uncond + scale * (cond - uncond)
 
     # ----------------------------------------------------------------------------------- saving, loading
     def save_lora(self, denoiser, folder) -> None:

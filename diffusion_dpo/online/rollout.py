@@ -86,7 +86,7 @@ class Conditioning:
         image = {k: v[:, 0].to(device) for k, v in image.items()}  # one image each, not a pair
         if family.guidance_embedded:
             text["guidance"] = torch.full((n,), float(guidance_scale), device=device)
-            return cls(text, uncond, image, 1.0)
+            return cls(text, uncond, image, family.unguided_scale)
         return cls(text, uncond, image, guidance_scale)
 
     def rows(self, index: Tensor) -> Conditioning:
@@ -98,12 +98,13 @@ class Conditioning:
 def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
                    detach_uncond: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
     """``predict(x [N, ...], step_index long [N]) -> model output [N, ...]`` at each row's step, with
-    classifier-free guidance u + w (c - u) (Ho & Salimans 2022) in one batch of 2N when w != 1.
+    the family's classifier-free guidance (``Family.guide``: u + w (c - u), Ho & Salimans 2022) in one batch
+    of 2N unless w is the family's ``unguided_scale``.
     ``detach_uncond``: u carries no gradient, so an update moves the weights through c alone (flow_grpo)."""
 
     def predict(x: Tensor, step_index: Tensor) -> Tensor:
         t = schedule.timesteps[step_index.cpu()].to(x.device)
-        if cond.guidance_scale == 1:
+        if cond.guidance_scale == family.unguided_scale:
             return family.forward(denoiser, x, t, cond.text, cond.image)
         text = {k: torch.cat([cond.uncond[k], v]) for k, v in cond.text.items()}
         image = {k: torch.cat([v, v]) for k, v in cond.image.items()}
@@ -111,7 +112,7 @@ def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
         uncond, conditional = out.float().chunk(2)
         if detach_uncond:
             uncond = uncond.detach()
-        return uncond + cond.guidance_scale * (conditional - uncond)
+        return family.guide(uncond, conditional, cond.guidance_scale)
 
     return predict
 

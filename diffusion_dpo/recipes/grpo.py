@@ -134,11 +134,12 @@ def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, dtype: torch.dty
 
 
 def guidance_scale(cfg: GrpoConfig, built: Built) -> float:
-    """sampling.guidance_scale, or when null the family's (1 for nft, CFG-free as DiffusionNFT): one value
-    for rollout, update and evaluation."""
+    """sampling.guidance_scale, or when null the family's (its unguided_scale for nft, CFG-free as
+    DiffusionNFT): one value for rollout, update and evaluation."""
     if cfg.sampling.guidance_scale is not None:
         return cfg.sampling.guidance_scale
-    return 1.0 if cfg.method == "nft" else built.comps.family.online_guidance_scale  # NFT samples CFG-free
+    family = built.comps.family
+    return family.unguided_scale if cfg.method == "nft" else family.online_guidance_scale  # NFT: CFG-free
 
 
 def load_reward(cfg: GrpoConfig, device):
