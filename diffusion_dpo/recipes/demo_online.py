@@ -172,10 +172,12 @@ def run_online(cfg) -> dict[str, Any]:
     resume, o, seconds = parse_resume(cfg.resume), cfg.online, {}
     console = demo_common.Console(total=2)
     name = {"grpo": "GRPO", "online_dpo": "online DPO", "nft": "DiffusionNFT"}[cfg.method]
+    if cfg.method == "nft":
+        sampler = "the trailing old policy (" + ("the flow ODE" if cfg.family == "flow" else "DDIM, eta 0") + ")"
+    else:
+        sampler = "the current policy (" + ("the flow SDE" if cfg.family == "flow" else "DDIM, eta 1") + ")"
     console.stage(f"tune ({name}): {o.optim.max_steps} steps of {o.prompts_per_step} training prompts x "
-                  f"{o.group_size} "
-                  f"images from the current policy ({'the flow SDE' if cfg.family == 'flow' else 'DDIM, eta 1'}), "
-                  f"scored by shapes; a rank-{o.model.lora_rank} LoRA")
+                  f"{o.group_size} images from {sampler}, scored by shapes; a rank-{o.model.lora_rank} LoRA")
     start = time.perf_counter()
     tuned = demo_common.timed(seconds, "tune", grpo.run, grpo_config(cfg, base, train_file, out / "tune", resume))
     m = tuned.last_metrics
