@@ -390,3 +390,16 @@ def test_nft_raises_the_reward(world, tmp_path):
                     "scorer.options.parts={brightness: -1.0}", family="sd3"))
     rewards = [r["reward_mean"] for r in train_rows(out)]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.001, rewards
+
+
+def test_per_reward_normalisation_trains_on_a_combo_and_needs_one(world, tmp_path):
+    """online.reward_normalization=per_reward on brightness (~0.5) + JPEG size (~kB): the run trains, its
+    logged reward is the weighted sum; one reward alone is refused naming the key."""
+    out = tmp_path / "parts"
+    grpo.run(config(world, out, "scorer.name=combo",
+                    "scorer.options.parts={brightness: 1.0, jpeg_incompressibility: 0.01}",
+                    "online.reward_normalization=per_reward", "optim.max_steps=2"))
+    rows = train_rows(out)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(InputError, match="reward_normalization"):
+        grpo.run(config(world, tmp_path / "one", "online.reward_normalization=per_reward"))

@@ -62,3 +62,19 @@ def test_group_batch_std_keeps_a_near_tie_small():
 def test_group_batch_std_uses_the_gathered_std_when_given():
     adv = group_advantages(torch.tensor([1.0, 3.0]), [0, 0], scope="group_batch_std", batch_std=2.0)
     assert torch.allclose(adv.values, torch.tensor([-1.0, 1.0]) / 2.0001)
+
+
+def test_per_reward_normalisation_lets_a_small_scale_count():
+    """The docstring's example: a (100, 200) and b (0.3, 0.1) in one group. The weighted sum's advantages
+    follow a alone; normalised one by one, the two disagree equally and cancel."""
+    from diffusion_dpo.online.advantages import tied_groups, weighted_advantages
+
+    a, b = torch.tensor([100.0, 200.0]), torch.tensor([0.3, 0.1])
+    summed = group_advantages(a + b, [0, 0]).values
+    assert torch.allclose(summed, torch.tensor([-1.0, 1.0]), atol=1e-4)
+    each = {"a": group_advantages(a, [0, 0]).values, "b": group_advantages(b, [0, 0]).values}
+    assert torch.allclose(weighted_advantages(each, {"a": 1.0, "b": 1.0}), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(weighted_advantages(each, {"a": 1.0, "b": 0.5}), torch.tensor([-0.5, 0.5]), atol=1e-4)
+    assert tied_groups([torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([5.0, 5.0, 0.0, 0.0])], 2) == 1
+    with pytest.raises(InputError, match="no weight"):
+        weighted_advantages(each, {"a": 1.0})

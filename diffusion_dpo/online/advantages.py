@@ -90,3 +90,22 @@ def group_advantages(rewards: Tensor, group_keys: Sequence[Hashable], *, scope: 
         else:
             values[idx] = masked_whiten(r, torch.ones_like(r), eps=eps)
     return Advantages(values, zero_spread, len(groups))
+
+
+def weighted_advantages(per_reward: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """sum_k w_k A_k [N]: several rewards each normalised on its own (``per_reward``: name -> advantages [N])
+    before weighting, so a reward on a large scale (PickScore ~20) does not drown one on a small scale (an OCR
+    accuracy in [0, 1]) as it does in the advantages of the weighted sum. Example: a (100, 200) and b (0.3,
+    0.1) with weights 1 and 1 in one group: the weighted sum (100.3, 200.1) gives (-1, 1); normalised each,
+    a gives (-1, 1) and b (1, -1), so the sum is (0, 0): the two rewards disagree equally."""
+    missing = sorted(set(per_reward) - set(weights))
+    if missing:
+        raise InputError(f"no weight for reward(s) {', '.join(missing)}")
+    return sum(weights[k] * values for k, values in per_reward.items())
+
+
+def tied_groups(rewards: list[Tensor], group_size: int) -> int:
+    """How many groups of ``group_size`` consecutive images have equal values in every one of ``rewards``
+    ([N] each): the groups that say nothing about which image is better under any of them."""
+    tied = torch.stack([(r.view(-1, group_size) == r.view(-1, group_size)[:, :1]).all(dim=1) for r in rewards])
+    return int(tied.all(dim=0).sum())

@@ -44,7 +44,7 @@ from diffusion_dpo.config import parse_args
 from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.labeling.scoring import shown
-from diffusion_dpo.online.advantages import group_advantages
+from diffusion_dpo.online.advantages import group_advantages, tied_groups, weighted_advantages
 from diffusion_dpo.online.methods import METHODS, OnlineMethod
 from diffusion_dpo.online.monitors import batch_means, image_statistics
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
@@ -148,9 +148,14 @@ def load_reward(cfg: GrpoConfig, device):
 
     options = {"device": str(device)} | cfg.scorer.load_options()
     try:
-        return scorers.load_scorer(cfg.scorer.name, **options)
+        scorer = scorers.load_scorer(cfg.scorer.name, **options)
     except (OSError, TypeError) as e:  # missing weights, an option the scorer does not take
         raise InputError(f"cannot load scorer {cfg.scorer.name!r} with options {shown(options)}: {e}") from None
+    if cfg.online.reward_normalization == "per_reward" and not hasattr(scorer, "score_parts"):
+        raise InputError(f"config key 'online.reward_normalization': per_reward normalises each part of a "
+                         f"weighted reward, scorer.name=combo with scorer.options.parts; {cfg.scorer.name!r} is one "
+                         "reward: use weighted_sum")
+    return scorer
 
 
 def load_prompt_texts(cfg: GrpoConfig) -> list[str]:
@@ -192,21 +197,32 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, method: OnlineMethod,
         roll = rollout(predict, schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
     images = roll.images.cpu()
     per_image = [p for p in prompts for _ in range(g)]
-    rewards = scorer.score(images, per_image).float().to(engine.device)
-    if cfg.online.advantage_scope == "batch":  # over every process's batch, then this process's share
-        every = engine.accelerator.gather(rewards)
-        adv = group_advantages(every, [], scope="batch")
-        values = adv.values.view(engine.world, -1)[engine.rank]
-    else:  # per prompt group; group_batch_std divides by the std of every process's rewards
-        batch_std = None
-        if cfg.online.advantage_scope == "group_batch_std":
-            batch_std = float(engine.accelerator.gather(rewards).float().std(unbiased=False))
-        adv = group_advantages(rewards, [i // g for i in range(len(per_image))], scope=cfg.online.advantage_scope,
-                               batch_std=batch_std)
-        values = adv.values
+    keys = [i // g for i in range(len(per_image))]
+    if cfg.online.reward_normalization == "per_reward":  # each part normalised on its own, then weighted
+        parts = {k: v.float().to(engine.device) for k, v in scorer.score_parts(images, per_image).items()}
+        weights = {name: weight for name, weight, _ in scorer.parts}
+        rewards = sum(weights[k] * parts[k] for k in parts)
+        values = weighted_advantages({k: advantages_of(cfg, engine, v, keys)[0] for k, v in parts.items()},
+                                     weights)
+        zero_spread = tied_groups(list(parts.values()), g)
+    else:
+        rewards = scorer.score(images, per_image).float().to(engine.device)
+        values, zero_spread = advantages_of(cfg, engine, rewards, keys)
     clip = cfg.online.advantage_clip
-    return Samples(prompts, cond, roll.trajectory, schedule, rewards,
-                   values.clamp(-clip, clip), adv.zero_spread_groups, images)
+    return Samples(prompts, cond, roll.trajectory, schedule, rewards, values.clamp(-clip, clip), zero_spread, images)
+
+
+def advantages_of(cfg: GrpoConfig, engine: Engine, rewards: Tensor, keys: list[int]) -> tuple[Tensor, int]:
+    """This process's advantages [N] of ``rewards`` [N] (its groups ``keys``) as online.advantage_scope says,
+    and how many of its groups had equal rewards."""
+    if cfg.online.advantage_scope == "batch":  # over every process's batch, then this process's share
+        adv = group_advantages(engine.accelerator.gather(rewards), [], scope="batch")
+        return adv.values.view(engine.world, -1)[engine.rank], adv.zero_spread_groups
+    batch_std = None  # per prompt group; group_batch_std divides by the std of every process's rewards
+    if cfg.online.advantage_scope == "group_batch_std":
+        batch_std = float(engine.accelerator.gather(rewards).float().std(unbiased=False))
+    adv = group_advantages(rewards, keys, scope=cfg.online.advantage_scope, batch_std=batch_std)
+    return adv.values, adv.zero_spread_groups
 
 
 # ------------------------------------------------------------------------------------------- update

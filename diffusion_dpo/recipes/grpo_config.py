@@ -95,6 +95,10 @@ class OnlineSection:
         "group", "group: normalise rewards within each prompt's group (GRPO); batch: over the whole batch of all "
         "processes; group_batch_std: the group's mean over the std of the whole batch + 1e-4 (flow_grpo's code; "
         "a near-tied group keeps small advantages)")
+    reward_normalization: Literal["weighted_sum", "per_reward"] = option(
+        "weighted_sum", "several rewards (scorer.name=combo): normalise the weighted sum (weighted_sum), or each "
+        "reward on its own within the scope above and then weight the advantages (per_reward: a reward on a "
+        "large scale no longer drowns a small one; the multi-reward balancing of flow_grpo and DanceGRPO)")
     advantage_clip: float = option(5.0, "clip advantages to [-c, c] (DDPO: 5)", positive, "a positive number")
     beta_dpo: Optional[float] = option(
         None, "online_dpo: Diffusion-DPO beta, on the paper's scale (null: the family's: 5000 for SD1.x/2.x and "
