@@ -9,6 +9,10 @@
     full_state_dict(module)                           the trainable weights gathered whole (every process
                                                       gets them; for final/ and digests)
     local_shard_bytes(module)                         the bytes of trainable parameters this process holds
+    whole_tensors(state)                              a name -> tensor dict with every DTensor gathered whole
+                                                      (collective; what a recipe's own checkpoint state holds)
+    copy_into(target, value)                          copy a whole or sharded value into a whole or sharded
+                                                      tensor (this process's slice where the target is sharded)
 
 The blocks come from the model's family (``Family.shard_blocks``) or the transformers model's own
 ``_no_split_modules`` (:func:`no_split_blocks`); the engine never branches on the model type.
@@ -28,8 +32,8 @@ from torch import nn
 
 from diffusion_dpo.config import ConfigError, ParallelSection
 
-__all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "ensure_process_group", "full_state_dict", "is_sharded", "local_shard_bytes",
-           "gathered", "local", "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
+__all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "copy_into", "ensure_process_group",
+           "full_state_dict", "is_sharded", "local_shard_bytes", "whole_tensors", "gathered", "local", "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
 
 Tensor = torch.Tensor
 
@@ -99,6 +103,34 @@ def local(t: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each tensor whole on the CPU (a DTensor gathered: collective, every process calls it
+    with the same names in the same order; any other tensor copied)."""
+    return {name: whole(value).clone() for name, value in state.items()}
+
+
+@torch.no_grad()
+def copy_into(target: Tensor, value: Tensor) -> None:
+    """``target`` takes ``value``'s values (same global shape). A sharded target keeps its own slice of a whole
+    value (every process holds the whole value, so nothing is sent), or copies a value sharded like it shard
+    for shard; a whole target takes a sharded value gathered (collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(target, DTensor) and isinstance(value, DTensor):
+        target.copy_(value)
+    elif isinstance(target, DTensor):
+        local(target).copy_(_distribute_whole(value.to(local(target).device, local(target).dtype), target))
+    else:
+        target.copy_(whole(value) if isinstance(value, DTensor) else value)
+
+
+def _distribute_whole(value: Tensor, like) -> Tensor:
+    """This process's slice of ``value`` (whole, the same on every process) as ``like`` (a DTensor) shards it."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 @torch.no_grad()

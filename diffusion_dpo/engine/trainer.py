@@ -466,9 +466,14 @@ class Engine:
         with self.ema.swapped_in() if self.ema is not None and self.cfg.ema.final else contextlib.nullcontext():
             return self._save_final(policy, write)
 
+    def gathered(self, policy: torch.nn.Module):
+        """A context yielding ``policy`` with its whole weights on the main process (under fsdp: gathered,
+        collective, ``None`` on the other processes; see sharding.gathered), ``policy`` itself under ddp."""
+        return sharding.gathered(policy) if self.sharded else contextlib.nullcontext(policy)
+
     def _save_final(self, policy: torch.nn.Module, write: Callable[[Path], None]) -> Path:
         final = self.out / "final"
-        with (sharding.gathered(policy) if self.sharded else contextlib.nullcontext(policy)) as whole:
+        with self.gathered(policy) as whole:
             if self.is_main:  # under fsdp: the whole weights, gathered once onto the main process's CPU
                 self._check_finite(checkpointing.trainable_state_dict(whole), "final/")
                 tmp = final.with_name("final.tmp")
