@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from diffusion_dpo.config import EMASection
-from diffusion_dpo.engine.sharding import copy_into
+from diffusion_dpo.engine.sharding import copy_into, resharded
 from diffusion_dpo.errors import InputError
 
 Tensor = torch.Tensor
@@ -51,6 +51,7 @@ class ShadowWeights:
                                               for name, p in trained_parameters(module).items()}
 
     def _params(self) -> dict[str, nn.Parameter]:
+        resharded(self.module)  # the DTensors the shadow matches, not a forward's gathered parameters
         params = trained_parameters(self.module)
         if params.keys() != self.shadow.keys():
             raise RuntimeError("the module's trained parameters changed names since the shadow was built")

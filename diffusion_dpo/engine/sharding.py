@@ -9,6 +9,7 @@
     full_state_dict(module)                           the trainable weights gathered whole (every process
                                                       gets them; for final/ and digests)
     local_shard_bytes(module)                         the bytes of trainable parameters this process holds
+    resharded(*modules)                               the shards back in place after a forward without backward
     whole_tensors(state)                              a name -> tensor dict with every DTensor gathered whole
                                                       (collective; what a recipe's own checkpoint state holds)
     copy_into(target, value)                          copy a whole or sharded value into a whole or sharded
@@ -33,7 +34,8 @@ from torch import nn
 from diffusion_dpo.config import ConfigError, ParallelSection
 
 __all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "copy_into", "ensure_process_group",
-           "full_state_dict", "is_sharded", "local_shard_bytes", "whole_tensors", "gathered", "local", "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
+           "full_state_dict", "is_sharded", "local_shard_bytes", "resharded", "whole_tensors", "gathered", "local",
+           "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
 
 Tensor = torch.Tensor
 
@@ -105,6 +107,19 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def resharded(*modules: nn.Module) -> None:
+    """Put the sharded parameters back in place of any gathered ones in ``modules``. FSDP2 leaves the root
+    unit gathered after a forward without backward (a rollout, a reference forward), its parameters plain
+    tensors meanwhile: anything that reads or copies parameters as DTensors reshards first. A no-op for a
+    module that is not sharded, or already resharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+
+
 def whole_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``state`` with each tensor whole on the CPU (a DTensor gathered: collective, every process calls it
     with the same names in the same order; any other tensor copied)."""
@@ -165,6 +180,7 @@ def full_state_dict(module: nn.Module, trainable_only: bool = True) -> dict[str,
     """The weights of a sharded ``module`` gathered whole onto the CPU on every process (collective: every
     process must call it), by the same names as the unsharded module's ``named_parameters``; only those
     that require grad when ``trainable_only``."""
+    resharded(module)
     wanted = {name for name, p in module.named_parameters() if p.requires_grad or not trainable_only}
     out = {}
     for name, p in module.named_parameters():
@@ -193,6 +209,7 @@ def gathered(module: nn.Module) -> Iterator[nn.Module | None]:
     import torch.distributed as dist
 
     first = not dist.is_initialized() or dist.get_rank() == 0
+    resharded(module)
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     wholes: dict[int, nn.Parameter | None] = {}  # by the shard's id: a tied parameter stays one parameter
     for owner in module.modules():

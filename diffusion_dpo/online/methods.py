@@ -30,7 +30,7 @@ from diffusion_dpo.config import PreferenceLossSection
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import StepOutput
 from diffusion_dpo.engine.ema import ShadowWeights
-from diffusion_dpo.engine.sharding import copy_into, whole_tensors
+from diffusion_dpo.engine.sharding import copy_into, resharded, whole_tensors
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.objectives import dpo_objective
 from diffusion_dpo.online.nft import nft_loss, old_policy_decay, optimality, velocity_kl
@@ -141,6 +141,7 @@ class OnlineDPO(OnlineMethod):
     def before_sampling(self, step: int) -> None:
         every = self.cfg.online.ref_refresh_every
         if every and step and step % every == 0:  # the reference becomes the policy as it is now
+            resharded(self.built.policy)
             if isinstance(self.built.reference, SecondAdapter):
                 self.built.reference.refresh()
                 return
@@ -152,6 +153,7 @@ class OnlineDPO(OnlineMethod):
         """The weights a refresh moves, by the policy's parameter names (the second adapter's by its own):
         DTensors where the reference is sharded."""
         reference = self.built.reference
+        resharded(self.built.policy, *([reference.module] if hasattr(reference, "module") else []))
         if isinstance(reference, SecondAdapter):
             return {name: target for name, (_, target) in reference.pairs.items()}
         names = {n for n, p in self.built.policy.named_parameters() if p.requires_grad}
