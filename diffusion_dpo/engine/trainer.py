@@ -307,8 +307,10 @@ class Engine:
             for k, v in {"loss": loss, **out.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().mean() / self.grad_accum
             units += out.units
-        if self.sharded:
-            grad_norm = sharding.clip_grad_norm(params, max_grad_norm or math.inf)
+        if self.sharded:  # the optimizer's own parameters, the DTensor shards: a list taken while FSDP2 had a unit
+            # gathered (after a forward without backward) would hold the gathered tensors, whose grads move away
+            shards = [p for group in optimizer.param_groups for p in group["params"]]
+            grad_norm = sharding.clip_grad_norm(shards, max_grad_norm or math.inf)
         else:
             grad_norm = acc.clip_grad_norm_(params, max_grad_norm or math.inf)
         bad = bad or _first_nonfinite({"grad_norm": grad_norm})
