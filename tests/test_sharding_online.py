@@ -1,4 +1,5 @@
-"""parallel.strategy=fsdp for the online commands: ``grpo`` (tiny SD3, two CPU processes under gloo).
+"""parallel.strategy=fsdp for the online commands: ``grpo`` (tiny SD3) and ``llm ppo`` (the tiny LM), two
+CPU processes under gloo.
 
 Which comparison is meaningful: grpo draws its sampler noise, step choice and pair noise from (seed, step,
 rank), so one process of 2 prompts does not sample what two processes of 1 prompt each do. The sharded
@@ -11,6 +12,10 @@ A sharded run resumed from its own checkpoint on the same two processes must end
 undisturbed one, for each kind of state the methods keep beside the weights: NFT's old policy (DTensor
 shadows, saved whole), online DPO's refreshed reference (a second LoRA adapter on the sharded policy, or
 a sharded full copy), the KL's frozen copy offloaded to the CPU.
+
+``llm ppo`` samples on each process with its own RNG, so it too is compared with its two-process ddp run:
+the sharded policy generates (synced: every process runs as many forwards) the same responses, and after
+two iterations the weights agree to float32 rounding. PPO writes no checkpoints, so it has no resume.
 """
 
 import json
@@ -120,3 +125,47 @@ def test_sharded_grpo_resumes_exactly(world, tmp_path, extra):
     want, got = final_weights(straight), final_weights(resumed)
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert comparable(metrics(resumed)) == comparable(metrics(straight))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full-copy-head", "lora-adapter-value_model-ptx"])
+def test_sharded_llm_ppo_equals_two_process_ddp(tmp_path, lora):
+    """A full fine-tune with a value head and a (sharded) reference copy; LoRA with the adapter switched off
+    as the reference, a value model and PPO-ptx. The final policy and critic of the sharded run are the ddp
+    run's; the first iteration's gradient norm (over every shard, root included) is the ddp one's."""
+    from diffusion_dpo.llm import models
+    from diffusion_dpo.llm import tiny as llm_tiny
+
+    lm_world = llm_tiny.write_world(tmp_path / "world")
+    rule = tmp_path / "rule.py"
+    rule.write_text("def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    kind = (["model.lora.enabled=true", "reference.kind=adapter", "value.kind=model", "ptx.coef=0.5",
+             f"ptx.source={lm_world['text']}"] if lora else ["reference.kind=copy", "value.kind=head"])
+
+    def args(out, *extra):
+        return ["ppo", f"model.name_or_path={lm_world['model']}", f"data.source={lm_world['prompts']}",
+                "rollout.batch_size=4", "rollout.max_new_tokens=4", "optim.batch_size=2", "ppo.epochs=2",
+                "optim.learning_rate=0.001", "ppo.iterations=2", f"reward.function={rule}:length",
+                "tensorboard=false", f"output_dir={out}", *kind, *extra]
+
+    run_on_two_processes("llm", args(tmp_path / "fsdp", "parallel.strategy=fsdp"))
+    run_on_two_processes("llm", args(tmp_path / "ddp"))
+    if lora:
+        files = ("final/adapter_model.safetensors", "value/model.safetensors")
+        got, want = ({f: load_file(out / f) for f in files} for out in (tmp_path / "fsdp", tmp_path / "ddp"))
+        moved = max(v.abs().max().item() for k, v in got[files[0]].items() if "lora_B" in k)
+    else:
+        got, want = ({"policy": dict(models.load_causal_lm(str(out / "final")).named_parameters()),
+                      "head": load_file(out / "value" / models.VALUE_HEAD_FILE)}
+                     for out in (tmp_path / "fsdp", tmp_path / "ddp"))
+        start = dict(models.load_causal_lm(str(lm_world["model"])).named_parameters())
+        moved = max_difference(got["policy"], start)
+    for name in got:
+        assert max_difference(got[name], want[name]) <= 1e-6, name
+    assert moved > 1e-3  # two iterations of 4 steps at lr 1e-3 moved the policy
+    rows, ddp_rows = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
+    assert [r["reward"] for r in rows] == [r["reward"] for r in ddp_rows]  # the same responses
+    assert rows[0]["grad_norm"] == pytest.approx(ddp_rows[0]["grad_norm"], rel=1e-5)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    held, whole = summary["trained_bytes_held"], summary["trained_bytes"]
+    assert len(held) == 2 and all(abs(h - whole / 2) <= 0.05 * whole for h in held), (held, whole)

@@ -19,6 +19,8 @@ come from a separate value model (initialised from the reward model) or a linear
 The phases: set-up of the models and of the data, then per iteration a rollout and an update, whose optimizer
 steps are the engine's (accumulation, clipping, the non-finite guard, the schedule); finally the policy to
 final/ and the critic to value/. PPO writes no checkpoints (an iteration's rollouts are not saved).
+Under parallel.strategy=fsdp the actor-critic is sharded by its decoder layers and sampled on its shards
+(every use of the policy's weights goes through ActorCritic.forward).
 """
 
 from __future__ import annotations
