@@ -307,10 +307,9 @@ class Engine:
             for k, v in {"loss": loss, **out.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().mean() / self.grad_accum
             units += out.units
-        if self.sharded:  # the optimizer's own parameters, the DTensor shards: a list taken while FSDP2 had a unit
-            # gathered (after a forward without backward) would hold the gathered tensors, whose grads move away
-            shards = [p for group in optimizer.param_groups for p in group["params"]]
-            grad_norm = sharding.clip_grad_norm(shards, max_grad_norm or math.inf)
+        if self.sharded:  # the optimizer's shards (``params`` taken while a unit was gathered would miss its grads)
+            grad_norm = sharding.clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]],
+                                                max_grad_norm or math.inf)
         else:
             grad_norm = acc.clip_grad_norm_(params, max_grad_norm or math.inf)
         bad = bad or _first_nonfinite({"grad_norm": grad_norm})
@@ -468,14 +467,9 @@ class Engine:
         with self.ema.swapped_in() if self.ema is not None and self.cfg.ema.final else contextlib.nullcontext():
             return self._save_final(policy, write)
 
-    def gathered(self, policy: torch.nn.Module):
-        """A context yielding ``policy`` with its whole weights on the main process (under fsdp: gathered,
-        collective, ``None`` on the other processes; see sharding.gathered), ``policy`` itself under ddp."""
-        return sharding.gathered(policy) if self.sharded else contextlib.nullcontext(policy)
-
     def _save_final(self, policy: torch.nn.Module, write: Callable[[Path], None]) -> Path:
         final = self.out / "final"
-        with self.gathered(policy) as whole:
+        with (sharding.gathered(policy) if self.sharded else contextlib.nullcontext(policy)) as whole:
             if self.is_main:  # under fsdp: the whole weights, gathered once onto the main process's CPU
                 self._check_finite(checkpointing.trainable_state_dict(whole), "final/")
                 tmp = final.with_name("final.tmp")

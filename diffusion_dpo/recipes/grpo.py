@@ -42,7 +42,7 @@ import torch
 
 from diffusion_dpo import models
 from diffusion_dpo.config import parse_args
-from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir
+from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir, sharding
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.online.advantages import group_advantages
@@ -261,7 +261,8 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     if weights is None:
         weights = folder / "weights"
         # the EMA swapped in first, then (under fsdp) the whole weights gathered onto the main process
-        with engine.ema.swapped_in() if use_ema else contextlib.nullcontext(), engine.gathered(built.policy) as whole:
+        gather = sharding.gathered(built.policy) if engine.sharded else contextlib.nullcontext(built.policy)
+        with engine.ema.swapped_in() if use_ema else contextlib.nullcontext(), gather as whole:
             if engine.is_main:
                 built.comps.family.save_final(whole, weights, built.is_lora)
     if engine.is_main and engine.ema is not None:
