@@ -289,8 +289,10 @@ def load_sharded(path: Path, policy: torch.nn.Module, optimizer, ema=None) -> bo
         raise InputError(f"resume: checkpoint {path} does not fit this run's trained parameters or cannot be "
                          f"read ({type(e).__name__}: {str(e)[:300]}); was it written with another model or "
                          "model.lora_rank?") from e
+    # not strict: the frozen parameters (a LoRA run's base) are not in the state, and dcp.load above has
+    # already refused a checkpoint that lacks any trained one
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True))
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     return with_ema  # the EMA's shadow tensors were loaded in place
 
 

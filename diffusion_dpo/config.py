@@ -442,7 +442,7 @@ class ParallelSection:  # re-exported by diffusion_dpo.engine.sharding, which ap
                                "do not fit even sharded)")
     frozen: Literal["shard", "offload"] = option(
         "shard", "fsdp: where the frozen full copy of the starting model (the DPO reference of a full fine-"
-        "tune, llm dpo's reference.kind=copy) lives. shard: sharded like the trained model, gathered block by "
+        "tune, grpo's online.reference=copy, llm dpo's and llm ppo's reference.kind=copy) lives. shard: sharded like the trained model, gathered block by "
         "block in its forward; offload: whole in CPU memory, on the GPU for its forward only. VAE and text "
         "encoders stay whole on every GPU (precompute=true frees them); LoRA's reference has no copy")
 

@@ -95,15 +95,23 @@ class SecondAdapter:
         policy.set_adapter(policy_adapter)  # add_adapter made the new one active and trainable; undo that
         params = dict(policy.named_parameters())
         mark, ours = f".{policy_adapter}.", f".{self.NAME}."
-        # (policy adapter weight, reference adapter weight) by the reference's parameter name
-        self.pairs = {name.replace(mark, ours): (p, params[name.replace(mark, ours)])
-                      for name, p in params.items() if mark in name and name.replace(mark, ours) in params}
-        if not self.pairs:
+        # the policy adapter's parameter name by the reference adapter's: the parameters themselves are looked
+        # up at every use, so a policy sharded after this (FSDP2 replaces its parameters) is still followed
+        self.names = {name.replace(mark, ours): name for name in params
+                      if mark in name and name.replace(mark, ours) in params}
+        if not self.names:
             raise ValueError(f"the policy has no weights of a LoRA adapter named {policy_adapter!r}")
         with torch.no_grad():
             for source, target in self.pairs.values():
                 target.data = source.detach().clone()  # the policy adapter's dtype (fp32), not the base's
                 target.requires_grad_(False)
+
+    @property
+    def pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """(policy adapter weight, reference adapter weight) by the reference's parameter name; DTensors sharded
+        alike when the policy is sharded."""
+        params = dict(self.policy.named_parameters())
+        return {ours: (params[theirs], params[ours]) for ours, theirs in self.names.items()}
 
     @torch.no_grad()
     def refresh(self) -> None:

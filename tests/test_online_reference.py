@@ -48,8 +48,10 @@ def parameter_bytes(*modules: torch.nn.Module) -> int:
 def built_models(world, tmp_path, *overrides: str) -> grpo.Built:
     cfg = config(world, tmp_path, *overrides)
     torch.manual_seed(0)
-    return grpo.setup_models(cfg, world["sd"], SimpleNamespace(device=torch.device("cpu"),
-                                                               compute_dtype=torch.float32))
+    # a one-process unsharded engine: what setup_models asks of it
+    engine = SimpleNamespace(device=torch.device("cpu"), compute_dtype=torch.float32, sharded=False,
+                             shard=lambda module, blocks: module, keep_frozen=lambda module, blocks: FrozenCopy(module))
+    return grpo.setup_models(cfg, world["sd"], engine)
 
 
 def reference_module(built: grpo.Built) -> torch.nn.Module:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from diffusion_dpo.config import EMASection
+from diffusion_dpo.engine.sharding import copy_into, resharded
 from diffusion_dpo.errors import InputError
 
 Tensor = torch.Tensor
@@ -50,6 +51,7 @@ class ShadowWeights:
                                               for name, p in trained_parameters(module).items()}
 
     def _params(self) -> dict[str, nn.Parameter]:
+        resharded(self.module)  # the DTensors the shadow matches, not a forward's gathered parameters
         params = trained_parameters(self.module)
         if params.keys() != self.shadow.keys():
             raise RuntimeError("the module's trained parameters changed names since the shadow was built")
@@ -73,7 +75,8 @@ class ShadowWeights:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor], where: str) -> None:
-        """Restore saved shadow weights; the names and shapes must be this module's (``where`` names the file)."""
+        """Restore saved shadow weights, whole or sharded like the module's (a sharded shadow keeps its slice of
+        a whole one); the names and shapes must be this module's (``where`` names the file)."""
         if state.keys() != self.shadow.keys():
             missing, extra = sorted(self.shadow.keys() - state.keys()), sorted(state.keys() - self.shadow.keys())
             raise InputError(f"{where}: the EMA weights do not fit this run's trainable parameters (another "
@@ -82,7 +85,7 @@ class ShadowWeights:
             if tuple(value.shape) != tuple(self.shadow[name].shape):
                 raise InputError(f"{where}: EMA weight {name} has shape {tuple(value.shape)}, this run's "
                                  f"parameter has {tuple(self.shadow[name].shape)}")
-            self.shadow[name].copy_(value)
+            copy_into(self.shadow[name], value)
 
     @contextmanager
     def swapped_in(self) -> Iterator[nn.Module]:

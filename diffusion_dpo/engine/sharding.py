@@ -9,6 +9,11 @@
     full_state_dict(module)                           the trainable weights gathered whole (every process
                                                       gets them; for final/ and digests)
     local_shard_bytes(module)                         the bytes of trainable parameters this process holds
+    resharded(*modules)                               the shards back in place after a forward without backward
+    whole_tensors(state)                              a name -> tensor dict with every DTensor gathered whole
+                                                      (collective; what a recipe's own checkpoint state holds)
+    copy_into(target, value)                          copy a whole or sharded value into a whole or sharded
+                                                      tensor (this process's slice where the target is sharded)
 
 The blocks come from the model's family (``Family.shard_blocks``) or the transformers model's own
 ``_no_split_modules`` (:func:`no_split_blocks`); the engine never branches on the model type.
@@ -28,8 +33,9 @@ from torch import nn
 
 from diffusion_dpo.config import ConfigError, ParallelSection
 
-__all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "ensure_process_group", "full_state_dict", "is_sharded", "local_shard_bytes",
-           "gathered", "local", "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
+__all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "copy_into", "ensure_process_group",
+           "full_state_dict", "is_sharded", "local_shard_bytes", "resharded", "whole_tensors", "gathered", "local",
+           "modules_of_classes", "no_split_blocks", "shard_model", "unwrapped_optimizer"]
 
 Tensor = torch.Tensor
 
@@ -101,6 +107,47 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def resharded(*modules: nn.Module) -> None:
+    """Put the sharded parameters back in place of any gathered ones in ``modules``. FSDP2 leaves the root
+    unit gathered after a forward without backward (a rollout, a reference forward), its parameters plain
+    tensors meanwhile: anything that reads or copies parameters as DTensors reshards first. A no-op for a
+    module that is not sharded, or already resharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+
+
+def whole_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each tensor whole on the CPU (a DTensor gathered: collective, every process calls it
+    with the same names in the same order; any other tensor copied)."""
+    return {name: whole(value).clone() for name, value in state.items()}
+
+
+@torch.no_grad()
+def copy_into(target: Tensor, value: Tensor) -> None:
+    """``target`` takes ``value``'s values (same global shape). A sharded target keeps its own slice of a whole
+    value (every process holds the whole value, so nothing is sent), or copies a value sharded like it shard
+    for shard; a whole target takes a sharded value gathered (collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(target, DTensor) and isinstance(value, DTensor):
+        target.copy_(value)
+    elif isinstance(target, DTensor):
+        local(target).copy_(_distribute_whole(value.to(local(target).device, local(target).dtype), target))
+    else:
+        target.copy_(whole(value) if isinstance(value, DTensor) else value)
+
+
+def _distribute_whole(value: Tensor, like) -> Tensor:
+    """This process's slice of ``value`` (whole, the same on every process) as ``like`` (a DTensor) shards it."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
 @torch.no_grad()
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
     """Scale the gradients of ``params`` so their global L2 norm is at most ``max_norm`` (inf: no clip);
@@ -133,6 +180,7 @@ def full_state_dict(module: nn.Module, trainable_only: bool = True) -> dict[str,
     """The weights of a sharded ``module`` gathered whole onto the CPU on every process (collective: every
     process must call it), by the same names as the unsharded module's ``named_parameters``; only those
     that require grad when ``trainable_only``."""
+    resharded(module)
     wanted = {name for name, p in module.named_parameters() if p.requires_grad or not trainable_only}
     out = {}
     for name, p in module.named_parameters():
@@ -161,6 +209,7 @@ def gathered(module: nn.Module) -> Iterator[nn.Module | None]:
     import torch.distributed as dist
 
     first = not dist.is_initialized() or dist.get_rank() == 0
+    resharded(module)
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     wholes: dict[int, nn.Parameter | None] = {}  # by the shard's id: a tied parameter stays one parameter
     for owner in module.modules():

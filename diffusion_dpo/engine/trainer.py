@@ -307,8 +307,9 @@ class Engine:
             for k, v in {"loss": loss, **out.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().mean() / self.grad_accum
             units += out.units
-        if self.sharded:
-            grad_norm = sharding.clip_grad_norm(params, max_grad_norm or math.inf)
+        if self.sharded:  # the optimizer's shards (``params`` taken while a unit was gathered would miss its grads)
+            grad_norm = sharding.clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]],
+                                                max_grad_norm or math.inf)
         else:
             grad_norm = acc.clip_grad_norm_(params, max_grad_norm or math.inf)
         bad = bad or _first_nonfinite({"grad_norm": grad_norm})

@@ -284,9 +284,12 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    synced: bool = False,
 ) -> torch.Tensor:
     """Sample continuations of left-padded prompts [B, Tq]. Returns the new tokens only, [B, Tr] with
-    Tr <= max_new_tokens; after a row's EOS the tokens are padding (use ``rl.response_mask``)."""
+    Tr <= max_new_tokens; after a row's EOS the tokens are padding (use ``rl.response_mask``). ``synced``: a
+    process whose rows have all ended keeps running forwards (without sampling) until every process's have,
+    as a sharded model needs: each forward gathers its layers from all processes."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -299,7 +302,8 @@ def generate(
         pad_token_id=pad_token_id,
         use_cache=True,
     )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         synced_gpus=synced)
     return out[:, input_ids.shape[1] :]
 
 

@@ -30,6 +30,7 @@ from diffusion_dpo.config import PreferenceLossSection
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import StepOutput
 from diffusion_dpo.engine.ema import ShadowWeights
+from diffusion_dpo.engine.sharding import copy_into, resharded, whole_tensors
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.objectives import dpo_objective
 from diffusion_dpo.online.nft import nft_loss, old_policy_decay, optimality, velocity_kl
@@ -140,10 +141,23 @@ class OnlineDPO(OnlineMethod):
     def before_sampling(self, step: int) -> None:
         every = self.cfg.online.ref_refresh_every
         if every and step and step % every == 0:  # the reference becomes the policy as it is now
+            resharded(self.built.policy)
             if isinstance(self.built.reference, SecondAdapter):
                 self.built.reference.refresh()
-            else:
-                self.built.reference.module.load_state_dict(self.built.policy.state_dict())
+                return
+            policy = {n: p for n, p in self.built.policy.named_parameters() if p.requires_grad}
+            for name, target in self.reference_weights().items():
+                copy_into(target, policy[name])  # shard for shard; a whole (offloaded) copy gathers
+
+    def reference_weights(self) -> dict[str, Tensor]:
+        """The weights a refresh moves, by the policy's parameter names (the second adapter's by its own):
+        DTensors where the reference is sharded."""
+        reference = self.built.reference
+        resharded(self.built.policy, *([reference.module] if hasattr(reference, "module") else []))
+        if isinstance(reference, SecondAdapter):
+            return {name: target for name, (_, target) in reference.pairs.items()}
+        names = {n for n, p in self.built.policy.named_parameters() if p.requires_grad}
+        return {n: p for n, p in reference.module.named_parameters() if n in names}
 
     def update(self, model, samples, step, rank):
         pairs = best_worst(samples, self.cfg.online.group_size)
@@ -169,23 +183,22 @@ class OnlineDPO(OnlineMethod):
                              built.comps.family.forward)
 
     def state_dict(self) -> dict[str, Any]:
-        """With refreshes: the reference's trained weights, so a resumed run has the same reference."""
-        built = self.built
+        """With refreshes: the reference's trained weights (whole: gathered under fsdp, collective), so a
+        resumed run has the same reference."""
         if not self.cfg.online.ref_refresh_every:
             return {}
-        if isinstance(built.reference, SecondAdapter):
-            return {"reference": built.reference.state_dict()}
-        names = {n for n, p in built.policy.named_parameters() if p.requires_grad}
-        return {"reference": {k: v.detach().cpu().clone() for k, v in built.reference.module.state_dict().items()
-                              if k in names}}
+        return {"reference": whole_tensors(self.reference_weights())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "reference" not in state:
             return
-        if isinstance(self.built.reference, SecondAdapter):
-            self.built.reference.load_state_dict(state["reference"])
-        else:
-            self.built.reference.module.load_state_dict(state["reference"], strict=False)
+        targets = self.reference_weights()
+        if state["reference"].keys() != targets.keys():
+            raise InputError("resume: the checkpoint's reference weights do not match this model's trained "
+                             "parameters (written with another model, model.lora_rank or model.lora_targets?)")
+        with torch.no_grad():
+            for name, target in targets.items():
+                copy_into(target, state["reference"][name])
 
 
 # ------------------------------------------------------------------------------------------------- NFT
@@ -243,7 +256,8 @@ class NFT(OnlineMethod):
                                         after=o.nft_old_decay_after))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"nft_old": {k: v.detach().cpu().clone() for k, v in self.old.state_dict().items()}}
+        """The old policy's weights, whole (gathered under fsdp: collective)."""
+        return {"nft_old": whole_tensors(self.old.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "nft_old" in state:

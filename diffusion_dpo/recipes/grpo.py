@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from copy import deepcopy as copy_module
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +42,7 @@ import torch
 
 from diffusion_dpo import models
 from diffusion_dpo.config import parse_args
-from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir
+from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir, sharding
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.online.advantages import group_advantages, tied_groups, weighted_advantages
@@ -52,7 +53,7 @@ from diffusion_dpo.online.samples import CHOICE, IMAGES, Samples, stream_seeds
 from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
-from diffusion_dpo.reference import AdapterOff, FrozenCopy, SecondAdapter
+from diffusion_dpo.reference import AdapterOff, SecondAdapter
 from diffusion_dpo.tiny import TINY
 
 Tensor = torch.Tensor
@@ -92,23 +93,27 @@ def resolve_pretrained(cfg: GrpoConfig, engine: Engine) -> str:
 
 
 def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
-    """Frozen VAE and text encoders in the compute dtype; the trained weights in fp32; reference; sampler."""
+    """Frozen VAE and text encoders in the compute dtype; the trained weights in fp32; reference; sampler.
+    Under parallel.strategy=fsdp the denoiser is sharded by its family's blocks (a LoRA run's frozen base kept
+    fp32: the shards are cast to the compute dtype block by block), a frozen copy kept as parallel.frozen says,
+    and every forward (rollout, update, reference) gathers one block at a time on every process together."""
     m, device, dtype = cfg.model, engine.device, engine.compute_dtype
     comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
     models.freeze_to(comps, device, dtype)
     denoiser = comps.denoiser
     is_lora = m.lora_rank > 0
     if is_lora:  # the base is frozen in the compute dtype; only the adapter trains, in fp32
-        models.move(denoiser, device, dtype)
+        models.move(denoiser, device, torch.float32 if engine.sharded else dtype)
         models.attach_lora(denoiser, m.lora_rank, m.lora_alpha, m.lora_targets or list(comps.family.lora_targets))
         for p in models.trainable_parameters(denoiser):
             p.data = p.data.float()
     else:
         denoiser.to(device)
-    reference = build_reference(cfg, denoiser, dtype)
+    reference = build_reference(cfg, denoiser, engine, comps.family)
     if m.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
+    denoiser = engine.shard(denoiser, comps.family.shard_blocks(denoiser))  # before the optimizer is built
     side = cfg.sampling.resolution or comps.vae.config.sample_size
     latent_shape = comps.family.latent_shape(comps.vae.config, side)
     latent_hw = latent_shape[1:]
@@ -119,15 +124,17 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
                  schedule, (side, side), latent_shape)
 
 
-def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, dtype: torch.dtype):
+def build_reference(cfg: GrpoConfig, denoiser: torch.nn.Module, engine: Engine, family):
     """The reference as online.reference says (the config refused adapter for a full fine-tune); None when
-    neither the method nor the KL needs one."""
+    neither the method nor the KL needs one. Built before the denoiser is sharded: a frozen copy is sharded
+    (or offloaded) by ``engine.keep_frozen``, a second adapter is sharded with the policy it sits on."""
     if not cfg.needs_reference():
         return None
     if cfg.reference_kind() == "copy":
-        if cfg.method == "online_dpo":  # a copy that ref_refresh_every moves to the policy
-            return FrozenCopy.of(denoiser)
-        return FrozenCopy(models.frozen_copy(denoiser, dtype))
+        # online_dpo's copy stays fp32: ref_refresh_every moves it to the (fp32) policy
+        copy = (copy_module(denoiser) if cfg.method == "online_dpo"
+                else models.frozen_copy(denoiser, engine.compute_dtype))
+        return engine.keep_frozen(copy, family.shard_blocks(copy))
     if cfg.method == "online_dpo" and cfg.online.ref_refresh_every:
         return SecondAdapter(denoiser)
     return AdapterOff(denoiser)  # the starting policy: the adapter's B matrices start at zero
@@ -270,9 +277,11 @@ def evaluate_policy(cfg: GrpoConfig, engine: Engine, built: Built, pretrained: s
     weights = final if final is not None and use_ema == (engine.ema is not None and cfg.ema.final) else None
     if weights is None:
         weights = folder / "weights"
-        with engine.ema.swapped_in() if use_ema else contextlib.nullcontext():
+        # the EMA swapped in first, then (under fsdp) the whole weights gathered onto the main process
+        gather = sharding.gathered(built.policy) if engine.sharded else contextlib.nullcontext(built.policy)
+        with engine.ema.swapped_in() if use_ema else contextlib.nullcontext(), gather as whole:
             if engine.is_main:
-                built.comps.family.save_final(built.policy, weights, built.is_lora)
+                built.comps.family.save_final(whole, weights, built.is_lora)
     if engine.is_main and engine.ema is not None:
         print(f"eval {label}: the {'EMA' if use_ema else 'trained'} weights", flush=True)
     if engine.is_main:  # the base's images are the same at every evaluation: generated once
@@ -326,9 +335,7 @@ def run(cfg: GrpoConfig) -> GrpoResult:
 
     o, inner = cfg.online, cfg.optimizer_steps_per_step()
     engine = Engine(cfg, seed=cfg.optim.seed, gradient_accumulation_steps=cfg.rows_per_update() // cfg.optim.batch_size,
-                    unit="rows", name="grpo", run_files=("eval", "tiny"),
-                    unsharded_because="its sampler and the online reference read the whole denoiser on "
-                    "every process; fsdp shards train and llm sft, reward and dpo")
+                    unit="rows", name="grpo", run_files=("eval", "tiny"))
     cfg = engine.cfg
     pretrained = resolve_pretrained(cfg, engine)
     set_seed(cfg.optim.seed)  # LoRA init from here, after any tiny pipeline was built

@@ -19,6 +19,8 @@ come from a separate value model (initialised from the reward model) or a linear
 The phases: set-up of the models and of the data, then per iteration a rollout and an update, whose optimizer
 steps are the engine's (accumulation, clipping, the non-finite guard, the schedule); finally the policy to
 final/ and the critic to value/. PPO writes no checkpoints (an iteration's rollouts are not saved).
+Under parallel.strategy=fsdp the actor-critic is sharded by its decoder layers and sampled on its shards
+(every use of the policy's weights goes through ActorCritic.forward).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from diffusion_dpo.engine import (
     StepOutput,
     build_optimizer,
     releases_output_dir,
+    sharding,
 )
 from diffusion_dpo.errors import InputError, RunError
 from diffusion_dpo.fileio import not_a_file
@@ -109,14 +112,26 @@ def response_logits(logits: torch.Tensor, query_len: int, temperature: float) ->
 
 class ActorCritic(nn.Module):
     """The policy (with its value head, if any) and the separate value model, if any, as one module: one DDP
-    wrapper, one optimizer, one set of trainable weights. forward -> (logits [B, T, V], values [B, T], and the
-    summed completion NLL and token count of a PPO-ptx batch when one is given, else None)."""
+    wrapper (or one sharded FSDP2 root), one optimizer, one set of trainable weights. forward -> (logits
+    [B, T, V], values [B, T], and the summed completion NLL and token count of a PPO-ptx batch when one is
+    given, else None); with ``generate`` (models.generate's keyword options): the sampled new tokens [B, Tr];
+    with ``lm_only``: the policy LM's logits [B, T, V] alone (the adapter-off reference's forward).
+
+    Every use of the policy's weights is a call of this forward: under parallel.strategy=fsdp the root's
+    hooks gather its own weights (embeddings, head) for the call and each decoder layer is gathered by its
+    unit as it runs, so sampling too runs on the shards, one layer at a time, on every process together."""
 
     def __init__(self, policy: models.PolicyWithValueHead, value_model: models.TokenScorer | None):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, ptx: dict | None = None):
+    def forward(self, input_ids, attention_mask, position_ids=None, ptx: dict | None = None, *,
+                generate: dict | None = None, lm_only: bool = False):
+        if generate is not None:
+            return models.generate(self.policy.lm, input_ids, attention_mask, **generate)
+        if lm_only:
+            return self.policy.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).logits
         logits, values = self.policy(input_ids, attention_mask, position_ids)
         if self.value_model is not None:
             values = self.value_model(input_ids, attention_mask, position_ids)
@@ -141,17 +156,17 @@ class PPOModels:
 def setup_models(cfg: PPOConfig, engine: Engine, pad_id: int) -> tuple[ActorCritic, FrozenCopy | AdapterOff,
                                                                        models.TokenScorer | None,
                                                                        Callable | None]:
-    """The trained policy (+ value head or value model) in fp32; the frozen reference and reward model in the
-    frozen dtype; or the rule-based reward function."""
+    """The trained policy (+ value head or value model) in fp32, sharded by its decoder layers under
+    parallel.strategy=fsdp; the frozen reference in the frozen dtype (a copy: kept as parallel.frozen says);
+    the reward model (whole on every process, frozen) or the rule-based reward function."""
     device, attn = engine.device, cfg.model.attn_implementation
     frozen = models.frozen_dtype(cfg.model.dtype, device)
     lm = models.load_causal_lm(cfg.model.name_or_path, torch.float32, attn)
     lm = models.prepare_trainable(lm, cfg.model, "CAUSAL_LM")
     policy = models.PolicyWithValueHead(lm, value_head=cfg.value.kind == "head")
     if cfg.reference.kind == "copy":
-        reference = FrozenCopy(models.load_causal_lm(cfg.reference.model or cfg.model.name_or_path, frozen,
-                                                     attn))
-        reference.module.to(device)
+        copy = models.load_causal_lm(cfg.reference.model or cfg.model.name_or_path, frozen, attn).to(device)
+        reference = engine.keep_frozen(copy, sharding.no_split_blocks(copy))
     else:
         reference = AdapterOff(lm)
     reward_model, reward_fn = None, None
@@ -167,7 +182,10 @@ def setup_models(cfg: PPOConfig, engine: Engine, pad_id: int) -> tuple[ActorCrit
         vm, _ = models.load_score_model(start, pad_id, torch.float32, attn)
         models.disable_dropout(vm)
         value_model = models.TokenScorer(vm)
-    return ActorCritic(policy, value_model).to(device), reference, reward_model, reward_fn
+    actor_critic = ActorCritic(policy, value_model).to(device)
+    # before the optimizer sees its parameters; the value model's layers are units too
+    actor_critic = engine.shard(actor_critic, sharding.no_split_blocks(actor_critic))
+    return actor_critic, reference, reward_model, reward_fn
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -228,12 +246,11 @@ def sample(m: PPOModels, cfg: PPOConfig, engine: Engine, tokenizer, prompts: lis
     """Left-padded prompts [B, Tq] and mask, responses [B, Tr] (padding after EOS), their mask and has-EOS."""
     query, query_mask = (t.to(engine.device) for t in pad(prompts, tokenizer.pad_token_id, side="left"))
     m.lm.eval()
+    options = dict(max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
+                   top_p=cfg.rollout.top_p, synced=engine.sharded)
     with engine.accelerator.autocast():
-        responses = models.generate(
-            m.lm, query, query_mask, max_new_tokens=cfg.rollout.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
-            top_p=cfg.rollout.top_p)
+        responses = m.actor_critic(query, query_mask, generate=options)  # the unwrapped module, or the root
     m.lm.train()
     mask, has_eos = rl.response_mask(responses, tokenizer.eos_token_id)
     responses = torch.where(mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
@@ -267,8 +284,11 @@ def scores_and_reference(m: PPOModels, cfg: PPOConfig, tokenizer, input_ids, att
     of its tokens [B, Tr]."""
     pos, q = position_ids(attention_mask), query.shape[1]
     with m.reference.model() as ref:
-        ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                         use_cache=False).logits
+        if isinstance(m.reference, AdapterOff):  # the policy's own weights: through its (sharded) root
+            ref_logits = m.actor_critic(input_ids, attention_mask, pos, lm_only=True)
+        else:
+            ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                             use_cache=False).logits
     ref_logprobs = token_logps(response_logits(ref_logits, q, cfg.rollout.temperature), responses)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     prompts = tokenizer.batch_decode(query, skip_special_tokens=True)
@@ -396,9 +416,7 @@ def run(cfg: PPOConfig) -> dict:
     in summary.json)."""
     engine = Engine(cfg, seed=cfg.optim.seed,
                     gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                    unit="rollouts", name="ppo", run_files=(DATA_STATS, VALUE_DIR), owner="llm ppo",
-                    unsharded_because="its rollouts generate with the whole policy on every process; fsdp "
-                    "shards train and llm sft, reward and dpo")
+                    unit="rollouts", name="ppo", run_files=(DATA_STATS, VALUE_DIR), owner="llm ppo")
     cfg = engine.cfg
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
     prompts, ptx, prompt_stats = setup_data(cfg, engine, tokenizer)
