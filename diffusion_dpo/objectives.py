@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_dpo.config import PreferenceLossSection
 from diffusion_dpo.denoising import PairInputs, pair_errors, unet_forward, winner_errors
 from diffusion_dpo.engine import StepOutput
 from diffusion_dpo.losses import diffusion_dpo_loss, implicit_accuracy
+from diffusion_dpo.run_options import PreferenceLossSection
 
 Tensor = torch.Tensor
 

@@ -8,12 +8,13 @@ import yaml
 from run_files import CountingFeed, same, weights
 from safetensors.torch import load_file
 
-from diffusion_dpo.config import EMASection, OptimSection, TrainingRunOptions, load_config
+from diffusion_dpo.config import load_config
 from diffusion_dpo.engine import Engine, StepOutput, build_optimizer
 from diffusion_dpo.engine.ema import EMA
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.llm import tiny as llm_tiny
 from diffusion_dpo.recipes import llm_sft, train
+from diffusion_dpo.run_options import EMASection, OptimSection, TrainingRunOptions
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
 

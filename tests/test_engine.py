@@ -13,9 +13,9 @@ from run_files import CountingFeed
 from safetensors.torch import load_file
 
 from diffusion_dpo import ASSETS, cli
-from diffusion_dpo.config import OptimSection, TrainingRunOptions
 from diffusion_dpo.engine import Engine, NonFiniteError, StepOutput, build_optimizer
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.run_options import OptimSection, TrainingRunOptions
 
 
 def toy_run(out, *, steps=4, poison=(), resume=None, overwrite=False, max_nonfinite=3, checkpoint_every=2):

@@ -8,7 +8,7 @@ import torch
 
 from diffusion_dpo import models
 from diffusion_dpo.cli import main as cli_main
-from diffusion_dpo.config import ConfigError, OptimSection, load_config
+from diffusion_dpo.config import ConfigError, load_config
 from diffusion_dpo.engine import build_optimizer
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.memory_count import (
@@ -19,6 +19,7 @@ from diffusion_dpo.memory_count import (
     saved_bytes,
 )
 from diffusion_dpo.memory_plan import PlanConfig, adafactor_elements, memory_plan
+from diffusion_dpo.run_options import OptimSection
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

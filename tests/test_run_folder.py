@@ -18,9 +18,10 @@ import yaml
 from run_files import REPO, CountingFeed, metrics
 
 from diffusion_dpo import cli
-from diffusion_dpo.config import OptimSection, PreferenceLossSection, TrainingRunOptions, option
+from diffusion_dpo.config import option
 from diffusion_dpo.engine import Engine, StepOutput, build_optimizer
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.run_options import OptimSection, PreferenceLossSection, TrainingRunOptions
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
 # ------------------------------------------------------------------------------------------ a toy run

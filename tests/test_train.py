@@ -12,11 +12,12 @@ from run_files import metrics, run_on_two_processes, same, weights
 from safetensors.torch import load_file
 
 from diffusion_dpo import ASSETS, cli
-from diffusion_dpo.config import PreferenceLossSection, load_config, validate
+from diffusion_dpo.config import load_config, validate
 from diffusion_dpo.denoising import PairInputs
 from diffusion_dpo.objectives import dpo_objective
 from diffusion_dpo.recipes import train
 from diffusion_dpo.reference import FrozenCopy
+from diffusion_dpo.run_options import PreferenceLossSection
 from diffusion_dpo.sampling import generate, load_pipeline
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 

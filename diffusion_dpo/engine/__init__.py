@@ -1,7 +1,7 @@
 """The training engine: the run folder and its rule, the step loop, optimizer construction, checkpoints, a
 resumable feed."""
 
-from diffusion_dpo.engine.feed import ExampleFeed
+from diffusion_dpo.engine.feed import ExampleFeed, Feed
 from diffusion_dpo.engine.optim import build_optimizer, peak_learning_rate
 from diffusion_dpo.engine.run_folder import (
     claim_output_dir,
@@ -13,7 +13,6 @@ from diffusion_dpo.engine.run_folder import (
 from diffusion_dpo.engine.trainer import (
     DTYPES,
     Engine,
-    Feed,
     NonFiniteError,
     StepContext,
     StepOutput,

@@ -23,9 +23,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from diffusion_dpo.config import EMASection
 from diffusion_dpo.engine.sharding import copy_into, resharded
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.run_options import EMASection
 
 Tensor = torch.Tensor
 

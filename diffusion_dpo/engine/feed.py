@@ -9,7 +9,7 @@ process its share) rather than nothing.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from accelerate.utils import send_to_device
@@ -68,3 +68,25 @@ class ExampleFeed:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class Feed(Protocol):
+    """A data feed with an exact position: batches continue where ``load_state_dict`` left them."""
+
+    def batches(self, batch_size: int) -> Iterator[Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def data_position(feed: Feed, state: dict[str, Any], world: int) -> dict[str, Any]:
+    """This process's data position: its own, or, when the checkpoint was written by another number of
+    processes (same examples per micro-batch over all processes), the feed's mapping of every old
+    process's position onto this process (``regroup``)."""
+    if state["world_size"] == world:
+        return state["rank_state"]["data"]
+    regroup = getattr(feed, "regroup", None)
+    if regroup is None:
+        raise InputError(f"resume: checkpoint written by {state['world_size']} processes, this run has {world}, "
+                         f"and its data feed ({type(feed).__name__}) cannot map its position onto another number "
+                         "of processes; resume with the same number of processes")
+    return regroup([s["data"] for s in state["rank_states"]])

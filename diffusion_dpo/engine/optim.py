@@ -1,10 +1,10 @@
-"""Optimizer and learning-rate schedule from an :class:`~diffusion_dpo.config.OptimSection`, for every recipe."""
+"""Optimizer and learning-rate schedule from an :class:`~diffusion_dpo.run_options.OptimSection`, for every recipe."""
 
 from __future__ import annotations
 
 import torch
 
-from diffusion_dpo.config import OptimSection
+from diffusion_dpo.run_options import OptimSection
 
 
 def _adamw(params, lr: float, optim: OptimSection):

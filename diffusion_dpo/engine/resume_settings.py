@@ -4,7 +4,7 @@ A resume continues the same training, so a key that changes what the steps alrea
 the data, the loss, the method, the LoRA rank, the batch and accumulation, the learning rate and its
 schedule, the seed, ...) is refused with the keys named. The keys that do not (logging and checkpoint
 cadence, how many checkpoints to keep, the step budget, where the run is, the compute dtype) are declared
-once per config section as its ``RESUME_SAFE`` set (config.RunOptions, TrainingRunOptions, OptimSection, a
+once per config section as its ``RESUME_SAFE`` set (run_options.RunOptions, TrainingRunOptions, OptimSection, a
 recipe's own section may add its own); such a change goes through, is printed, and is recorded with every
 resume in ``resumes.jsonl`` (one JSON row per resume: time, checkpoint, changed keys with their old
 and new values), while config.yaml holds the settings now in force.

@@ -31,7 +31,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from diffusion_dpo.config import ConfigError, ParallelSection
+from diffusion_dpo.config import ConfigError
+from diffusion_dpo.run_options import ParallelSection
 
 __all__ = ["ParallelSection", "check_parallel", "clip_grad_norm", "copy_into", "ensure_process_group",
            "full_state_dict", "is_sharded", "local_shard_bytes", "resharded", "whole_tensors", "gathered", "local",

@@ -30,20 +30,22 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+import diffusion_dpo.engine.sharding as sharding
 from diffusion_dpo import checkpointing
-from diffusion_dpo.config import ConfigError, TrainingRunOptions, save_config, to_dict, validate
-from diffusion_dpo.engine import sharding
+from diffusion_dpo.config import ConfigError, flat_scalars, save_config, to_dict, validate
 from diffusion_dpo.engine.ema import EMA
+from diffusion_dpo.engine.feed import Feed, data_position
 from diffusion_dpo.engine.resume_settings import RESUME_LOG, check_resume_settings
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, release_output_dir
 from diffusion_dpo.errors import InputError, RunError
 from diffusion_dpo.fileio import atomic_write_text
 from diffusion_dpo.reference import FrozenCopy
+from diffusion_dpo.run_options import TrainingRunOptions
 
 Tensor = torch.Tensor
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,14 +57,6 @@ TRAINING_MARKS = ("metrics.jsonl", "logs", "checkpoints", "final", "final.tmp")
 
 class NonFiniteError(RunError):
     """max_nonfinite_steps optimizer steps in a row had a NaN/inf loss or gradient."""
-
-
-class Feed(Protocol):
-    """A data feed with an exact position: batches continue where ``load_state_dict`` left them."""
-
-    def batches(self, batch_size: int) -> Iterator[Any]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -100,29 +94,16 @@ def _first_nonfinite(values: dict[str, Tensor]) -> Optional[str]:
     return next((name for name, v in values.items() if not torch.isfinite(v.detach().float()).all()), None)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config as flat scalars for tensorboard's hparams (lists and None as strings)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 class Engine:
     """One training run. ``cfg`` is the recipe's config (a :class:`TrainingRunOptions`); ``seed`` seeds every
     generator before the recipe builds its models; ``unit`` names the throughput figure (pairs, tokens);
     ``run_files``: what the recipe writes into output_dir besides RUN_FILES (removed too by overwrite=true);
     ``name`` names the tensorboard run, ``desc`` the progress bar (default: name); ``owner`` the command
-    that owns the folder (default: name; engine.run_folder); ``unsharded_because``: why the recipe runs under
-    parallel.strategy=ddp only (then fsdp is refused, naming the reason)."""
+    that owns the folder (default: name; engine.run_folder)."""
 
     def __init__(self, cfg: TrainingRunOptions, *, seed: int, gradient_accumulation_steps: int = 1,
                  unit: str = "examples", name: str = "train", before_write: Callable[[], None] = lambda: None,
-                 run_files: tuple[str, ...] = (), desc: str | None = None, owner: str | None = None,
-                 unsharded_because: str | None = None):
+                 run_files: tuple[str, ...] = (), desc: str | None = None, owner: str | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -130,9 +111,6 @@ class Engine:
         before_write()  # the recipe's input checks: nothing is created if they fail
         mixed = resolve_mixed_precision(cfg.mixed_precision)
         sharding.check_parallel(cfg.parallel, mixed)
-        if unsharded_because and cfg.parallel.strategy == "fsdp":
-            raise ConfigError(f"config key 'parallel.strategy': expected ddp for {owner or name} "
-                              f"({unsharded_because}), got 'fsdp'")
         self.cfg = dataclasses.replace(cfg, mixed_precision=mixed)
         self.sharded = cfg.parallel.strategy == "fsdp"
         self.shard_bytes: list[tuple[int, int]] = []  # (held, whole) per process, once shard() ran
@@ -166,7 +144,7 @@ class Engine:
         self.start = time.perf_counter()
         self.ema: Optional[EMA] = None  # built by prepare from the trained module
         if cfg.tensorboard:
-            acc.init_trackers(name, config=_flat(to_dict(self.cfg)))
+            acc.init_trackers(name, config=flat_scalars(to_dict(self.cfg)))
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -254,7 +232,7 @@ class Engine:
             self.nonfinite_steps = int(training.get("nonfinite_steps", 0))
             checkpointing.restore_rng_state(state["rank_state"]["rng"])
             if feed is not None:
-                feed.load_state_dict(_data_position(feed, state, self.world))
+                feed.load_state_dict(data_position(feed, state, self.world))
             if extra is not None:
                 extra(state["rank_state"].get("recipe", {}))
             self.step = state["step"]
@@ -503,20 +481,6 @@ class Engine:
         if self.is_main:
             release_output_dir(self.out)
         return summary | {"process_index": self.rank}
-
-
-def _data_position(feed: Feed, state: dict[str, Any], world: int) -> dict[str, Any]:
-    """This process's data position: its own, or, when the checkpoint was written by another number of
-    processes (same examples per micro-batch over all processes), the feed's mapping of every old
-    process's position onto this process (``regroup``)."""
-    if state["world_size"] == world:
-        return state["rank_state"]["data"]
-    regroup = getattr(feed, "regroup", None)
-    if regroup is None:
-        raise InputError(f"resume: checkpoint written by {state['world_size']} processes, this run has {world}, "
-                         f"and its data feed ({type(feed).__name__}) cannot map its position onto another number "
-                         "of processes; resume with the same number of processes")
-    return regroup([s["data"] for s in state["rank_states"]])
 
 
 def _remove(path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from diffusion_dpo import config
-from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, to_dict
+from diffusion_dpo.config import at_least_one, non_negative, option, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, overlap_warning, styles_of, take_per_style
@@ -23,6 +23,7 @@ from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerCompar
 from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
 from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
+from diffusion_dpo.run_options import GenerationRunOptions
 
 # Items (prompt, seed) held in memory per model between generating and scoring.
 CHUNK_ITEMS = 64

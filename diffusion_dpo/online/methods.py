@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 
-from diffusion_dpo.config import PreferenceLossSection
 from diffusion_dpo.denoising import PairInputs, draw_pair_noise
 from diffusion_dpo.engine import StepOutput
 from diffusion_dpo.engine.ema import ShadowWeights
@@ -40,6 +39,7 @@ from diffusion_dpo.online.samples import CHOICE, FORWARD_NOISE, PAIRS, Samples, 
 from diffusion_dpo.online.step_choice import choose_steps, row_weights
 from diffusion_dpo.online.trajectory import gather_steps, transition_logprob
 from diffusion_dpo.reference import SecondAdapter
+from diffusion_dpo.run_options import PreferenceLossSection
 
 Tensor = torch.Tensor
 StepFn = Callable[[Tensor], StepOutput]

@@ -35,18 +35,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from diffusion_dpo import config
-from diffusion_dpo.config import (
-    OptimSection,
-    PreferenceLossSection,
-    RunOptions,
-    at_least_one,
-    auto_or_null,
-    fill_nulls,
-    non_negative,
-    option,
-    parse_args,
-    to_dict,
-)
+from diffusion_dpo.config import at_least_one, fill_nulls, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.evaluation.paired import reuse_base_images
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
@@ -66,6 +55,7 @@ from diffusion_dpo.recipes.demo_config import (
     WorldConfig,
 )
 from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
+from diffusion_dpo.run_options import OptimSection, PreferenceLossSection, RunOptions, auto_or_null
 
 
 @dataclass

@@ -23,18 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from diffusion_dpo.config import (
-    OptimSection,
-    at_least_one,
-    fill_nulls,
-    option,
-    save_config,
-    to_dict,
-    validate,
-)
+from diffusion_dpo.config import at_least_one, fill_nulls, option, save_config, to_dict, validate
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.evaluation.reports import geneval_sentence
 from diffusion_dpo.evaluation.schema import TunedVsBase
+from diffusion_dpo.run_options import OptimSection
 
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
 

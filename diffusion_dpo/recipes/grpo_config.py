@@ -6,18 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from diffusion_dpo.config import (
-    ConfigError,
-    OptimSection,
-    TrainingRunOptions,
-    at_least_one,
-    non_negative,
-    option,
-    positive,
-)
+from diffusion_dpo.config import ConfigError, at_least_one, non_negative, option, positive
 from diffusion_dpo.families import NoiseConfig
 from diffusion_dpo.labeling.scoring import ScorerConfig
 from diffusion_dpo.pipeline_config import ModelConfig
+from diffusion_dpo.run_options import OptimSection, TrainingRunOptions
 
 
 @dataclass

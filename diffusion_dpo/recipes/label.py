@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional
 import pyarrow as pa
 
 from diffusion_dpo import config
-from diffusion_dpo.config import GenerationRunOptions, at_least_one, non_negative, option, parse_args, to_dict
+from diffusion_dpo.config import at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, read_text
@@ -40,6 +40,7 @@ from diffusion_dpo.labeling.relabel import relabel_rows, shard_rows, source_size
 from diffusion_dpo.labeling.scoring import ScorerConfig, load_scorer, scorer_identity
 from diffusion_dpo.labeling.shards import ShardSet, owned_by
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
+from diffusion_dpo.run_options import GenerationRunOptions
 
 
 @dataclass

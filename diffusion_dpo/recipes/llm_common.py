@@ -12,8 +12,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion_dpo.config import OptimSection, TrainingRunOptions, option
+from diffusion_dpo.config import option
 from diffusion_dpo.engine import Engine, ExampleFeed, build_optimizer, sharding
+from diffusion_dpo.run_options import OptimSection, TrainingRunOptions
 
 DATA_STATS = "data_stats.json"
 # output_dir's help in sft, reward and dpo

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion_dpo.config import ConfigError, OptimSection, PreferenceLossSection, option, parse_args
+from diffusion_dpo.config import ConfigError, option, parse_args
 from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir, sharding
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import PairCollator
@@ -36,6 +36,7 @@ from diffusion_dpo.llm.logprobs import forward_logps
 from diffusion_dpo.losses import dpo_loss, implicit_accuracy
 from diffusion_dpo.recipes import llm_common
 from diffusion_dpo.reference import AdapterOff, Precomputed
+from diffusion_dpo.run_options import OptimSection, PreferenceLossSection
 
 REFERENCE_CACHE = "reference_logps.pt"
 

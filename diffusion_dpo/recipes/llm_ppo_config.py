@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from diffusion_dpo.config import ConfigError, OptimSection, TrainingRunOptions, at_least_one, option
+from diffusion_dpo.config import ConfigError, at_least_one, option
 from diffusion_dpo.llm import models
+from diffusion_dpo.run_options import OptimSection, TrainingRunOptions
 
 
 def _fraction(v) -> bool:

@@ -24,13 +24,14 @@ from typing import Literal
 
 import torch
 
-from diffusion_dpo.config import OptimSection, option, parse_args
+from diffusion_dpo.config import option, parse_args
 from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import PairCollator, RankingCollator
 from diffusion_dpo.llm.data import tokenize_pairs, tokenize_rankings
 from diffusion_dpo.losses import bradley_terry_loss, implicit_accuracy, ranking_loss, ranking_pairs
 from diffusion_dpo.recipes import llm_common
+from diffusion_dpo.run_options import OptimSection
 
 
 @dataclass

@@ -13,13 +13,14 @@ from functools import partial
 
 import torch
 
-from diffusion_dpo.config import OptimSection, option, parse_args
+from diffusion_dpo.config import option, parse_args
 from diffusion_dpo.engine import Engine, StepContext, StepOutput, releases_output_dir
 from diffusion_dpo.llm import common, models
 from diffusion_dpo.llm.collate import DemoCollator
 from diffusion_dpo.llm.data import tokenize_demos
 from diffusion_dpo.llm.logprobs import completion_nll
 from diffusion_dpo.recipes import llm_common
+from diffusion_dpo.run_options import OptimSection
 
 
 @dataclass

@@ -33,15 +33,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from diffusion_dpo import models
-from diffusion_dpo.config import (
-    ConfigError,
-    OptimSection,
-    PreferenceLossSection,
-    TrainingRunOptions,
-    option,
-    parse_args,
-    to_dict,
-)
+from diffusion_dpo.config import ConfigError, option, parse_args, to_dict
 from diffusion_dpo.data import DataConfig, PreferencePairs, missing_source_error
 from diffusion_dpo.denoising import (
     draw_pair_noise,
@@ -55,6 +47,7 @@ from diffusion_dpo.latent_cache import CachedPairs, OnlinePairs, build_latent_ca
 from diffusion_dpo.objectives import OBJECTIVES
 from diffusion_dpo.pipeline_config import ModelConfig
 from diffusion_dpo.reference import AdapterOff
+from diffusion_dpo.run_options import OptimSection, PreferenceLossSection, TrainingRunOptions
 from diffusion_dpo.tiny import TINY
 
 Tensor = torch.Tensor
