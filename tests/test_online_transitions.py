@@ -153,6 +153,7 @@ def test_detached_uncond_moves_the_weights_through_the_conditional_branch_only()
     with u detached only w * d(c)/da = w x remains."""
     from types import SimpleNamespace
 
+    from diffusion_dpo.families.sd import SDFamily
     from diffusion_dpo.online.rollout import Conditioning, guided_predict
 
     class Toy(torch.nn.Module):
@@ -163,7 +164,8 @@ def test_detached_uncond_moves_the_weights_through_the_conditional_branch_only()
     def forward(denoiser, x, t, text, image):
         return denoiser.a * x + text["bias"].view(-1, 1, 1, 1)
 
-    family = SimpleNamespace(forward=forward)
+    family = SDFamily()  # its guidance u + w (c - u), with the toy denoiser's call
+    family.forward = forward
     schedule = SimpleNamespace(timesteps=torch.tensor([999.0]))
     cond = Conditioning(text={"bias": torch.tensor([1.0])}, uncond={"bias": torch.tensor([0.0])}, image={},
                         guidance_scale=4.0)
