@@ -1,6 +1,6 @@
 """GenEval (Ghosh et al. 2023): is an image correct for its prompt's objects, counts, colours and positions?
 
-Each GenEval prompt carries metadata (``prompts/evaluation_metadata.jsonl`` of djghosh13/geneval, shipped in
+Each GenEval prompt carries metadata (``prompts/evaluation_metadata.jsonl`` of github.com/djghosh13/geneval, shipped in
 ``diffusion_dpo/assets/prompts/geneval/``): a ``tag`` (one of :data:`TASKS`), ``include`` clauses (``class``,
 ``count``, optionally ``color`` and ``position`` = [relation, index of an earlier include clause]) and
 ``exclude`` clauses (``class``, ``count``: at least that many is wrong). The rules, as the official

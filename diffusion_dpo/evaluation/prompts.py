@@ -13,13 +13,13 @@ A spec is one of
 - ``hpsv2-offline`` / ``hpsv2-offline:<style>``: our own prompts in the same four styles, shipped in
   ``assets/prompts/hpsv2_offline/<style>.json`` (written for this package, not copied from HPDv2), so
   evaluation and the demo work with no network.
-- ``geneval`` / ``geneval:<task>``: GenEval's 553 prompts (djghosh13/geneval, MIT licence), shipped with their
+- ``geneval`` / ``geneval:<task>``: GenEval's 553 prompts (github.com/djghosh13/geneval, MIT licence), shipped with their
   metadata in ``assets/prompts/geneval/evaluation_metadata.jsonl``; the style is the task (``single_object``,
   ``two_object``, ``counting``, ``colors``, ``position``, ``color_attr``), so the per-style report is GenEval's
   per-task one. Score them with ``scorers=geneval``.
-- ``partiprompts`` / ``partiprompts:<category>``: PartiPrompts' 1632 prompts (google-research/parti, Apache-2.0),
+- ``partiprompts`` / ``partiprompts:<category>``: PartiPrompts' 1632 prompts (github.com/google-research/parti, Apache-2.0),
   shipped in ``assets/prompts/partiprompts/PartiPrompts.tsv``; the style is the category.
-- ``ocr``: Flow-GRPO's 1018 OCR test prompts (yifan123/flow_grpo ``dataset/ocr/test.txt``, MIT licence), shipped
+- ``ocr``: Flow-GRPO's 1018 OCR test prompts (github.com/yifan123/flow_grpo ``dataset/ocr/test.txt``, MIT licence), shipped
   in ``assets/prompts/ocr/test.txt``, each with the text to render in quotes; style ``ocr``. Score with ``ocr``.
 - ``drawbench`` / ``drawbench:<category>``: DrawBench's 200 prompts (Imagen). Not shipped (no licence is
   published with them): fetched once from the hub dataset ``shunk031/DrawBench`` into
