@@ -36,6 +36,15 @@ def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype)
 
 
+def embedded_guidance(denoiser, text: dict[str, Tensor], n: int, default: float, device) -> Tensor | None:
+    """The guidance value [n] a guidance-distilled transformer embeds: text["guidance"] (online tuning's
+    sampling.guidance_scale) or ``default``; None for a transformer without guidance_embeds."""
+    if not getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
+        return None
+    guidance = text["guidance"].float() if "guidance" in text else torch.full((n,), default)
+    return guidance.to(device)
+
+
 class FluxFamily(Family):
     name = "flux"
     pipeline_class = "FluxPipeline"
@@ -82,10 +91,7 @@ class FluxFamily(Family):
         pipeline passes ``timestep / 1000``."""
         n, _, h, w = noisy.shape
         hidden = text["hidden"]
-        guidance = None
-        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
-            guidance = text["guidance"].float() if "guidance" in text else torch.full((n,), self.guidance)
-            guidance = guidance.to(noisy.device)
+        guidance = embedded_guidance(denoiser, text, n, self.guidance, noisy.device)
         out = denoiser(hidden_states=pack_latents(noisy), timestep=timestep / 1000, guidance=guidance,
                        pooled_projections=text["pooled"], encoder_hidden_states=hidden,
                        txt_ids=torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),

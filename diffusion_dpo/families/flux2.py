@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, Family
+from diffusion_dpo.families.flux import embedded_guidance
 
 Tensor = torch.Tensor
 
@@ -150,10 +151,7 @@ class Flux2Family(Family):
         transformer takes sigma, as the pipeline passes ``timestep / 1000``."""
         n, c, h, w = noisy.shape
         hidden = text["hidden"]
-        guidance = None
-        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP wrapper holds the model
-            guidance = text["guidance"].float() if "guidance" in text else torch.full((n,), self.guidance)
-            guidance = guidance.to(noisy.device)
+        guidance = embedded_guidance(denoiser, text, n, self.guidance, noisy.device)
         tokens = noisy.reshape(n, c, h * w).permute(0, 2, 1)
         out = denoiser(hidden_states=tokens, timestep=timestep / 1000, guidance=guidance,
                        encoder_hidden_states=hidden,
