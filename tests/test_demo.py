@@ -75,6 +75,7 @@ def test_an_earlier_demo_is_refused_replaced_or_continued_and_the_demo_talks(tmp
     assert "{" not in console  # sentences, never raw JSON
     assert report["method"] == "offline_dpo" and report["win_rate"] == report["dpo_win_rate"] == first["win_rate"]
     assert report["win_rate_ci"] == report["dpo_win_rate_ci"] == ci
+    assert report["images_generated"] == 2 * 4 and report["cpu_seconds"] > 0
     assert (report["base_mean"], report["tuned_mean"]) == (first["base_mean"], first["tuned_mean"])
     # The evaluation also runs the shapes world as an offline GenEval and the report says it.
     geneval = report["rounds"][0]["geneval"]

@@ -243,15 +243,18 @@ def test_demo_online_defaults_follow_method_and_family():
     assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow")}
 
 
-@pytest.mark.parametrize("method, family", [("grpo", "sd"), ("online_dpo", "sd"), ("grpo", "flow")])
-def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family):
+@pytest.mark.parametrize("method, family, extra", [("grpo", "sd", []), ("online_dpo", "sd", []), ("grpo", "flow", []),
+                                                  ("grpo", "sd", ["online.sde_window_size=1"])])
+def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family, extra):
     """``diffusion-dpo demo method=... family=...`` on a slice of the shapes world: report.json's top-level
-    keys, the grid, and the sentences on stdout; family=flow tunes the shipped flow base with the SDE."""
+    keys, the grid, and the sentences on stdout; family=flow tunes the shipped flow base with the SDE;
+    online.sde_window_size reaches the grpo run."""
     out = tmp_path / method
     args = ["demo", f"method={method}", f"family={family}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
             "sampling.num_inference_steps=2", "online.optim.max_steps=2", "online.prompts_per_step=2", "online.group_size=2",
             "online.sampling.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
-            "online.optim.batch_size=4", "online.clip_range=0.001", "n_boot=50", "grid_prompts=2", f"output_dir={out}"]
+            "online.optim.batch_size=4", "online.clip_range=0.001", "n_boot=50", "grid_prompts=2", f"output_dir={out}",
+            *extra]
     assert cli.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["images_generated"] == 2 * 2 * 2
@@ -259,7 +262,8 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     tune = json.loads((out / "tune" / "summary.json").read_text())
     assert tune["format"] == "lora" and tune["pretrained"] == report["base"]
     tuned = yaml.safe_load((out / "tune" / "config.yaml").read_text())
-    assert tuned["online"]["clip_range"] == 0.001
+    assert tuned["online"]["clip_range"] == 0.001 and tuned["online"]["sde_window_size"] == len(extra)
+    assert 0 < report["cpu_seconds"] and report["seconds"]["total"] > 0
     assert tuned["model"]["lora_rank"] == (32 if (method, family) == ("grpo", "flow") else 8)  # the family's
     assert yaml.safe_load((out / "config.yaml").read_text())["online"]["model"]["lora_rank"] is not None  # resolved
     assert 0 <= report["win_rate_ci"][0] <= report["win_rate"] <= report["win_rate_ci"][1] <= 1

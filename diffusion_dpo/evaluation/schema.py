@@ -128,6 +128,7 @@ class RoundReport:
     mean_loser_score: Optional[float]
     train_metrics: dict[str, float]  # the DPO run's last logged metrics (loss, implicit_acc, ...)
     dpo: TunedVsBase
+    images_generated: int = 0  # candidates labelled this round (training prompts x candidates per prompt)
     # the shapes world as an offline GenEval on the same images (evaluation.benchmarks' table)
     geneval: Optional[dict[str, Any]] = None
 
@@ -149,7 +150,9 @@ class DemoReport:
     seconds: dict[str, float]  # wall time per stage
     report: str  # report.md
     grid: Optional[str]  # grid.png (null when grid_prompts=0)
+    cpu_seconds: Optional[float] = None  # the process's CPU time (all threads), label to last evaluation
     win_rate: float = field(init=False)
+    images_generated: int = field(init=False)  # candidates labelled over all rounds
     win_rate_ci: list[float] = field(init=False)
     base_mean: float = field(init=False)
     tuned_mean: float = field(init=False)
@@ -161,6 +164,7 @@ class DemoReport:
         self.win_rate, self.win_rate_ci = first.win_rate, first.win_rate_ci
         self.base_mean, self.tuned_mean = first.base_mean, first.tuned_mean
         self.dpo_win_rate, self.dpo_win_rate_ci = first.win_rate, first.win_rate_ci
+        self.images_generated = sum(r.images_generated for r in self.rounds)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

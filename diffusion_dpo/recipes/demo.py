@@ -196,7 +196,7 @@ def run(cfg: DemoConfig) -> DemoReport:
     # Every stage continues (auto) when the demo does, and otherwise starts afresh in its own folder.
     ctx = _Context(cfg, base, out, train_file, held_out_file, n_train, n_held_out, parse_resume(cfg.resume), {},
                    console)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rounds, evaluations, policy, sft = [], [], base, None
     for r in range(1, cfg.rounds + 1):
         round_report, round_evals, sft_result = _round(ctx, r, policy)
@@ -208,7 +208,8 @@ def run(cfg: DemoConfig) -> DemoReport:
 
     report = DemoReport(method="offline_dpo", base=base, output_dir=str(out), config=to_dict(cfg),
                         train_prompts=n_train, held_out_prompts=n_held_out, rounds=rounds, sft=sft,
-                        seconds=ctx.seconds, report=str(out / "report.md"), grid=None)
+                        seconds=ctx.seconds, report=str(out / "report.md"), grid=None,
+                        cpu_seconds=round(time.process_time() - cpu_start, 1))
     _write_report(report, evaluations, cfg.grid_prompts, out)
     return report
 
@@ -264,6 +265,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     round_report = RoundReport(round=r, policy=new_policy, pairs=labelled.pairs_written,
                                mean_winner_score=labelled.mean_winner_score,
                                mean_loser_score=labelled.mean_loser_score, train_metrics=m, dpo=dpo,
+                               images_generated=cfg.candidates_per_prompt * ctx.n_train,
                                geneval=evaluation.benchmarks.get("shapes_geneval"))
     return round_report, evaluations, sft
 

@@ -10,7 +10,7 @@ the offline demo evaluates (same prompts, seeds, sampler and statistics).
 the SDE form of its flow ODE (Flow-GRPO), ``online.sampling.noise_level`` setting its noise.
 
 Writes report.md, report.json (top level: method, win_rate, win_rate_ci, base_mean, tuned_mean,
-images_generated) and grid.png into output_dir; the tuning run is in tune/, the tuned pipeline in policy/,
+images_generated, seconds, cpu_seconds) and grid.png into output_dir; the tuning run is in tune/, the tuned pipeline in policy/,
 the evaluation in eval/.
 """
 
@@ -80,6 +80,10 @@ class OnlineDemoConfig:
                                       "family's)", lambda v: v is None or v >= 0, "null or 0 or more")
     clip_range: float = option(1e-4, "grpo: PPO clip range of the importance ratio (DDPO's 1e-4)",
                                lambda v: v > 0, "a positive number")
+    sde_window_size: int = option(0, "grpo: noise on a window of this many consecutive steps at a random place "
+                                  "each step, the deterministic sampler elsewhere, and only the window trained "
+                                  "(Flow-GRPO-Fast); at least online.train_steps (0: every step stochastic)",
+                                  lambda v: v >= 0, "0 or more")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: int = option(3, "grpo: optimizer steps per pass (online_dpo: 1)", at_least_one,
                                     "at least 1")
@@ -133,7 +137,7 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
         online=g.OnlineSection(prompts_per_step=o.prompts_per_step, group_size=o.group_size,
                                train_steps=o.train_steps, kl_coef=o.kl_coef, clip_range=o.clip_range,
                                beta_dpo=o.beta_dpo, ref_refresh_every=o.ref_refresh_every,
-                               inner_epochs=o.inner_epochs,
+                               inner_epochs=o.inner_epochs, sde_window_size=o.sde_window_size,
                                updates_per_epoch=1 if cfg.method == "online_dpo" else o.updates_per_epoch),
         optim=OptimSection(learning_rate=o.optim.learning_rate, scheduler="constant", warmup_steps=0,
                            batch_size=o.prompts_per_step if cfg.method == "online_dpo" else o.optim.batch_size,
@@ -171,7 +175,7 @@ def run_online(cfg) -> dict[str, Any]:
         sampler = "the current policy (" + ("the flow SDE" if cfg.family == "flow" else "DDIM, eta 1") + ")"
     console.stage(f"tune ({name}): {o.optim.max_steps} steps of {o.prompts_per_step} training prompts x "
                   f"{o.group_size} images from {sampler}, scored by shapes; a rank-{o.model.lora_rank} LoRA")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tuned = demo_common.timed(seconds, "tune", grpo.run, grpo_config(cfg, base, train_file, out / "tune", resume))
     m = tuned.last_metrics
     console.say(f"{tuned.images_generated} images generated; last step's mean reward "
@@ -182,12 +186,13 @@ def run_online(cfg) -> dict[str, Any]:
     evaluation = demo_common.timed(seconds, "evaluate", paired.run,
                              demo_common.evaluate_config(cfg, base, policy, held_out_file, out / "eval", resume), desc=tag)
     seconds["total"] = round(time.perf_counter() - start, 1)
+    cpu_seconds = round(time.process_time() - cpu_start, 1)
     result = TunedVsBase.of(evaluation.scorers["shapes"], evaluation.output_dir)
     report = {"method": cfg.method, "family": cfg.family, "win_rate": result.win_rate, "win_rate_ci": result.win_rate_ci,
               "base_mean": result.base_mean, "tuned_mean": result.tuned_mean,
               "images_generated": tuned.images_generated, "base": base, "output_dir": str(out),
               "train_prompts": n_train, "held_out_prompts": n_held_out, "tuned": dataclasses.asdict(result),
-              "train_metrics": m, "seconds": seconds, "config": to_dict(cfg), "grid": None,
+              "train_metrics": m, "seconds": seconds, "cpu_seconds": cpu_seconds, "config": to_dict(cfg), "grid": None,
               "geneval": evaluation.benchmarks.get("shapes_geneval")}
     if cfg.grid_prompts:
         from diffusion_dpo.evaluation.reports import comparison_grid, grid_rows
