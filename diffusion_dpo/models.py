@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
+from diffusion_dpo import vae_layout
 from diffusion_dpo.denoising import PairInputs
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.families import DEFAULT_LORA_TARGETS, SDFamily, SDXLFamily, detect_index, pipeline_index
@@ -120,10 +121,11 @@ def encode_latent_moments(vae, pixel_values: Tensor) -> Tensor:
     """VAE posterior parameters (mean and log-variance stacked on channels) of images in [-1, 1].
 
     pixel_values: [N, 3, H, W]. Returns [N, 2C, H/f, W/f] in the VAE's dtype (a VAE whose config names
-    ``latents_patch_size`` p: each half patchified, [N, 2 p^2 C, H/pf, W/pf]). Caching these (rather than one
-    sample) keeps a pre-computed run sampling a fresh latent each step, as an online run does.
+    ``latents_patch_size`` p: each half patchified, [N, 2 p^2 C, H/pf, W/pf]; a video VAE's one frame,
+    ``vae_layout.encode_moments``). Caching these (rather than one sample) keeps a pre-computed run sampling a
+    fresh latent each step, as an online run does.
     """
-    moments = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters
+    moments = vae_layout.encode_moments(vae, pixel_values)
     if vae.config.get("latents_patch_size"):  # FLUX.2: the denoiser's latent is the 2x2-patchified one
         from diffusion_dpo.families.flux2 import patchify
 
@@ -134,8 +136,8 @@ def encode_latent_moments(vae, pixel_values: Tensor) -> Tensor:
 
 def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
     """A scaled latent sample z = (mean + std * eps - shift) * scaling_factor, in fp32; a VAE whose config
-    holds per-channel ``latents_mean`` / ``latents_std`` (FLUX.2's batch-norm statistics) normalises per
-    channel instead: z = (sample - latents_mean[c]) / latents_std[c].
+    holds per-channel ``latents_mean`` / ``latents_std`` (FLUX.2's batch-norm statistics, the video VAEs' of
+    Qwen-Image and Wan) normalises per channel instead: z = (sample - latents_mean[c]) / latents_std[c].
 
     vae_config: the VAE's ``config``; moments: [N, 2C, h, w] from :func:`encode_latent_moments`;
     eps: [N, C, h, w] standard normal draws.
@@ -144,7 +146,7 @@ def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
 
     dist = DiagonalGaussianDistribution(moments.float())
     sample = dist.mean + dist.std * eps.to(dist.mean.device)
-    if vae_config.get("latents_patch_size"):
+    if _per_channel(vae_config):
         mean, std = _channel_stats(vae_config, sample)
         return (sample - mean) / std
     shift = vae_config.get("shift_factor") or 0.0
@@ -159,7 +161,16 @@ def unscale_latents(vae_config, latents: Tensor) -> Tensor:
 
         mean, std = _channel_stats(vae_config, latents)
         return unpatchify(latents * std + mean)
+    if _per_channel(vae_config):
+        mean, std = _channel_stats(vae_config, latents)
+        return latents * std + mean
     return latents / vae_config.scaling_factor + (vae_config.get("shift_factor") or 0.0)
+
+
+def _per_channel(vae_config) -> bool:
+    """Whether the VAE's latents are normalised per channel (FLUX.2's patchified latents, a video VAE's)
+    rather than by one scaling_factor and shift_factor."""
+    return bool(vae_config.get("latents_patch_size")) or vae_layout.is_video(vae_config)
 
 
 def _channel_stats(vae_config, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -134,6 +134,12 @@ class Family(ABC):
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
 
+    def guidance_options(self, guidance_scale: float, batch_size: int) -> dict[str, Any]:
+        """The keyword arguments that give the pipeline ``__call__`` our guidance scale for a batch of
+        ``batch_size`` prompts: its ``guidance_scale`` here (classifier-free or embedded, as ``guide`` and
+        ``guidance_embedded`` say)."""
+        return {"guidance_scale": guidance_scale}
+
     def sampling_mu(self, scheduler_config, latent_hw: tuple[int, int], num_inference_steps: int):
         """The ``mu`` a dynamically shifting scheduler's ``set_timesteps`` takes for latents [C, h, w]
         (``latent_hw`` = (h, w)): FluxPipeline's ``calculate_shift`` of the packed length h/2 * w/2; None
@@ -147,9 +153,12 @@ class Family(ABC):
                                c.base_shift, c.max_shift)
 
     def latent_shape(self, vae_config, side: int) -> tuple[int, int, int]:
-        """(C, h, w): the denoiser's latent of a ``side`` px square image (the VAE's channels, side / f)."""
-        h = side // 2 ** (len(vae_config.block_out_channels) - 1)
-        return (vae_config.latent_channels, h, h)
+        """(C, h, w): the denoiser's latent of a ``side`` px square image (the VAE's channels, side / f; a
+        video VAE's as ``vae_layout`` reads its config)."""
+        from diffusion_dpo.vae_layout import latent_channels, spatial_factor
+
+        h = side // spatial_factor(vae_config)
+        return (latent_channels(vae_config), h, h)
 
     def prepare_vae(self, vae) -> None:
         """Make the VAE's config carry what maps its samples into the denoiser's latent space (FLUX.2's

@@ -120,11 +120,13 @@ def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
 @torch.no_grad()
 def decode(vae, latents: Tensor) -> Tensor:
     """Images [N, 3, H, W] in [0, 1] (fp32) from denoiser latents [N, C, h, w]: the inverse of
-    ``models.sample_latents``' scaling and shift (``models.unscale_latents``), then the VAE decoder."""
+    ``models.sample_latents``' scaling and shift (``models.unscale_latents``), then the VAE decoder (a video
+    VAE's on one frame, ``vae_layout.decode_pixels``)."""
     from diffusion_dpo.models import unscale_latents
+    from diffusion_dpo.vae_layout import decode_pixels
 
     z = unscale_latents(vae.config, latents)
-    return (vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    return (decode_pixels(vae, z).float() / 2 + 0.5).clamp(0, 1)
 
 
 def image_seed_generators(seeds: list[int]) -> list[torch.Generator]:
