@@ -155,19 +155,22 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     """One PIL image per (prompt, seed), generated ``batch_size`` at a time.
 
     ``progress``: an optional tqdm bar, advanced by the number of images of each batch. ``guidance_scale``
-    is classifier-free guidance for SD1.x/2.x, SDXL and SD3, and FLUX.1-dev's embedded guidance value
-    (FluxPipeline's guidance_scale; [schnell] ignores it). ``height``/``width`` None: the pipeline's default.
+    is classifier-free guidance for SD1.x/2.x, SDXL and SD3, FLUX.1-dev's embedded guidance value
+    (FluxPipeline's guidance_scale; [schnell] ignores it), and Qwen-Image's true_cfg_scale against its
+    negative prompt (``Family.guidance_options``). ``height``/``width`` None: the pipeline's default.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images = []
-    options = pipeline_family(pipe).call_options(pipe)
+    family = pipeline_family(pipe)
+    options = family.call_options(pipe)
     # Generators on CPU: the same seed gives the same starting noise on any device.
     for idx in batched(list(range(len(prompts))), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
         out = pipe(
             prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, height=height, width=width, output_type="pil", **options,
+            height=height, width=width, output_type="pil", **family.guidance_options(guidance_scale, len(idx)),
+            **options,
         )
         images.extend(out.images)
         if progress is not None:

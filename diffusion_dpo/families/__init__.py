@@ -15,6 +15,7 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, DDPMNoise, Family, FlowNoise, NoiseConfig
 from diffusion_dpo.families.flux import FluxFamily
 from diffusion_dpo.families.flux2 import Flux2Family, Flux2KleinDistilledFamily, Flux2KleinFamily
+from diffusion_dpo.families.qwen_image import QwenImageFamily
 from diffusion_dpo.families.sd import SDFamily, SDXLFamily
 from diffusion_dpo.families.sd3 import SD3Family
 from diffusion_dpo.families.z_image import ZImageFamily
@@ -23,7 +24,7 @@ from scorers.hub import from_hub, looks_local
 __all__ = ["FAMILIES", "DEFAULT_LORA_TARGETS", "DDPMNoise", "Family", "FlowNoise", "NoiseConfig", "detect", "detect_index", "by_name", "pipeline_index"]
 
 FAMILIES: tuple[type[Family], ...] = (SD3Family, FluxFamily, SDXLFamily, SDFamily, ZImageFamily,
-                                      Flux2Family, Flux2KleinFamily, Flux2KleinDistilledFamily)
+                                      Flux2Family, Flux2KleinFamily, Flux2KleinDistilledFamily, QwenImageFamily)
 
 
 def detect_index(index: dict[str, Any], pretrained: str = "") -> Family:
