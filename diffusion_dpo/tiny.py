@@ -11,6 +11,7 @@ seconds on a CPU. The tests, the README's first command and the benchmarks use t
     path = build_tiny_pipeline("tiny-flux", family="flux")   # FLUX.1-dev layout (guidance embedding)
     path = build_tiny_pipeline("tiny-flux2", family="flux2")  # FLUX.2-dev (or family="flux2_klein")
     path = build_tiny_pipeline("tiny-z-image", family="z_image")  # Z-Image layout (Qwen3 text encoder)
+    path = build_tiny_pipeline("tiny-qwen-image", family="qwen_image")  # Qwen-Image (Qwen2.5-VL, video VAE)
     write_tiny_pairs("pairs/", n_pairs=16)                # Pick-a-Pic schema parquet shard
 """
 
@@ -33,7 +34,8 @@ FLUX2_TINY = ("flux2", "flux2_klein")  # built by diffusion_dpo.tiny_flux2
 
 # model.pretrained values that build a tiny pipeline, and its family
 TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux",
-        "tiny-flux2": "flux2", "tiny-flux2-klein": "flux2_klein", "tiny-z-image": "z_image"}
+        "tiny-flux2": "flux2", "tiny-flux2-klein": "flux2_klein", "tiny-z-image": "z_image",
+        "tiny-qwen-image": "qwen_image"}
 # The chat template of the tiny Qwen tokenizers: Qwen's turns, and Qwen3's empty think block when a caller
 # turns thinking off (ZImagePipeline turns it on, so none).
 QWEN_CHAT_TEMPLATE = (
@@ -136,8 +138,9 @@ def build_tiny_pipeline(
     unet_channels: tuple[int, ...] = (32, 64),
     seed: int = 0,
 ) -> Path:
-    """Write a randomly initialised pipeline folder of ``family`` ("sd", "sdxl", "sd3", "flux" or "z_image"; default
-    "sdxl" if ``sdxl`` else "sd") and return its path. The VAE downsamples by 2 (two blocks), so
+    """Write a randomly initialised pipeline folder of ``family`` ("sd", "sdxl", "sd3", "flux", "z_image",
+    "flux2", "flux2_klein" or "qwen_image"; default "sdxl" if ``sdxl`` else "sd") and return its path. The
+    VAE downsamples by 2 (two blocks), so
     ``resolution`` px images have ``resolution // 2`` px latents. ``prediction_type`` and ``unet_channels``
     apply to the UNet families.
     """
@@ -145,8 +148,8 @@ def build_tiny_pipeline(
     from transformers import CLIPTokenizer
 
     family = family or ("sdxl" if sdxl else "sd")
-    if family not in ("sd", "sdxl", "sd3", "flux", "z_image", *FLUX2_TINY):
-        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3, flux, z_image, "
+    if family not in ("sd", "sdxl", "sd3", "flux", "z_image", "qwen_image", *FLUX2_TINY):
+        raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3, flux, z_image, qwen_image, "
                          f"{' or '.join(FLUX2_TINY)}")
     path = Path(path)
     torch.manual_seed(seed)
@@ -157,6 +160,10 @@ def build_tiny_pipeline(
         return path
     if family == "z_image":
         return _save(_tiny_z_image_pipeline(path, words, resolution), path)
+    if family == "qwen_image":
+        from diffusion_dpo.tiny_qwen_image import tiny_qwen_image_pipeline
+
+        return _save(tiny_qwen_image_pipeline(path, words), path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_build", words)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     text_config = dict(
