@@ -160,6 +160,11 @@ class Family(ABC):
         h = side // spatial_factor(vae_config)
         return (latent_channels(vae_config), h, h)
 
+    def default_resolution(self, vae_config) -> int:
+        """The image side in px online tuning samples when ``sampling.resolution`` is null: the VAE's
+        sample_size."""
+        return vae_config.sample_size
+
     def prepare_vae(self, vae) -> None:
         """Make the VAE's config carry what maps its samples into the denoiser's latent space (FLUX.2's
         batch-norm statistics); nothing here, where scaling_factor and shift_factor already do."""
@@ -212,6 +217,18 @@ def tokenize(tokenizer, captions: list[str], max_length: int, device) -> Tensor:
     return tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
+
+
+def save_peft_layout_lora(pipeline_class: str, denoiser, folder) -> None:
+    """``folder/pytorch_lora_weights.safetensors`` in peft's own key layout (lora_A / lora_B) for the
+    pipeline class's ``load_lora_weights``: the loaders of the newer transformer pipelines (FLUX.2,
+    Qwen-Image) read it whole, while the older diffusers layout of :func:`lora_state_dict` renames only some
+    projections and a mixed file loads without the renamed ones."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    getattr(diffusers, pipeline_class).save_lora_weights(str(folder),
+                                                         transformer_lora_layers=get_peft_model_state_dict(denoiser))
 
 
 def lora_state_dict(denoiser) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, Family
+from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, Family, save_peft_layout_lora
 from diffusion_dpo.families.flux import embedded_guidance
 
 Tensor = torch.Tensor
@@ -96,14 +96,8 @@ class Flux2Family(Family):
         return comps
 
     def save_lora(self, denoiser, folder) -> None:
-        """The adapter in peft's own key layout (lora_A / lora_B), which Flux2LoraLoaderMixin reads: the
-        older diffusers layout that Family.save_lora writes renames only some projections, and a mixed file
-        loads without the renamed ones."""
-        import diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        pipeline = getattr(diffusers, self.pipeline_class)
-        pipeline.save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(denoiser))
+        """The adapter in peft's own key layout, which Flux2LoraLoaderMixin reads (``save_peft_layout_lora``)."""
+        save_peft_layout_lora(self.pipeline_class, denoiser, folder)
 
     def prepare_vae(self, vae) -> None:
         register_latent_normalisation(vae)

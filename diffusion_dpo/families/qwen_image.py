@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, Family
+from diffusion_dpo.families.base import DEFAULT_LORA_TARGETS, Family, save_peft_layout_lora
 from diffusion_dpo.families.flux import pack_latents, unpack_latents
 
 Tensor = torch.Tensor
@@ -46,9 +46,11 @@ class QwenImageFamily(Family):
     denoiser_name = "transformer"
     denoiser_class = "QwenImageTransformer2DModel"
     text_components = (("tokenizer", "text_encoder"),)
-    # The attention projections of both streams: the image stream's and the text stream's (add_*_proj,
-    # to_add_out), which QwenImagePipeline.load_lora_weights loads as it loads the image stream's.
-    lora_targets = (*DEFAULT_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # The attention projections: the image stream's and the text stream's inputs (add_*_proj), which
+    # QwenImagePipeline.load_lora_weights loads as it loads the image stream's. Not the text stream's output
+    # projection (to_add_out): the last block's feeds nothing the image reads, an adapter there gets no
+    # gradient, and DDP stops on a parameter without one.
+    lora_targets = (*DEFAULT_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj")
     flow = True
     dpo_beta = 100.0  # as the other flow families (Family.dpo_beta)
     max_sequence_length = 512  # QwenImagePipeline's default
@@ -58,13 +60,31 @@ class QwenImageFamily(Family):
     unguided_scale = 1.0
 
     def load(self, pretrained: str, load: Callable[..., Any], vae: str | None = None) -> dict[str, Any]:
-        """As Family.load, a separate ``vae`` being an AutoencoderKLQwenImage."""
+        """As Family.load, a separate ``vae`` being an AutoencoderKLQwenImage. The last block's text-stream
+        output (its attention's to_add_out and its txt_mlp) is frozen: the transformer returns the image
+        stream only, so those weights get no gradient (a full fine-tune under DDP would stop on them) and
+        freezing them changes nothing the loss sees."""
         from diffusers import AutoencoderKLQwenImage
 
         comps = super().load(pretrained, load, None)
         if vae:
             comps["vae"] = AutoencoderKLQwenImage.from_pretrained(vae).requires_grad_(False).eval()
+        last = comps["denoiser"].transformer_blocks[-1]
+        for module in (last.attn.to_add_out, last.txt_mlp):
+            module.requires_grad_(False)
         return comps
+
+    def save_lora(self, denoiser, folder) -> None:
+        """The adapter in peft's own key layout, which QwenImageLoraLoaderMixin reads whole
+        (``save_peft_layout_lora``)."""
+        save_peft_layout_lora(self.pipeline_class, denoiser, folder)
+
+    def default_resolution(self, vae_config) -> int:
+        """The pipeline's default side, its default_sample_size 128 x its vae_scale_factor (1024 px for
+        Qwen-Image); its video VAE names no sample_size."""
+        from diffusion_dpo.vae_layout import spatial_factor
+
+        return 128 * spatial_factor(vae_config)
 
     def text_length(self, tokenizer) -> int:
         """L: the caption tokens kept, min(512, the tokenizer's model_max_length)."""
