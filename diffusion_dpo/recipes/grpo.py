@@ -114,7 +114,7 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     denoiser = engine.shard(denoiser, comps.family.shard_blocks(denoiser))  # before the optimizer is built
-    side = cfg.sampling.resolution or comps.vae.config.sample_size
+    side = cfg.sampling.resolution or comps.family.default_resolution(comps.vae.config)
     latent_shape = comps.family.latent_shape(comps.vae.config, side)
     latent_hw = latent_shape[1:]
     s = cfg.sampling
