@@ -18,12 +18,13 @@ from diffusion_dpo.tiny import build_tiny_pipeline
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {name: str(build_tiny_pipeline(root / name, family=name)) for name in ("sd3", "flux", "z_image")}
+    return {name: str(build_tiny_pipeline(root / name, family=name))
+            for name in ("sd3", "flux", "z_image", "qwen_image")}
 
 
 def test_detect_from_model_index(tiny, tmp_path):
     assert detect(tiny["sd3"]).name == "sd3" and detect(tiny["flux"]).name == "flux"
-    assert detect(tiny["z_image"]).name == "z_image"
+    assert detect(tiny["z_image"]).name == "z_image" and detect(tiny["qwen_image"]).name == "qwen_image"
     assert detect(str(build_tiny_pipeline(tmp_path / "xl", sdxl=True))).name == "sdxl"
     unet_only = {"_class_name": "StableDiffusionImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder_2": [None, None]}
@@ -142,7 +143,7 @@ def test_flux_packing_round_trips_and_matches_the_pipeline():
     assert ids[5].tolist() == [0.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "z_image"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z_image", "qwen_image"])
 def test_winner_and_loser_share_sigma_and_noise(tiny, name):
     """The same image as winner and loser gives the same error: one sigma and one noise per pair."""
     comps = models.load_components(tiny[name])

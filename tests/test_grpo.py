@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
     pipes = {f: str(build_tiny_pipeline(root / f, family=f))
-             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image")}
+             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image")}
     return {"prompts": str(root / "prompts.txt"), **pipes}
 
 
@@ -79,7 +79,8 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
     assert rows[1]["kl"] > 0.0  # the second sampling step's policy has moved away from the reference
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image",
+                                    "qwen_image"])
 def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family):
     """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
     (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
@@ -87,7 +88,9 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     FLUX.2-dev's guidance is embedded rather than classifier-free: the same value on both sides, here 2.0
     (not the defaults 3.5 and 4.0); FLUX.2-klein guides classifier-free. FLUX.2's pipelines take their
     latents patchified [4C, h/2, w/2] (what our sampler draws) and shift by their empirical mu.
-    Z-Image's guidance is c + w (c - u) on unpadded captions, the pipeline's own."""
+    Z-Image's guidance is c + w (c - u) on unpadded captions, the pipeline's own. Qwen-Image's is true CFG
+    (true_cfg_scale against its negative prompt, ``Family.guidance_options``) with the pipeline's norm
+    rescaling, on packed latents like FLUX.1's, decoded by its video VAE."""
     from diffusers import DDIMScheduler
 
     from diffusion_dpo import models
@@ -96,7 +99,7 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
 
     comps = models.load_components(world[family])
     models.freeze_to(comps, torch.device("cpu"), torch.float32)
-    side = comps.vae.config.sample_size
+    side = comps.vae.config.get("sample_size", 32)  # Qwen-Image's video VAE names none: the tiny 32 px
     shape = comps.family.latent_shape(comps.vae.config, side)
     schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=shape[1:])
     cfg_scale = 2.0 if family in ("flux", "flux2") else 4.0
@@ -108,17 +111,17 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     if not comps.family.flow:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     start = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (7, 8)])
-    if family == "flux":  # FluxPipeline takes its latents packed 2x2
+    if family in ("flux", "qwen_image"):  # FluxPipeline and QwenImagePipeline take their latents packed 2x2
         from diffusion_dpo.families.flux import pack_latents
 
         start = pack_latents(start)
     theirs = pipe(prompt=PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
-                  guidance_scale=cfg_scale, **comps.family.call_options(pipe)).images
+                  **comps.family.guidance_options(cfg_scale, 2), **comps.family.call_options(pipe)).images
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3),
-                                       ("z_image", 3e-3)])
+                                       ("z_image", 3e-3), ("qwen_image", 3e-3)])
 def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, lr):
     """GRPO on brightness (a full fine-tune: a random tiny UNet's attention has too little leverage on the
     decoded pixels for LoRA to show within a few steps; the SD UNet takes a smaller step than the transformers,
@@ -128,7 +131,8 @@ def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, 
     out = tmp_path / family
     grpo.run(config(world, out, "model.lora_rank=0", f"optim.learning_rate={lr}", "optim.max_steps=10",
                     "online.prompts_per_step=4", "online.group_size=8", "online.train_steps=4",
-                    "online.updates_per_epoch=4", "optim.batch_size=32", "online.kl_coef=0", family=family))
+                    "online.updates_per_epoch=4", "optim.batch_size=32", "online.kl_coef=0",
+                    *(["sampling.resolution=32"] if family == "qwen_image" else []), family=family))
     rewards = [r["reward_mean"] for r in train_rows(out)]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
     print(family, [round(r, 4) for r in rewards])

@@ -17,7 +17,7 @@ from diffusion_dpo.families import detect
 from diffusion_dpo.recipes import train
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image"]
 
 
 
@@ -58,7 +58,7 @@ def test_lora_first_loss_is_ln2_and_final_loads(worlds, tmp_path, name):
     pipe = family.load_pipeline(world["model"], lora=result.final)
     assert type(pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
                                    "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline",
-                                   "z_image": "ZImagePipeline"}[name]
+                                   "z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline"}[name]
     tuned = generate(pipe)
     assert tuned.size == (32, 32) and tuned.tobytes() != base.tobytes()
 
