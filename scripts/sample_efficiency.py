@@ -29,7 +29,9 @@ METHODS = {
     "offline_dpo": ["method=offline_dpo", "sft=false"],
     "online_dpo": ["method=online_dpo"],
     "grpo": ["method=grpo"],
-    "grpo_window": ["method=grpo", f"online.sde_window_size={WINDOW}", f"online.train_steps={WINDOW}"],
+    # the window's transitions in as many updates of 32 as GRPO's default (4 x 8 x 3 in 3)
+    "grpo_window": ["method=grpo", f"online.sde_window_size={WINDOW}", f"online.train_steps={WINDOW}",
+                    f"online.updates_per_epoch={WINDOW}"],
     "nft": ["method=nft"],
 }
 
@@ -52,8 +54,10 @@ def run_cell(runs: Path, method: str, family: str, seed: int, extra: list[str]) 
             _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
         code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            raise SystemExit(f"{' '.join(args)} exited {code}; its output is in {out.parent / (out.name + '.log')}")
+        if code != 0:  # a failed cell is a row of the table, and the sweep goes on
+            print(f"{' '.join(args)} exited {code}; its output is in {out.parent / (out.name + '.log')}",
+                  file=sys.stderr)
+            return {"method": method, "family": family, "seed": seed, "failed": code}
         measured.write_text(json.dumps({"wall_seconds": round(wall, 1),
                                         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                                         "command": args[2:]}) + "\n")
@@ -77,7 +81,10 @@ def table(rows: list[dict]) -> str:
             + " | ".join(f"seed {s} win rate [95% CI]" for s in seeds) + " | mean win rate | all above 50% |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     groups: dict[tuple[str, str], list[dict]] = {}
+    failed = [r for r in rows if "failed" in r]
     for r in rows:
+        if "failed" in r:
+            continue
         groups.setdefault((r["method"], r["family"]), []).append(r)
     for (method, family), cells in sorted(groups.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
         by_seed = {c["seed"]: c for c in cells}
@@ -88,6 +95,8 @@ def table(rows: list[dict]) -> str:
         above = sum(c["win_rate_ci"][0] > 0.5 for c in cells)
         lines.append(f"| {method} | {family} | {cells[0]['images']} | {cpu[len(cpu) // 2]:.0f} | "
                      + " | ".join(rates) + f" | {100 * mean:.1f}% | {above} of {len(cells)} |")
+    lines += [f"\n{r['method']} on {r['family']}, seed {r['seed']}: the run failed (exit {r['failed']}); its log "
+              f"is beside its folder." for r in failed]
     return "\n".join(lines) + "\n"
 
 
