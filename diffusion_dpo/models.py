@@ -154,7 +154,8 @@ def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
 
 
 def unscale_latents(vae_config, latents: Tensor) -> Tensor:
-    """The inverse of :func:`sample_latents`' scaling: what the VAE decoder takes, [N, C', h', w'] (FLUX.2:
+    """The inverse of :func:`sample_latents`' scaling: what the VAE decoder takes, [N, C', h', w'] (a video
+    family's [N, C, F', h, w] too; FLUX.2:
     de-normalised and unpatchified back to the VAE's own C channels at twice the side)."""
     if vae_config.get("latents_patch_size"):
         from diffusion_dpo.families.flux2 import unpatchify
@@ -174,10 +175,11 @@ def _per_channel(vae_config) -> bool:
 
 
 def _channel_stats(vae_config, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``latents_mean`` and ``latents_std`` as [1, C, 1, 1] on ``like``'s device and dtype."""
-    to = dict(device=like.device, dtype=like.dtype)
-    return (torch.tensor(vae_config.latents_mean, **to).view(1, -1, 1, 1),
-            torch.tensor(vae_config.latents_std, **to).view(1, -1, 1, 1))
+    """``latents_mean`` and ``latents_std`` as [1, C, 1, 1] (a video's [1, C, 1, 1, 1]) on ``like``'s device
+    and dtype."""
+    to, shape = dict(device=like.device, dtype=like.dtype), (1, -1, *([1] * (like.ndim - 2)))
+    return (torch.tensor(vae_config.latents_mean, **to).view(shape),
+            torch.tensor(vae_config.latents_std, **to).view(shape))
 
 
 @dataclass

@@ -152,11 +152,15 @@ class Family(ABC):
         return calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
                                c.base_shift, c.max_shift)
 
-    def latent_shape(self, vae_config, side: int) -> tuple[int, int, int]:
+    def latent_shape(self, vae_config, side: int, num_frames: int = 1) -> tuple[int, ...]:
         """(C, h, w): the denoiser's latent of a ``side`` px square image (the VAE's channels, side / f; a
-        video VAE's as ``vae_layout`` reads its config)."""
+        video VAE's as ``vae_layout`` reads its config). A video family (Wan) gives (C, F', h, w) for a
+        ``num_frames``-frame video; an image family takes only num_frames 1."""
         from diffusion_dpo.vae_layout import latent_channels, spatial_factor
 
+        if num_frames != 1:
+            raise ConfigError(f"config key 'sampling.num_frames': {self.name} generates images; expected 1, "
+                              f"got {num_frames}")
         h = side // spatial_factor(vae_config)
         return (latent_channels(vae_config), h, h)
 

@@ -1,0 +1,197 @@
+"""Wan: detection, UMT5 text against the pipeline's own encode_prompt (cleaning, zero padding, the empty
+negative prompt), the frame rule and video latent shapes, the per-channel normalisation on 5-D latents, the
+online sampler on 5-frame videos against WanPipeline, the training scheduler of a UniPC checkpoint, Wan
+2.2's two experts switched at the boundary as the pipeline switches them, and grpo on videos."""
+
+import json
+
+import pytest
+import torch
+
+from diffusion_dpo import models
+from diffusion_dpo.config import ConfigError, load_config
+from diffusion_dpo.errors import InputError
+from diffusion_dpo.families import by_name, detect, detect_index
+from diffusion_dpo.families.wan import NEGATIVE_PROMPT, clean_prompt, latent_frames
+from diffusion_dpo.online.rollout import Conditioning, decode, guided_predict, rollout, sampling_schedule
+from diffusion_dpo.recipes.grpo import frame_mean, video_frames
+from diffusion_dpo.tiny import build_tiny_pipeline
+
+CAPTIONS = ["a red  dog &amp; a cat ", "a green square on a black background"]
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    return {"wan": str(build_tiny_pipeline(root / "wan", family="wan")),
+            "experts": str(build_tiny_pipeline(root / "experts", family="wan_experts")), "root": root}
+
+
+@pytest.fixture(scope="module")
+def comps(tiny):
+    return models.load_components(tiny["wan"])
+
+
+def pipeline(path):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(path)
+
+
+def test_detect(tiny):
+    assert detect(tiny["wan"]).name == "wan" and detect(tiny["experts"]).name == "wan"
+    assert detect_index({"_class_name": "WanPipeline"}).denoiser_class == "WanTransformer3DModel"
+    family = by_name("wan")
+    assert family.flow and family.dpo_beta == 100.0 and not family.guidance_embedded
+    assert family.unguided_scale == 1.0 and family.online_guidance_scale == 5.0
+
+
+def test_text_is_the_pipelines(tiny, comps):
+    """Cleaned captions (HTML entities, runs of spaces), UMT5's states zero past each caption's tokens, at the
+    length training and sampling share; the unconditional side is the pipeline's default negative prompt."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    assert [clean_prompt(c) for c in CAPTIONS] == [prompt_clean(c) for c in CAPTIONS] == [
+        "a red dog & a cat", "a green square on a black background"]
+    pipe = pipeline(tiny["wan"])
+    options = comps.family.call_options(pipe)
+    assert options == {"max_sequence_length": 16}  # the tiny T5 tokenizer's model_max_length
+    text = comps.family.encode_text(comps, CAPTIONS)
+    positive, negative = pipe.encode_prompt(CAPTIONS, device="cpu", **options)
+    assert text["hidden"].shape == (2, 16, 32)
+    torch.testing.assert_close(text["hidden"], positive.detach())
+    lengths = pipe.tokenizer([clean_prompt(c) for c in CAPTIONS]).input_ids
+    assert len(lengths[0]) < 16 and not text["hidden"][0, len(lengths[0]):].any()
+    assert NEGATIVE_PROMPT == ""
+    torch.testing.assert_close(comps.family.encode_empty_prompt(comps)["hidden"], negative[:1].detach())
+
+
+def test_frames_and_latent_shapes(comps):
+    """F = t k + 1 frames (the tiny VAE's t = 4, as Wan's) give (F - 1) / t + 1 latent frames at side / 4;
+    an image family takes one frame only."""
+    config = comps.vae.config
+    assert latent_frames(config, 1) == 1 and latent_frames(config, 5) == 2 and latent_frames(config, 81) == 21
+    with pytest.raises(InputError, match="4 k \\+ 1"):
+        latent_frames(config, 4)
+    assert comps.family.latent_shape(config, 32, 5) == (4, 2, 8, 8)
+    assert comps.family.latent_shape(config, 32) == (4, 1, 8, 8)
+    assert comps.family.default_resolution(config) == 480
+    with pytest.raises(ConfigError, match="num_frames"):
+        by_name("sd3").latent_shape({"latent_channels": 4, "block_out_channels": [8, 8]}, 32, 5)
+
+
+def test_video_latents_normalise_and_decode_as_the_pipeline(tiny, comps):
+    """models.sample_latents / unscale_latents on [N, C, F, h, w] use the per-channel statistics on the
+    channel axis; decode gives videos [N, 3, F, H, W] as the pipeline's decoder path does."""
+    pipe = pipeline(tiny["wan"])
+    z = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = comps.vae.config
+    mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(config.latents_std).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(models.unscale_latents(config, z), z * std + mean)
+    with torch.no_grad():
+        video = decode(comps.vae, z)
+        theirs = pipe.vae.decode(z * std + mean).sample
+    assert video.shape == (2, 3, 5, 32, 32)
+    torch.testing.assert_close(video, (theirs / 2 + 0.5).clamp(0, 1))
+
+
+def sample_both(path, frames: int, guidance: float = 4.0):
+    comps = models.load_components(path)
+    shape = comps.family.latent_shape(comps.vae.config, 32, frames)
+    schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=shape[-2:])
+    cond = Conditioning.of(comps, PROMPTS, guidance_scale=guidance, size=(32, 32))
+    ours = rollout(guided_predict(comps.family, comps.denoiser, schedule, cond), schedule, comps.vae, [7, 8],
+                   shape, "cpu").images
+    pipe = pipeline(path)
+    start = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (7, 8)])
+    out = pipe(prompt=PROMPTS, latents=start, num_inference_steps=4, height=32, width=32, num_frames=frames,
+               output_type="pt", **comps.family.guidance_options(guidance, 2), **comps.family.call_options(pipe))
+    return comps, ours, out.frames.transpose(1, 2)
+
+
+def test_online_sampler_with_vanishing_noise_is_the_pipeline_on_videos(tiny):
+    """5-frame videos: our Euler sampler at noise level -> 0 reproduces WanPipeline with its (tiny)
+    FlowMatchEulerDiscreteScheduler, guidance included."""
+    _, ours, theirs = sample_both(tiny["wan"], 5)
+    assert ours.shape == (2, 3, 5, 32, 32)
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
+
+
+def test_two_experts_switch_at_the_boundary_as_the_pipeline(tiny):
+    """Wan 2.2: the trained transformer for t >= 875, the frozen transformer_2 below, in one batch; the
+    sampler with both matches the pipeline (guidance_scale_2 its default, the same scale)."""
+    comps, ours, theirs = sample_both(tiny["experts"], 5)
+    family = comps.family
+    assert family.boundary == 875.0 and family.low_noise is not None
+    assert not any(p.requires_grad for p in family.low_noise.parameters())
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
+    x = torch.randn(2, 4, 2, 8, 8)
+    hidden = family.encode_text(comps, PROMPTS)
+    t = torch.tensor([900.0, 500.0])
+    with torch.no_grad():
+        both = family.forward(comps.denoiser, x, t, hidden, {})
+        high = comps.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=hidden["hidden"],
+                              return_dict=False)[0]
+        low = family.low_noise(hidden_states=x, timestep=t, encoder_hidden_states=hidden["hidden"],
+                               return_dict=False)[0]
+    torch.testing.assert_close(both[0], high[0])
+    torch.testing.assert_close(both[1], low[1])
+    assert not torch.allclose(high[1], low[1])
+
+
+def test_a_unipc_checkpoint_trains_and_samples_on_its_flow_sigmas(tiny, tmp_path):
+    """The Wan checkpoints ship UniPC over flow sigmas: training gets a flow Euler scheduler with its
+    flow_shift, and the online sampler visits UniPC's sigmas (its integrator is Euler, not UniPC's)."""
+    from diffusers import UniPCMultistepScheduler
+
+    pipe = pipeline(tiny["wan"])
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                             flow_shift=5.0)
+    pipe.save_pretrained(tmp_path / "unipc")
+    comps = models.load_components(str(tmp_path / "unipc"))
+    assert type(comps.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert comps.family.noise_process(comps.noise_scheduler, models_noise_config()).shift == 5.0
+    schedule = sampling_schedule(comps, num_inference_steps=6, eta=1.0, noise_level=0.7, latent_hw=(8, 8))
+    pipe.scheduler.set_timesteps(6)
+    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas.float())
+    # UniPC hands the transformer its timesteps 1000 sigma rounded down to integers (and its first sigma
+    # 1 - 1e-6); ours are 1000 sigma unrounded, the flow Euler scheduler's
+    assert (schedule.timesteps - pipe.scheduler.timesteps.float()).abs().max() <= 1
+
+
+def models_noise_config():
+    from diffusion_dpo.noise import NoiseConfig
+
+    return NoiseConfig()
+
+
+def test_video_frames_are_scored_and_averaged():
+    videos = torch.rand(2, 3, 5, 4, 4)
+    frames, prompts = video_frames(videos, ["a", "b"])
+    assert frames.shape == (10, 3, 4, 4) and prompts == ["a"] * 5 + ["b"] * 5
+    assert torch.equal(frames[6], videos[1, :, 1])
+    scores = frames.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(frame_mean(scores, 2), videos.mean(dim=(1, 2, 3, 4)))
+    images = torch.rand(3, 3, 4, 4)
+    assert video_frames(images, ["a"] * 3)[0] is images and frame_mean(torch.ones(3), 3).shape == (3,)
+
+
+def test_grpo_on_videos(tiny, tmp_path):
+    """Two grpo steps on 5-frame videos (each video's reward its frames' mean brightness)."""
+    from diffusion_dpo.recipes import grpo
+    from diffusion_dpo.recipes.grpo_config import GrpoConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "run"
+    grpo.run(load_config(GrpoConfig, [], [
+        f"model.pretrained={tiny['wan']}", f"prompts.source={prompts}", "scorer.name=brightness",
+        "online.prompts_per_step=2", "online.group_size=2", "sampling.num_inference_steps=3",
+        "sampling.resolution=32", "sampling.num_frames=5", "optim.batch_size=4", "optim.max_steps=2",
+        "model.lora_rank=4", "checkpoint_every=0", "tensorboard=false", f"output_dir={out}"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "reward_mean" in r]
+    assert len(rows) == 2 and all(0 < r["reward_mean"] < 1 for r in rows)
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
