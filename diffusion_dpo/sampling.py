@@ -157,7 +157,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     ``progress``: an optional tqdm bar, advanced by the number of images of each batch. ``guidance_scale``
     is classifier-free guidance for SD1.x/2.x, SDXL and SD3, FLUX.1-dev's embedded guidance value
     (FluxPipeline's guidance_scale; [schnell] ignores it), and Qwen-Image's true_cfg_scale against its
-    negative prompt (``Family.guidance_options``). ``height``/``width`` None: the pipeline's default.
+    negative prompt (``Family.guidance_options``). ``height``/``width`` None: the pipeline's default. A video
+    family's pipeline (Wan) generates one-frame videos, its images (``Family.pipeline_images``).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -167,12 +168,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     # Generators on CPU: the same seed gives the same starting noise on any device.
     for idx in batched(list(range(len(prompts))), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
-        out = pipe(
-            prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
+        images.extend(family.pipeline_images(
+            pipe, prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
             height=height, width=width, output_type="pil", **family.guidance_options(guidance_scale, len(idx)),
             **options,
-        )
-        images.extend(out.images)
+        ))
         if progress is not None:
             progress.update(len(idx))
     return images

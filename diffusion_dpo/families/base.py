@@ -134,6 +134,10 @@ class Family(ABC):
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
 
+    def pipeline_images(self, pipe, **kwargs) -> list:
+        """The PIL images of one pipeline call ``pipe(**kwargs)`` (``output_type="pil"``), one per prompt."""
+        return list(pipe(**kwargs).images)
+
     def guidance_options(self, guidance_scale: float, batch_size: int) -> dict[str, Any]:
         """The keyword arguments that give the pipeline ``__call__`` our guidance scale for a batch of
         ``batch_size`` prompts: its ``guidance_scale`` here (classifier-free or embedded, as ``guide`` and

@@ -86,6 +86,9 @@ class WanFamily(Family):
     max_sequence_length = 512  # WanPipeline.__call__'s default
     online_guidance_scale = 5.0  # WanPipeline's default guidance_scale
     unguided_scale = 1.0  # the pipeline guides only at guidance_scale > 1; at 1 u + w (c - u) = c
+    # label / evaluate's side when none is given: WanPipeline's default height (its default width is 832,
+    # which it generates at when neither is given)
+    native_resolution = 480
     video = True
 
     def __init__(self):
@@ -154,6 +157,11 @@ class WanFamily(Family):
     def call_options(self, pipe) -> dict:
         """{"max_sequence_length": L}: the caption length training encodes with."""
         return {"max_sequence_length": self.text_length(pipe.tokenizer)}
+
+    def pipeline_images(self, pipe, **kwargs) -> list:
+        """Images from WanPipeline: one-frame videos (``num_frames=1``), each video's frame, as the family
+        trains on images (one-frame latents). Longer videos are what grpo samples (``sampling.num_frames``)."""
+        return [video[0] for video in pipe(num_frames=1, **kwargs).frames]
 
     def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
         """u + w (c - u) at w > 1; the conditional prediction alone at w <= 1, as the pipeline."""
