@@ -70,16 +70,18 @@ def _component_class(index: dict[str, Any], name: str, pretrained: str):
 
 
 def load_components(pretrained: str, *, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None) -> Components:
+                    vae: str | None = None, expert: str | None = None) -> Components:
     """Load the family's denoiser, VAE, text encoder(s), tokenizer(s) and training scheduler, in fp32 on CPU.
 
     ``pretrained``: hub id or local diffusers pipeline folder; its family is detected from model_index.json.
     ``vae``: an optional separate VAE (hub id or folder holding the VAE itself, e.g.
     ``madebyollin/sdxl-vae-fp16-fix``, which the paper's SDXL run used so fp16 does not overflow). The
-    frozen modules are returned with ``requires_grad`` off and in eval mode.
+    frozen modules are returned with ``requires_grad`` off and in eval mode. ``expert``: model.expert, the
+    denoiser that trains in a two-expert pipeline (``Family.choose_expert``).
     """
     index = pipeline_index(pretrained, revision)
     family = detect_index(index, pretrained)
+    family.choose_expert(expert, index, pretrained)
 
     def load(name: str, weights: bool = True, cls=None):
         """The component ``name`` (the class model_index.json names, or ``cls``) from its subfolder."""
@@ -104,8 +106,9 @@ def move(module, device: torch.device | str, dtype: torch.dtype = torch.float32)
 
 
 def freeze_to(components: Components, device: torch.device, dtype: torch.dtype) -> None:
-    """Move the frozen modules (VAE, text encoders) to ``device`` in the compute ``dtype``."""
-    for module in [components.vae, *components.text_encoders]:
+    """Move the frozen modules (VAE, text encoders, a family's own: Wan 2.2's frozen expert) to ``device`` in
+    the compute ``dtype``."""
+    for module in [components.vae, *components.text_encoders, *components.family.frozen_modules()]:
         move(module, device, dtype)
 
 

@@ -54,5 +54,11 @@ class ModelConfig:
     lora_targets: Optional[list[str]] = option(None, "module names LoRA adapts; null: the family's (the "
                                                "attention projections to_q, to_k, to_v, to_out.0)",
                                                lambda v: v is None or bool(v), "null or at least one name")
+    expert: Optional[str] = option(None, "a two-expert pipeline (Wan 2.2 A14B): the expert that trains, "
+                                   "transformer (high noise: timesteps >= boundary_ratio x 1000) or transformer_2 "
+                                   "(low noise); the other stays frozen and denoises its own timesteps, as the "
+                                   "pipeline switches them. null: the pipeline's one denoiser (an error for two)",
+                                   lambda v: v in (None, "transformer", "transformer_2"),
+                                   "null, transformer or transformer_2")
     gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward (less memory, "
                                           "~30% slower; the paper's code turns it on for SDXL)")

@@ -62,7 +62,7 @@ def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | N
             f"hub id {pretrained!r}", option)
     family = pipeline_family(pipe)
     if denoiser:
-        name = family.denoiser_name
+        name = family.tuned_component(denoiser)
         try:
             tuned = family.load_denoiser(denoiser, dtype=dtype)
         except OSError as e:
@@ -78,10 +78,9 @@ def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | N
         if not Path(lora).exists() and not _looks_like_hub_id(lora):
             raise InputError(f"LoRA weights {lora!r} do not exist")
         try:
-            pipe.load_lora_weights(lora)
+            family.load_lora(pipe, lora, fuse=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"LoRA weights {lora!r} do not fit the base {pretrained!r}: {e}") from None
-        pipe.fuse_lora()
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -4,6 +4,7 @@ online sampler on 5-frame videos against WanPipeline, the training scheduler of 
 2.2's two experts switched at the boundary as the pipeline switches them, and grpo on videos."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,8 +98,8 @@ def test_video_latents_normalise_and_decode_as_the_pipeline(tiny, comps):
     torch.testing.assert_close(video, (theirs / 2 + 0.5).clamp(0, 1))
 
 
-def sample_both(path, frames: int, guidance: float = 4.0):
-    comps = models.load_components(path)
+def sample_both(path, frames: int, guidance: float = 4.0, expert: str | None = None):
+    comps = models.load_components(path, expert=expert)
     shape = comps.family.latent_shape(comps.vae.config, 32, frames)
     schedule = sampling_schedule(comps, num_inference_steps=4, eta=1e-6, noise_level=1e-6, latent_hw=shape[-2:])
     cond = Conditioning.of(comps, PROMPTS, guidance_scale=guidance, size=(32, 32))
@@ -119,23 +120,34 @@ def test_online_sampler_with_vanishing_noise_is_the_pipeline_on_videos(tiny):
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 
 
-def test_two_experts_switch_at_the_boundary_as_the_pipeline(tiny):
-    """Wan 2.2: the trained transformer for t >= 875, the frozen transformer_2 below, in one batch; the
-    sampler with both matches the pipeline (guidance_scale_2 its default, the same scale)."""
-    comps, ours, theirs = sample_both(tiny["experts"], 5)
+def test_model_expert_is_required_for_two_experts_and_refused_for_one(tiny):
+    with pytest.raises(InputError, match="model.expert.*two experts.*transformer or transformer_2"):
+        models.load_components(tiny["experts"])
+    with pytest.raises(InputError, match="model.expert.*one transformer"):
+        models.load_components(tiny["wan"], expert="transformer")
+    with pytest.raises(InputError, match="model.expert.*one denoiser"):
+        by_name("sd3").choose_expert("transformer", {}, "sd3")
+
+
+@pytest.mark.parametrize("expert", ["transformer", "transformer_2"])
+def test_two_experts_switch_at_the_boundary_as_the_pipeline(tiny, expert):
+    """Wan 2.2: transformer for t >= 875, transformer_2 below, in one batch, whichever of them trains (the
+    other frozen); the sampler with both matches the pipeline (guidance_scale_2 its default, the same
+    scale)."""
+    comps, ours, theirs = sample_both(tiny["experts"], 5, expert=expert)
     family = comps.family
-    assert family.boundary == 875.0 and family.low_noise is not None
-    assert not any(p.requires_grad for p in family.low_noise.parameters())
+    assert family.boundary == 875.0 and family.denoiser_name == expert
+    assert not any(p.requires_grad for p in family.frozen_expert.parameters())
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
     x = torch.randn(2, 4, 2, 8, 8)
     hidden = family.encode_text(comps, PROMPTS)
     t = torch.tensor([900.0, 500.0])
+    first, second = ((comps.denoiser, family.frozen_expert) if expert == "transformer"
+                     else (family.frozen_expert, comps.denoiser))
     with torch.no_grad():
         both = family.forward(comps.denoiser, x, t, hidden, {})
-        high = comps.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=hidden["hidden"],
-                              return_dict=False)[0]
-        low = family.low_noise(hidden_states=x, timestep=t, encoder_hidden_states=hidden["hidden"],
-                               return_dict=False)[0]
+        high = first(hidden_states=x, timestep=t, encoder_hidden_states=hidden["hidden"], return_dict=False)[0]
+        low = second(hidden_states=x, timestep=t, encoder_hidden_states=hidden["hidden"], return_dict=False)[0]
     torch.testing.assert_close(both[0], high[0])
     torch.testing.assert_close(both[1], low[1])
     assert not torch.allclose(high[1], low[1])
@@ -195,3 +207,39 @@ def test_grpo_on_videos(tiny, tmp_path):
     rows = [r for r in rows if "reward_mean" in r]
     assert len(rows) == 2 and all(0 < r["reward_mean"] < 1 for r in rows)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def train_config(path, pairs, out, *overrides):
+    from diffusion_dpo.recipes import train
+
+    return load_config(train.TrainConfig, [], [
+        f"model.pretrained={path}", f"data.source={pairs}", "data.resolution=32", f"output_dir={out}",
+        "optim.learning_rate=1e-2", "optim.scale_lr=false", "optim.warmup_steps=0", "optim.batch_size=2",
+        "log_every=1", "checkpoint_every=0", "optim.max_steps=2", *overrides])
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_training_the_low_noise_expert_loads_back_into_transformer_2(tiny, rank):
+    """model.expert=transformer_2 trains the low-noise expert (timesteps below 875, uniform in sigma after
+    the shift: most of them); final/ is marked, and the family's and evaluate's loaders put it (LoRA or
+    weights) into transformer_2, leaving transformer the base's."""
+    from diffusion_dpo.recipes import train
+    from diffusion_dpo.sampling import load_pipeline
+    from diffusion_dpo.tiny import write_tiny_pairs
+
+    root = tiny["root"] / f"expert{rank}"
+    pairs = write_tiny_pairs(root / "pairs", n_pairs=4)
+    result = train.run(train_config(tiny["experts"], pairs, root / "run", f"model.lora_rank={rank}",
+                                    "model.expert=transformer_2"))
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["loss"] - 0.6931471805599453) < 1e-6
+    assert json.loads((Path(result.final) / "wan_expert.json").read_text()) == {"expert": "transformer_2"}
+    family = by_name("wan")
+    assert family.tuned_component(str(result.final)) == "transformer_2"
+    tuned = {"lora": str(result.final)} if rank else {"denoiser": str(result.final)}
+    base, pipe = pipeline(tiny["experts"]), load_pipeline(tiny["experts"], device="cpu", **tuned)
+    same = [torch.equal(a, b) for a, b in zip(base.transformer.state_dict().values(),
+                                              pipe.transformer.state_dict().values())]
+    moved = [torch.equal(a, b) for a, b in zip(base.transformer_2.state_dict().values(),
+                                               pipe.transformer_2.state_dict().values())]
+    assert all(same) and not all(moved)

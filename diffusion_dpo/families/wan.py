@@ -24,16 +24,21 @@ Euler (ODE) or Flow-GRPO SDE steps, not UniPC's predictor-corrector, so a pipeli
 other videos from the same seed at few steps. A pipeline that ships FlowMatchEulerDiscreteScheduler (the
 tiny one, Wan's own training setup) is sampled exactly as the pipeline samples it.
 
-Two experts (Wan 2.2 A14B): the trained denoiser is ``transformer``, the high-noise expert; the frozen
-``transformer_2`` is loaded alongside it, and :meth:`WanFamily.forward` routes every row whose timestep is
-below the boundary to it, as the pipeline switches experts (guidance_scale_2 is the pipeline's default, the
-same scale). Rows routed to the frozen expert carry no gradient.
+Two experts (Wan 2.2 A14B): ``model.expert`` names the one that trains, ``transformer`` (high noise,
+timesteps >= boundary_ratio x 1000) or ``transformer_2`` (low noise); null is an error for such a pipeline.
+The other is loaded frozen, and :meth:`WanFamily.forward` routes each row to the expert the pipeline would
+use at its timestep (guidance_scale_2 is the pipeline's default, the same scale). Rows routed to the frozen
+expert carry no gradient, so with timesteps drawn over the whole range only the trained expert's share
+teaches (``noise.*`` shapes the draw). A tuned transformer_2 is marked in final/ (``EXPERT_FILE``), so
+evaluate and label load it (or its LoRA, ``load_into_transformer_2``) into transformer_2.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -44,6 +49,8 @@ from diffusion_dpo.families.base import Family, save_peft_layout_lora
 Tensor = torch.Tensor
 
 NEGATIVE_PROMPT = ""  # WanPipeline.encode_prompt's negative prompt when none is given
+EXPERTS = ("transformer", "transformer_2")  # Wan 2.2 A14B's high-noise and low-noise experts
+EXPERT_FILE = "wan_expert.json"  # in a final/ whose weights are transformer_2's: {"expert": "transformer_2"}
 
 
 def clean_prompt(text: str) -> str:
@@ -89,29 +96,64 @@ class WanFamily(Family):
     # label / evaluate's side when none is given: WanPipeline's default height (its default width is 832,
     # which it generates at when neither is given)
     native_resolution = 480
-    video = True
 
     def __init__(self):
-        self.low_noise: Any = None  # Wan 2.2's frozen transformer_2
+        self.frozen_expert: Any = None  # Wan 2.2: the expert that does not train
+        self.boundary_ratio: float | None = None
         self.boundary: float | None = None  # boundary_ratio * num_train_timesteps
         self.unipc_sigmas = False  # the pipeline ships UniPC over flow sigmas
 
     # ------------------------------------------------------------------------------------------ loading
+    def choose_expert(self, expert: str | None, index: dict[str, Any], pretrained: str) -> None:
+        """A two-expert pipeline (transformer_2 and boundary_ratio in model_index.json) trains the expert
+        ``expert`` names and needs one; a one-transformer pipeline takes null."""
+        two = index.get("boundary_ratio") is not None and bool((index.get("transformer_2") or [None, None])[1])
+        if two and expert is None:
+            raise InputError(f"config key 'model.expert': {pretrained!r} has two experts (Wan 2.2: transformer "
+                             "for timesteps >= boundary_ratio x 1000, transformer_2 below); name the one that "
+                             "trains, transformer or transformer_2 (the other stays frozen)")
+        if not two and expert is not None:
+            raise InputError(f"config key 'model.expert': {pretrained!r} has one transformer; expected null, "
+                             f"got {expert!r}")
+        if two:
+            self.denoiser_name, self.boundary_ratio = expert, float(index["boundary_ratio"])
+
     def load(self, pretrained: str, load: Callable[..., Any], vae: str | None = None) -> dict[str, Any]:
-        """As Family.load, a separate ``vae`` being an AutoencoderKLWan. A two-expert pipeline (Wan 2.2
-        A14B: transformer_2 and boundary_ratio in model_index.json) also loads transformer_2, frozen."""
-        from diffusers import AutoencoderKLWan, DiffusionPipeline
+        """As Family.load (the trained expert as the denoiser), a separate ``vae`` being an AutoencoderKLWan;
+        a two-expert pipeline's other expert loaded frozen."""
+        from diffusers import AutoencoderKLWan
 
         comps = super().load(pretrained, load, None)
         if vae:
             comps["vae"] = AutoencoderKLWan.from_pretrained(vae).requires_grad_(False).eval()
-        index = DiffusionPipeline.load_config(pretrained)  # model_index.json, read (and cached) by detect
-        ratio = index.get("boundary_ratio")
-        has_second = bool((index.get("transformer_2") or [None, None])[1])
-        if ratio is not None and has_second:
-            self.low_noise = load("transformer_2", weights=True).requires_grad_(False).eval()
-            self.boundary = float(ratio) * comps["noise_scheduler"].config.num_train_timesteps
+        if self.boundary_ratio is not None:
+            other = next(name for name in EXPERTS if name != self.denoiser_name)
+            self.frozen_expert = load(other, weights=True).requires_grad_(False).eval()
+            self.boundary = self.boundary_ratio * comps["noise_scheduler"].config.num_train_timesteps
         return comps
+
+    def frozen_modules(self) -> list:
+        """The frozen expert of a two-expert pipeline (moved with the VAE and text encoder)."""
+        return [] if self.frozen_expert is None else [self.frozen_expert]
+
+    def save_final(self, denoiser, folder, is_lora: bool) -> None:
+        """As Family.save_final; a tuned transformer_2 is marked so it loads back into transformer_2."""
+        super().save_final(denoiser, folder, is_lora)
+        if self.denoiser_name == "transformer_2":
+            (Path(folder) / EXPERT_FILE).write_text(json.dumps({"expert": "transformer_2"}) + "\n")
+
+    def tuned_component(self, tuned: str) -> str:
+        """transformer_2 for a final/ marked as its weights (``EXPERT_FILE``), else transformer."""
+        folder = Path(tuned) if Path(tuned).is_dir() else Path(tuned).parent
+        marker = folder / EXPERT_FILE
+        return json.loads(marker.read_text())["expert"] if marker.is_file() else "transformer"
+
+    def load_lora(self, pipe, lora: str, fuse: bool = False) -> None:
+        """A transformer_2 adapter loads with WanPipeline's load_into_transformer_2 (and fuses into it)."""
+        second = self.tuned_component(lora) == "transformer_2"
+        pipe.load_lora_weights(lora, **({"load_into_transformer_2": True} if second else {}))
+        if fuse:
+            pipe.fuse_lora(components=["transformer_2" if second else "transformer"])
 
     def training_scheduler(self, pretrained: str, load: Callable[..., Any]):
         """The pipeline's FlowMatchEulerDiscreteScheduler, or for one that ships UniPCMultistepScheduler over
@@ -192,20 +234,23 @@ class WanFamily(Family):
     def forward(self, denoiser, noisy: Tensor, timestep: Tensor, text: dict[str, Tensor],
                 image: dict[str, Tensor]) -> Tensor:
         """The velocity for latents [N, C, F, h, w] (or images [N, C, h, w], read as one frame) at timesteps
-        [N] (1000 sigma, what the transformer takes). Rows below a two-expert pipeline's boundary go to the
-        frozen low-noise expert, as the pipeline switches experts."""
+        [N] (1000 sigma, what the transformer takes). In a two-expert pipeline each row goes to the expert
+        the pipeline uses at its timestep (transformer at >= the boundary), the trained or the frozen one."""
         x = noisy if noisy.ndim == 5 else noisy.unsqueeze(2)
         hidden = text["hidden"]
-        if self.low_noise is None:
+        if self.frozen_expert is None:
             out = _call(denoiser, x, timestep, hidden)
         else:
-            low = timestep < self.boundary
+            high = timestep >= self.boundary
+            trained = high if self.denoiser_name == "transformer" else ~high
             out = torch.empty_like(x)
-            if bool((~low).any()):
-                out[~low] = _call(denoiser, x[~low], timestep[~low], hidden[~low]).to(x.dtype)
-            if bool(low.any()):
-                expert = self.low_noise.to(x.device)
-                out[low] = _call(expert, x[low], timestep[low], hidden[low]).to(x.dtype)
+            for rows, model in ((trained, denoiser), (~trained, self.frozen_expert)):
+                if bool(rows.any()):
+                    out[rows] = _call(model, x[rows], timestep[rows], hidden[rows]).to(x.dtype)
+            if torch.is_grad_enabled() and not bool(trained.any()):
+                # no row for the trained expert: keep it in the graph (at zero weight) so the loss has a
+                # gradient, zero, and every process of a DDP run reduces the same parameters
+                out = out + 0 * _call(denoiser, x[:1], timestep[:1], hidden[:1]).sum()
         out = out.to(noisy.dtype)
         return out if noisy.ndim == 5 else out.squeeze(2)
 

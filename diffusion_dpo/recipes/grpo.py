@@ -98,7 +98,8 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
     fp32: the shards are cast to the compute dtype block by block), a frozen copy kept as parallel.frozen says,
     and every forward (rollout, update, reference) gathers one block at a time on every process together."""
     m, device, dtype = cfg.model, engine.device, engine.compute_dtype
-    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
+    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                                   expert=m.expert)
     models.freeze_to(comps, device, dtype)
     denoiser = comps.denoiser
     is_lora = m.lora_rank > 0
