@@ -32,6 +32,11 @@ class SamplingSection:
     height: int | None = option(None, "image height in px; null: the checkpoint's native size (512 SD1.5, "
                                 "1024 SDXL, SD3 and FLUX)")
     width: int | None = option(None, "image width in px; null: the checkpoint's native size")
+    num_frames: int = option(1, "video families (Wan): frames per video, t k + 1 for the VAE's temporal factor "
+                             "t (Wan: 1, 5, 9, ..., 81); evaluate scores every frame and averages, and saves "
+                             "each video as an animated WebP beside a PNG of its first, middle and last "
+                             "frames. 1: images (label takes only 1: its pairs train on images)",
+                             at_least_one, "at least 1")
     scheduler: str | None = option(None, "diffusers scheduler class to sample with (e.g. "
                                    "DPMSolverMultistepScheduler); null: the checkpoint's own")
 

@@ -150,14 +150,15 @@ def batched(items: list, size: int) -> Iterable[list]:
 @torch.inference_mode()
 def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int = 30,
              guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-             batch_size: int = 8, progress=None) -> list:
+             batch_size: int = 8, progress=None, num_frames: int = 1) -> list:
     """One PIL image per (prompt, seed), generated ``batch_size`` at a time.
 
     ``progress``: an optional tqdm bar, advanced by the number of images of each batch. ``guidance_scale``
     is classifier-free guidance for SD1.x/2.x, SDXL and SD3, FLUX.1-dev's embedded guidance value
     (FluxPipeline's guidance_scale; [schnell] ignores it), and Qwen-Image's true_cfg_scale against its
     negative prompt (``Family.guidance_options``). ``height``/``width`` None: the pipeline's default. A video
-    family's pipeline (Wan) generates one-frame videos, its images (``Family.pipeline_images``).
+    family's pipeline (Wan) generates one-frame videos, its images (``Family.pipeline_images``), or at
+    ``num_frames`` > 1 videos, each a list of PIL frames.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -168,7 +169,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     for idx in batched(list(range(len(prompts))), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
         images.extend(family.pipeline_images(
-            pipe, prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
+            pipe, num_frames, prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
             height=height, width=width, output_type="pil", **family.guidance_options(guidance_scale, len(idx)),
             **options,
         ))

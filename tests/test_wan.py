@@ -1,7 +1,7 @@
 """Wan: detection, UMT5 text against the pipeline's own encode_prompt (cleaning, zero padding, the empty
 negative prompt), the frame rule and video latent shapes, the per-channel normalisation on 5-D latents, the
 online sampler on 5-frame videos against WanPipeline, the training scheduler of a UniPC checkpoint, Wan
-2.2's two experts switched at the boundary as the pipeline switches them, and grpo on videos."""
+2.2's two experts switched at the boundary as the pipeline switches them, grpo and evaluate on videos."""
 
 import json
 from pathlib import Path
@@ -12,6 +12,7 @@ import torch
 from diffusion_dpo import models
 from diffusion_dpo.config import ConfigError, load_config
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.video import read_video
 from diffusion_dpo.families import by_name, detect, detect_index
 from diffusion_dpo.families.wan import NEGATIVE_PROMPT, clean_prompt, latent_frames
 from diffusion_dpo.online.rollout import Conditioning, decode, guided_predict, rollout, sampling_schedule
@@ -243,3 +244,42 @@ def test_training_the_low_noise_expert_loads_back_into_transformer_2(tiny, rank)
     moved = [torch.equal(a, b) for a, b in zip(base.transformer_2.state_dict().values(),
                                                pipe.transformer_2.state_dict().values())]
     assert all(same) and not all(moved)
+
+
+def test_evaluate_scores_videos_by_their_frames_and_saves_them(tiny, tmp_path):
+    """evaluate at sampling.num_frames=5: each video saved as a lossless 5-frame WebP beside a PNG strip of
+    its first, middle and last frames; its score is the mean of its frames' scores; a rerun reads the videos
+    back and reports the same. label refuses videos (its pairs train on images)."""
+    from PIL import Image
+
+    from diffusion_dpo.recipes import evaluate, label
+    from scorers import load_scorer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    transformer = by_name("wan").load_denoiser(str(Path(tiny["wan"]) / "transformer"))
+    with torch.no_grad():
+        transformer.proj_out.weight.add_(0.5)
+    transformer.save_pretrained(tmp_path / "tuned")
+    args = [f"model.pretrained={tiny['wan']}", f"model.denoiser={tmp_path / 'tuned'}", f"prompts={prompts}",
+            "seeds=2", "scorers=brightness", "sampling.num_inference_steps=2", "sampling.height=32",
+            "sampling.width=32", "sampling.num_frames=5", "n_boot=100", "grid_cell=32"]
+    first = evaluate.run(load_config(evaluate.EvaluateConfig, [], [*args, f"output_dir={tmp_path / 'eval'}"]))
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    row = rows[0]
+    png = tmp_path / "eval" / row["image"]
+    with Image.open(png.with_suffix(".webp")) as video:
+        assert video.n_frames == 5 and video.size == (32, 32)
+    frames = read_video(png)
+    scorer = load_scorer("brightness")
+    assert row["score"] == pytest.approx(float(scorer.score(frames, ["a red circle"] * 5).mean()), abs=1e-6)
+    with Image.open(png) as sheet:
+        assert sheet.size == (96, 32)
+    again = evaluate.run(load_config(evaluate.EvaluateConfig, [], [*args, f"output_dir={tmp_path / 'eval'}"]))
+    assert again.rows == first.rows and first.scorers["brightness"].win_rate != 0.5
+    assert [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()] == rows
+    with pytest.raises(ConfigError, match="num_frames"):
+        label.run(load_config(label.LabelConfig, [], [
+            f"model.pretrained={tiny['wan']}", f"prompts={prompts}", "scorer.name=brightness",
+            "sampling.num_frames=5", f"output_dir={tmp_path / 'pairs'}"]))

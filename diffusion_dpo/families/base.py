@@ -142,8 +142,12 @@ class Family(ABC):
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
 
-    def pipeline_images(self, pipe, **kwargs) -> list:
-        """The PIL images of one pipeline call ``pipe(**kwargs)`` (``output_type="pil"``), one per prompt."""
+    def pipeline_images(self, pipe, num_frames: int = 1, **kwargs) -> list:
+        """The PIL images of one pipeline call ``pipe(**kwargs)`` (``output_type="pil"``), one per prompt (a
+        video family's: videos, lists of PIL frames, at ``num_frames`` > 1; an image family takes only 1)."""
+        if num_frames != 1:
+            raise ConfigError(f"config key 'sampling.num_frames': {self.name} generates images; expected 1, "
+                              f"got {num_frames}")
         return list(pipe(**kwargs).images)
 
     def guidance_options(self, guidance_scale: float, batch_size: int) -> dict[str, Any]:

@@ -200,10 +200,12 @@ class WanFamily(Family):
         """{"max_sequence_length": L}: the caption length training encodes with."""
         return {"max_sequence_length": self.text_length(pipe.tokenizer)}
 
-    def pipeline_images(self, pipe, **kwargs) -> list:
-        """Images from WanPipeline: one-frame videos (``num_frames=1``), each video's frame, as the family
-        trains on images (one-frame latents). Longer videos are what grpo samples (``sampling.num_frames``)."""
-        return [video[0] for video in pipe(num_frames=1, **kwargs).frames]
+    def pipeline_images(self, pipe, num_frames: int = 1, **kwargs) -> list:
+        """WanPipeline's videos as lists of PIL frames; at ``num_frames`` 1 (the family trains on images, as
+        one-frame latents) each video's one frame, an image."""
+        latent_frames(pipe.vae.config, num_frames)  # 4 k + 1, or an error (the pipeline would round it)
+        videos = pipe(num_frames=num_frames, **kwargs).frames
+        return [video[0] for video in videos] if num_frames == 1 else [list(video) for video in videos]
 
     def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
         """u + w (c - u) at w > 1; the conditional prediction alone at w <= 1, as the pipeline."""
