@@ -283,3 +283,14 @@ def test_evaluate_scores_videos_by_their_frames_and_saves_them(tiny, tmp_path):
         label.run(load_config(label.LabelConfig, [], [
             f"model.pretrained={tiny['wan']}", f"prompts={prompts}", "scorer.name=brightness",
             "sampling.num_frames=5", f"output_dir={tmp_path / 'pairs'}"]))
+
+
+def test_ti2v_layout_per_token_timesteps_sample_the_same(tiny, tmp_path):
+    """Wan 2.2 TI2V-5B's WanPipeline (expand_timesteps) gives the transformer one timestep per token, all
+    equal in text-to-video; the family's one timestep per video reproduces it."""
+    pipe = pipeline(tiny["wan"])
+    pipe.register_to_config(expand_timesteps=True)
+    pipe.save_pretrained(tmp_path / "ti2v")
+    assert pipeline(str(tmp_path / "ti2v")).config.expand_timesteps
+    _, ours, theirs = sample_both(str(tmp_path / "ti2v"), 5)
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
