@@ -70,16 +70,18 @@ def _component_class(index: dict[str, Any], name: str, pretrained: str):
 
 
 def load_components(pretrained: str, *, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None) -> Components:
+                    vae: str | None = None, expert: str | None = None) -> Components:
     """Load the family's denoiser, VAE, text encoder(s), tokenizer(s) and training scheduler, in fp32 on CPU.
 
     ``pretrained``: hub id or local diffusers pipeline folder; its family is detected from model_index.json.
     ``vae``: an optional separate VAE (hub id or folder holding the VAE itself, e.g.
     ``madebyollin/sdxl-vae-fp16-fix``, which the paper's SDXL run used so fp16 does not overflow). The
-    frozen modules are returned with ``requires_grad`` off and in eval mode.
+    frozen modules are returned with ``requires_grad`` off and in eval mode. ``expert``: model.expert, the
+    denoiser that trains in a two-expert pipeline (``Family.choose_expert``).
     """
     index = pipeline_index(pretrained, revision)
     family = detect_index(index, pretrained)
+    family.choose_expert(expert, index, pretrained)
 
     def load(name: str, weights: bool = True, cls=None):
         """The component ``name`` (the class model_index.json names, or ``cls``) from its subfolder."""
@@ -104,8 +106,9 @@ def move(module, device: torch.device | str, dtype: torch.dtype = torch.float32)
 
 
 def freeze_to(components: Components, device: torch.device, dtype: torch.dtype) -> None:
-    """Move the frozen modules (VAE, text encoders) to ``device`` in the compute ``dtype``."""
-    for module in [components.vae, *components.text_encoders]:
+    """Move the frozen modules (VAE, text encoders, a family's own: Wan 2.2's frozen expert) to ``device`` in
+    the compute ``dtype``."""
+    for module in [components.vae, *components.text_encoders, *components.family.frozen_modules()]:
         move(module, device, dtype)
 
 
@@ -154,7 +157,8 @@ def sample_latents(vae_config, moments: Tensor, eps: Tensor) -> Tensor:
 
 
 def unscale_latents(vae_config, latents: Tensor) -> Tensor:
-    """The inverse of :func:`sample_latents`' scaling: what the VAE decoder takes, [N, C', h', w'] (FLUX.2:
+    """The inverse of :func:`sample_latents`' scaling: what the VAE decoder takes, [N, C', h', w'] (a video
+    family's [N, C, F', h, w] too; FLUX.2:
     de-normalised and unpatchified back to the VAE's own C channels at twice the side)."""
     if vae_config.get("latents_patch_size"):
         from diffusion_dpo.families.flux2 import unpatchify
@@ -174,10 +178,11 @@ def _per_channel(vae_config) -> bool:
 
 
 def _channel_stats(vae_config, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``latents_mean`` and ``latents_std`` as [1, C, 1, 1] on ``like``'s device and dtype."""
-    to = dict(device=like.device, dtype=like.dtype)
-    return (torch.tensor(vae_config.latents_mean, **to).view(1, -1, 1, 1),
-            torch.tensor(vae_config.latents_std, **to).view(1, -1, 1, 1))
+    """``latents_mean`` and ``latents_std`` as [1, C, 1, 1] (a video's [1, C, 1, 1, 1]) on ``like``'s device
+    and dtype."""
+    to, shape = dict(device=like.device, dtype=like.dtype), (1, -1, *([1] * (like.ndim - 2)))
+    return (torch.tensor(vae_config.latents_mean, **to).view(shape),
+            torch.tensor(vae_config.latents_std, **to).view(shape))
 
 
 @dataclass

@@ -32,6 +32,11 @@ class SamplingSection:
     height: int | None = option(None, "image height in px; null: the checkpoint's native size (512 SD1.5, "
                                 "1024 SDXL, SD3 and FLUX)")
     width: int | None = option(None, "image width in px; null: the checkpoint's native size")
+    num_frames: int = option(1, "video families (Wan): frames per video, t k + 1 for the VAE's temporal factor "
+                             "t (Wan: 1, 5, 9, ..., 81); evaluate scores every frame and averages, and saves "
+                             "each video as an animated WebP beside a PNG of its first, middle and last "
+                             "frames. 1: images (label takes only 1: its pairs train on images)",
+                             at_least_one, "at least 1")
     scheduler: str | None = option(None, "diffusers scheduler class to sample with (e.g. "
                                    "DPMSolverMultistepScheduler); null: the checkpoint's own")
 
@@ -54,5 +59,11 @@ class ModelConfig:
     lora_targets: Optional[list[str]] = option(None, "module names LoRA adapts; null: the family's (the "
                                                "attention projections to_q, to_k, to_v, to_out.0)",
                                                lambda v: v is None or bool(v), "null or at least one name")
+    expert: Optional[str] = option(None, "a two-expert pipeline (Wan 2.2 A14B): the expert that trains, "
+                                   "transformer (high noise: timesteps >= boundary_ratio x 1000) or transformer_2 "
+                                   "(low noise); the other stays frozen and denoises its own timesteps, as the "
+                                   "pipeline switches them. null: the pipeline's one denoiser (an error for two)",
+                                   lambda v: v in (None, "transformer", "transformer_2"),
+                                   "null, transformer or transformer_2")
     gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward (less memory, "
                                           "~30% slower; the paper's code turns it on for SDXL)")

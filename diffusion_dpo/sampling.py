@@ -62,7 +62,7 @@ def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | N
             f"hub id {pretrained!r}", option)
     family = pipeline_family(pipe)
     if denoiser:
-        name = family.denoiser_name
+        name = family.tuned_component(denoiser)
         try:
             tuned = family.load_denoiser(denoiser, dtype=dtype)
         except OSError as e:
@@ -78,10 +78,9 @@ def load_pipeline(pretrained: str, *, denoiser: str | None = None, lora: str | N
         if not Path(lora).exists() and not _looks_like_hub_id(lora):
             raise InputError(f"LoRA weights {lora!r} do not exist")
         try:
-            pipe.load_lora_weights(lora)
+            family.load_lora(pipe, lora, fuse=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"LoRA weights {lora!r} do not fit the base {pretrained!r}: {e}") from None
-        pipe.fuse_lora()
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -151,13 +150,15 @@ def batched(items: list, size: int) -> Iterable[list]:
 @torch.inference_mode()
 def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int = 30,
              guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-             batch_size: int = 8, progress=None) -> list:
+             batch_size: int = 8, progress=None, num_frames: int = 1) -> list:
     """One PIL image per (prompt, seed), generated ``batch_size`` at a time.
 
     ``progress``: an optional tqdm bar, advanced by the number of images of each batch. ``guidance_scale``
     is classifier-free guidance for SD1.x/2.x, SDXL and SD3, FLUX.1-dev's embedded guidance value
     (FluxPipeline's guidance_scale; [schnell] ignores it), and Qwen-Image's true_cfg_scale against its
-    negative prompt (``Family.guidance_options``). ``height``/``width`` None: the pipeline's default.
+    negative prompt (``Family.guidance_options``). ``height``/``width`` None: the pipeline's default. A video
+    family's pipeline (Wan) generates one-frame videos, its images (``Family.pipeline_images``), or at
+    ``num_frames`` > 1 videos, each a list of PIL frames.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -167,12 +168,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     # Generators on CPU: the same seed gives the same starting noise on any device.
     for idx in batched(list(range(len(prompts))), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
-        out = pipe(
-            prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
+        images.extend(family.pipeline_images(
+            pipe, num_frames, prompt=[prompts[i] for i in idx], generator=generators, num_inference_steps=num_inference_steps,
             height=height, width=width, output_type="pil", **family.guidance_options(guidance_scale, len(idx)),
             **options,
-        )
-        images.extend(out.images)
+        ))
         if progress is not None:
             progress.update(len(idx))
     return images

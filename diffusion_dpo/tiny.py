@@ -12,6 +12,7 @@ seconds on a CPU. The tests, the README's first command and the benchmarks use t
     path = build_tiny_pipeline("tiny-flux2", family="flux2")  # FLUX.2-dev (or family="flux2_klein")
     path = build_tiny_pipeline("tiny-z-image", family="z_image")  # Z-Image layout (Qwen3 text encoder)
     path = build_tiny_pipeline("tiny-qwen-image", family="qwen_image")  # Qwen-Image (Qwen2.5-VL, video VAE)
+    path = build_tiny_pipeline("tiny-wan", family="wan")       # Wan 2.1 T2V (UMT5, video VAE; or "wan_experts")
     write_tiny_pairs("pairs/", n_pairs=16)                # Pick-a-Pic schema parquet shard
 """
 
@@ -35,7 +36,7 @@ FLUX2_TINY = ("flux2", "flux2_klein")  # built by diffusion_dpo.tiny_flux2
 # model.pretrained values that build a tiny pipeline, and its family
 TINY = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux",
         "tiny-flux2": "flux2", "tiny-flux2-klein": "flux2_klein", "tiny-z-image": "z_image",
-        "tiny-qwen-image": "qwen_image"}
+        "tiny-qwen-image": "qwen_image", "tiny-wan": "wan"}
 # The chat template of the tiny Qwen tokenizers: Qwen's turns, and Qwen3's empty think block when a caller
 # turns thinking off (ZImagePipeline turns it on, so none).
 QWEN_CHAT_TEMPLATE = (
@@ -139,8 +140,8 @@ def build_tiny_pipeline(
     seed: int = 0,
 ) -> Path:
     """Write a randomly initialised pipeline folder of ``family`` ("sd", "sdxl", "sd3", "flux", "z_image",
-    "flux2", "flux2_klein" or "qwen_image"; default "sdxl" if ``sdxl`` else "sd") and return its path. The
-    VAE downsamples by 2 (two blocks), so
+    "flux2", "flux2_klein", "qwen_image", "wan" or "wan_experts" (Wan 2.2 A14B's two experts); default
+    "sdxl" if ``sdxl`` else "sd") and return its path. The VAE downsamples by 2 (two blocks; Wan's by 4), so
     ``resolution`` px images have ``resolution // 2`` px latents. ``prediction_type`` and ``unet_channels``
     apply to the UNet families.
     """
@@ -148,8 +149,9 @@ def build_tiny_pipeline(
     from transformers import CLIPTokenizer
 
     family = family or ("sdxl" if sdxl else "sd")
-    if family not in ("sd", "sdxl", "sd3", "flux", "z_image", "qwen_image", *FLUX2_TINY):
+    if family not in ("sd", "sdxl", "sd3", "flux", "z_image", "qwen_image", "wan", "wan_experts", *FLUX2_TINY):
         raise ValueError(f"build_tiny_pipeline: family {family!r}, expected sd, sdxl, sd3, flux, z_image, qwen_image, "
+                         f"wan, wan_experts, "
                          f"{' or '.join(FLUX2_TINY)}")
     path = Path(path)
     torch.manual_seed(seed)
@@ -164,6 +166,11 @@ def build_tiny_pipeline(
         from diffusion_dpo.tiny_qwen_image import tiny_qwen_image_pipeline
 
         return _save(tiny_qwen_image_pipeline(path, words), path)
+    if family in ("wan", "wan_experts"):
+        from diffusion_dpo.tiny_wan import tiny_wan_pipeline
+
+        tokenizer = _t5_tokenizer(path / "_t5_tokenizer_build", words)
+        return _save(tiny_wan_pipeline(tokenizer, experts=family == "wan_experts"), path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_build", words)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     text_config = dict(

@@ -43,8 +43,11 @@ def encode_moments(vae, pixel_values: Tensor) -> Tensor:
 
 
 def decode_pixels(vae, z: Tensor) -> Tensor:
-    """Images [N, 3, H, W] (the decoder's range, [-1, 1]) from the VAE's own latents [N, C, h, w]."""
+    """Images [N, 3, H, W] (the decoder's range, [-1, 1]) from the VAE's own latents [N, C, h, w]; a video
+    VAE's videos [N, 3, F, H, W] from latents [N, C, F', h, w]."""
     z = z.to(device=vae.device, dtype=vae.dtype)
+    if z.ndim == 5:
+        return vae.decode(z).sample
     if is_video(vae.config):
         return vae.decode(z.unsqueeze(2)).sample[:, :, 0]
     return vae.decode(z).sample

@@ -19,12 +19,13 @@ from diffusion_dpo.tiny import build_tiny_pipeline
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     return {name: str(build_tiny_pipeline(root / name, family=name))
-            for name in ("sd3", "flux", "z_image", "qwen_image")}
+            for name in ("sd3", "flux", "z_image", "qwen_image", "wan")}
 
 
 def test_detect_from_model_index(tiny, tmp_path):
     assert detect(tiny["sd3"]).name == "sd3" and detect(tiny["flux"]).name == "flux"
     assert detect(tiny["z_image"]).name == "z_image" and detect(tiny["qwen_image"]).name == "qwen_image"
+    assert detect(tiny["wan"]).name == "wan"
     assert detect(str(build_tiny_pipeline(tmp_path / "xl", sdxl=True))).name == "sdxl"
     unet_only = {"_class_name": "StableDiffusionImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder_2": [None, None]}
@@ -143,7 +144,7 @@ def test_flux_packing_round_trips_and_matches_the_pipeline():
     assert ids[5].tolist() == [0.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "z_image", "qwen_image"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z_image", "qwen_image", "wan"])
 def test_winner_and_loser_share_sigma_and_noise(tiny, name):
     """The same image as winner and loser gives the same error: one sigma and one noise per pair."""
     comps = models.load_components(tiny[name])
@@ -152,9 +153,11 @@ def test_winner_and_loser_share_sigma_and_noise(tiny, name):
     g = torch.Generator().manual_seed(0)
     batch = {"pixel_values": torch.rand(2, 2, 3, 32, 32, generator=g) * 2 - 1, "captions": ["a red dog"] * 2,
              "is_tie": torch.zeros(2, dtype=torch.bool), "row_indices": torch.arange(2)}
-    noise = denoising.draw_pair_noise(denoising.pair_seeds(0, 0, 0, 2), (4, 16, 16), process.draw_time)
+    encoded = models.encode_pair_batch(comps, batch)
+    shape = (encoded.moments.shape[2] // 2, *encoded.moments.shape[3:])  # (4, 16, 16); Wan's VAE: (4, 8, 8)
+    noise = denoising.draw_pair_noise(denoising.pair_seeds(0, 0, 0, 2), shape, process.draw_time)
     assert noise.timesteps.dtype == torch.float32 and ((noise.timesteps > 0) & (noise.timesteps < 1)).all()
-    x = models.pair_inputs(comps.vae.config, models.encode_pair_batch(comps, batch), noise)
+    x = models.pair_inputs(comps.vae.config, encoded, noise)
     same = denoising.PairInputs(x.latents_w, x.latents_w, x.noise, x.timesteps, x.text)
     with torch.no_grad():
         mse_w, mse_l = denoising.pair_errors(comps.denoiser, x, process, family.forward)

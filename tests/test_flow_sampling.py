@@ -15,7 +15,7 @@ from diffusion_dpo.recipes import evaluate, label
 from diffusion_dpo.sampling import denoiser_of, generate, load_pipeline, native_size, pipeline_family
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image", "wan"]
 # FLUX's pipeline default is 1024 px (256 for the tiny one); the tests sample the tiny models' 32 px.
 SIZE = ["sampling.height=32", "sampling.width=32"]
 
@@ -67,6 +67,12 @@ def test_sampling_conditions_the_transformer_as_training_does(world):
         sampled, mask = pipe.encode_prompt(captions, device="cpu", **options)
         assert trained["hidden"].shape[1] == 64 and torch.equal(trained["mask"][:, :mask.shape[1]], mask.bool())
         torch.testing.assert_close(trained["hidden"][:, :sampled.shape[1]], sampled.detach())
+        return
+    if world["name"] == "wan":  # UMT5 at the tiny T5 tokenizer's 16 tokens, zero past each caption; images are
+        # one-frame videos, at WanPipeline's default height when none is given
+        assert options == {"max_sequence_length": 16} and native_size(pipe) == 480
+        sampled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False, **options)
+        torch.testing.assert_close(trained["hidden"], sampled.detach())
         return
     if world["name"] == "z_image":  # the tiny Qwen tokenizer's 64 tokens; unpadded captions, no pooled output
         assert options == {"max_sequence_length": 64} and native_size(pipe) == 1024

@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
     pipes = {f: str(build_tiny_pipeline(root / f, family=f))
-             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image")}
+             for f in ("sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image", "wan")}
     return {"prompts": str(root / "prompts.txt"), **pipes}
 
 
@@ -80,7 +80,7 @@ def test_first_inner_step_has_ratio_one_and_zero_kl(world, tmp_path, rank):
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "flux2", "flux2_klein", "z_image",
-                                    "qwen_image"])
+                                    "qwen_image", "wan"])
 def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family):
     """With eta / noise_level -> 0 the online sampler is the deterministic sampler evaluate and label use
     (DDIM for DDPM families, the flow Euler ODE for SD3/FLUX): the same conditioning, timesteps, guidance,
@@ -90,7 +90,9 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
     latents patchified [4C, h/2, w/2] (what our sampler draws) and shift by their empirical mu.
     Z-Image's guidance is c + w (c - u) on unpadded captions, the pipeline's own. Qwen-Image's is true CFG
     (true_cfg_scale against its negative prompt, ``Family.guidance_options``) with the pipeline's norm
-    rescaling, on packed latents like FLUX.1's, decoded by its video VAE."""
+    rescaling, on packed latents like FLUX.1's, decoded by its video VAE. Wan's is u + w (c - u) against the
+    empty prompt, here on one-frame videos [C, 1, h, w] (test_wan samples 5 frames), with the tiny pipeline's
+    FlowMatchEulerDiscreteScheduler (the checkpoints' UniPC is another integrator, ``families.wan``)."""
     from diffusers import DDIMScheduler
 
     from diffusion_dpo import models
@@ -115,24 +117,27 @@ def test_rollout_with_vanishing_noise_is_the_pipelines_own_sampler(world, family
         from diffusion_dpo.families.flux import pack_latents
 
         start = pack_latents(start)
-    theirs = pipe(prompt=PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
-                  **comps.family.guidance_options(cfg_scale, 2), **comps.family.call_options(pipe)).images
+    video = {"num_frames": 1} if family == "wan" else {}
+    out = pipe(prompt=PROMPTS[:2], latents=start, num_inference_steps=4, height=side, width=side, output_type="pt",
+               **comps.family.guidance_options(cfg_scale, 2), **comps.family.call_options(pipe), **video)
+    theirs = out.frames.transpose(1, 2) if video else out.images  # WanPipeline's [N, F, 3, H, W]
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family,lr", [("sd", 3e-4), ("sdxl", 1e-3), ("sd3", 3e-3), ("flux", 3e-3),
-                                       ("z_image", 3e-3), ("qwen_image", 3e-3)])
+                                       ("z_image", 3e-3), ("qwen_image", 3e-3), ("wan", 3e-2)])
 def test_a_short_run_raises_the_reward_of_every_family(world, tmp_path, family, lr):
     """GRPO on brightness (a full fine-tune: a random tiny UNet's attention has too little leverage on the
     decoded pixels for LoRA to show within a few steps; the SD UNet takes a smaller step than the transformers,
     which a first Adam step of 3e-3 knocks off course, and SDXL's tiny UNet needs 1e-3 to move within 10 steps):
     the mean reward of the last 3 of 10 steps exceeds the first 2 steps' by a margin (4 prompts x 8 images a
-    step; the per-image spread is about 0.003)."""
+    step; the per-image spread is about 0.003). The tiny Wan transformer's (two narrow blocks, 8 x 8 latents) move
+    on the decoded pixels is small: it takes 3e-2 to clear the margin within 10 steps."""
     out = tmp_path / family
     grpo.run(config(world, out, "model.lora_rank=0", f"optim.learning_rate={lr}", "optim.max_steps=10",
                     "online.prompts_per_step=4", "online.group_size=8", "online.train_steps=4",
                     "online.updates_per_epoch=4", "optim.batch_size=32", "online.kl_coef=0",
-                    *(["sampling.resolution=32"] if family == "qwen_image" else []), family=family))
+                    *(["sampling.resolution=32"] if family in ("qwen_image", "wan") else []), family=family))
     rewards = [r["reward_mean"] for r in train_rows(out)]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
     print(family, [round(r, 4) for r in rewards])

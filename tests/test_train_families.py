@@ -17,7 +17,7 @@ from diffusion_dpo.families import detect
 from diffusion_dpo.recipes import train
 from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 
-FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image"]
+FAMILIES = ["sd3", "flux", "flux2", "flux2_klein", "z_image", "qwen_image", "wan"]
 
 
 
@@ -39,8 +39,11 @@ def config(world, out, *overrides):
 
 
 def generate(pipe):
-    return pipe(prompt="a red dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
-                generator=torch.Generator().manual_seed(0)).images[0]
+    """The first image, or a video pipeline's (WanPipeline) one-frame video's frame."""
+    video = {"num_frames": 1, "output_type": "pil"} if type(pipe).__name__ == "WanPipeline" else {}
+    out = pipe(prompt="a red dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+               generator=torch.Generator().manual_seed(0), **video)
+    return out.frames[0][0] if video else out.images[0]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -58,7 +61,7 @@ def test_lora_first_loss_is_ln2_and_final_loads(worlds, tmp_path, name):
     pipe = family.load_pipeline(world["model"], lora=result.final)
     assert type(pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
                                    "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline",
-                                   "z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline"}[name]
+                                   "z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline", "wan": "WanPipeline"}[name]
     tuned = generate(pipe)
     assert tuned.size == (32, 32) and tuned.tobytes() != base.tobytes()
 

@@ -20,6 +20,7 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, overlap_warning, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
+from diffusion_dpo.evaluation.video import frame_mean_scores, frames_of, per_sample, read_video, save_video
 from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
 from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
@@ -204,18 +205,22 @@ def _images_for(pipe, items: list[Item], out: Path, model: str, cfg: EvaluateCon
     from diffusion_dpo.sampling import batched, generate
 
     s = cfg.sampling
+    video = s.num_frames > 1  # each sample a list of frames (evaluation.video)
     images: list = []
     for batch in batched(items, cfg.batch_size):
         paths = [item.path(out, model) for item in batch]
-        if all(path.exists() for path in paths):
-            images += [_read_png(path) for path in paths]
+        if all(path.exists() and (not video or path.with_suffix(".webp").exists()) for path in paths):
+            images += [read_video(path) if video else _read_png(path) for path in paths]
             progress.update(len(batch))
             continue
         new = generate(pipe, [item.prompt.text for item in batch], [item.seed for item in batch],
                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                       height=s.height, width=s.width, batch_size=cfg.batch_size, progress=progress)
+                       height=s.height, width=s.width, batch_size=cfg.batch_size, progress=progress,
+                       num_frames=s.num_frames)
         for image, path in zip(new, paths):
-            if not path.exists():
+            if video and not (path.exists() and path.with_suffix(".webp").exists()):
+                save_video(image, path)
+            elif not video and not path.exists():
                 _save_png(image, path)
         images += new
     return images
@@ -263,8 +268,11 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     if cfg.implicit_reward.source:
         pairs_source = _open_held_out_pairs(cfg.implicit_reward)
 
+    sampling = to_dict(cfg.sampling)
+    if sampling["num_frames"] == 1:  # images: the fingerprint of the runs from before sampling.num_frames
+        del sampling["num_frames"]
     fingerprint = {"base": cfg.model.pretrained, "tuned": tuned_name, "prompts": cfg.prompts,
-                   "prompts_dir": cfg.prompts_dir, "seed": cfg.seed, "sampling": to_dict(cfg.sampling)}
+                   "prompts_dir": cfg.prompts_dir, "seed": cfg.seed, "sampling": sampling}
     _check_resume(out, fingerprint)
     state.wait_for_everyone()
     if state.is_main_process:
@@ -313,8 +321,9 @@ def _scores(name: str, scorer, images: list, texts: list[str]) -> dict[str, list
     """Row name -> one score per image: the scorer's own, and ``name/task`` for each task of a scorer that
     checks several (``shapes_geneval``: counting, colors, ...)."""
     if not getattr(scorer, "tasks", None):
-        return {name: scorer.score(images, texts).float().tolist()}
-    tasks = scorer.score_tasks(images, texts)
+        return {name: frame_mean_scores(scorer.score, images, texts).float().tolist()}
+    frames, frame_texts, n = frames_of(images, texts)  # a video's task score: its frames' mean
+    tasks = {t: per_sample(v, n) for t, v in scorer.score_tasks(frames, frame_texts).items()}
     overall = [float(all(v)) for v in zip(*(tasks[t].tolist() for t in scorer.tasks))]
     return {name: overall, **{f"{name}/{t}": tasks[t].float().tolist() for t in scorer.tasks}}
 

@@ -18,13 +18,15 @@ from diffusion_dpo.families.flux2 import Flux2Family, Flux2KleinDistilledFamily,
 from diffusion_dpo.families.qwen_image import QwenImageFamily
 from diffusion_dpo.families.sd import SDFamily, SDXLFamily
 from diffusion_dpo.families.sd3 import SD3Family
+from diffusion_dpo.families.wan import WanFamily
 from diffusion_dpo.families.z_image import ZImageFamily
 from scorers.hub import from_hub, looks_local
 
 __all__ = ["FAMILIES", "DEFAULT_LORA_TARGETS", "DDPMNoise", "Family", "FlowNoise", "NoiseConfig", "detect", "detect_index", "by_name", "pipeline_index"]
 
 FAMILIES: tuple[type[Family], ...] = (SD3Family, FluxFamily, SDXLFamily, SDFamily, ZImageFamily,
-                                      Flux2Family, Flux2KleinFamily, Flux2KleinDistilledFamily, QwenImageFamily)
+                                      Flux2Family, Flux2KleinFamily, Flux2KleinDistilledFamily, QwenImageFamily,
+                                      WanFamily)
 
 
 def detect_index(index: dict[str, Any], pretrained: str = "") -> Family:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from diffusion_dpo.config import ConfigError
+from diffusion_dpo.errors import InputError
 from diffusion_dpo.noise import DDPMNoise, FlowNoise, NoiseConfig, reduce_error, shifted_sigma
 
 # The attention projections, the modules LoRA adapts unless a family or model.lora_targets says otherwise.
@@ -75,6 +76,13 @@ class Family(ABC):
         return found
 
     # ------------------------------------------------------------------------------------------ loading
+    def choose_expert(self, expert: str | None, index: dict[str, Any], pretrained: str) -> None:
+        """Take model.expert, the denoiser that trains in a two-expert pipeline (model_index.json ``index``);
+        a family with one denoiser takes only null."""
+        if expert is not None:
+            raise InputError(f"config key 'model.expert': {pretrained!r} is a {self.name} pipeline with one "
+                             f"denoiser; expected null, got {expert!r}")
+
     def load(self, pretrained: str, load: Callable[..., Any], vae: str | None = None) -> dict[str, Any]:
         """Load the components with ``load(name, weights=bool)`` (the shared loader: the class named in
         model_index.json, from the pipeline's subfolder); the text encoders and VAE frozen in eval mode.
@@ -134,6 +142,14 @@ class Family(ABC):
         training does (beyond prompt, seed, steps, guidance and size); none here."""
         return {}
 
+    def pipeline_images(self, pipe, num_frames: int = 1, **kwargs) -> list:
+        """The PIL images of one pipeline call ``pipe(**kwargs)`` (``output_type="pil"``), one per prompt (a
+        video family's: videos, lists of PIL frames, at ``num_frames`` > 1; an image family takes only 1)."""
+        if num_frames != 1:
+            raise ConfigError(f"config key 'sampling.num_frames': {self.name} generates images; expected 1, "
+                              f"got {num_frames}")
+        return list(pipe(**kwargs).images)
+
     def guidance_options(self, guidance_scale: float, batch_size: int) -> dict[str, Any]:
         """The keyword arguments that give the pipeline ``__call__`` our guidance scale for a batch of
         ``batch_size`` prompts: its ``guidance_scale`` here (classifier-free or embedded, as ``guide`` and
@@ -152,11 +168,15 @@ class Family(ABC):
         return calculate_shift(latent_hw[0] * latent_hw[1] // 4, c.base_image_seq_len, c.max_image_seq_len,
                                c.base_shift, c.max_shift)
 
-    def latent_shape(self, vae_config, side: int) -> tuple[int, int, int]:
+    def latent_shape(self, vae_config, side: int, num_frames: int = 1) -> tuple[int, ...]:
         """(C, h, w): the denoiser's latent of a ``side`` px square image (the VAE's channels, side / f; a
-        video VAE's as ``vae_layout`` reads its config)."""
+        video VAE's as ``vae_layout`` reads its config). A video family (Wan) gives (C, F', h, w) for a
+        ``num_frames``-frame video; an image family takes only num_frames 1."""
         from diffusion_dpo.vae_layout import latent_channels, spatial_factor
 
+        if num_frames != 1:
+            raise ConfigError(f"config key 'sampling.num_frames': {self.name} generates images; expected 1, "
+                              f"got {num_frames}")
         h = side // spatial_factor(vae_config)
         return (latent_channels(vae_config), h, h)
 
@@ -199,16 +219,33 @@ class Family(ABC):
 
         return getattr(diffusers, self.denoiser_class).from_pretrained(folder, **kwargs)
 
+    def frozen_modules(self) -> list:
+        """Frozen modules the family holds beyond the VAE and text encoders (none here), which
+        ``models.freeze_to`` moves to the device in the compute dtype."""
+        return []
+
+    def tuned_component(self, tuned: str) -> str:
+        """The pipeline component a tuned denoiser folder or LoRA weights ``tuned`` (a final/) replaces or
+        adapts: the family's denoiser."""
+        return self.denoiser_name
+
+    def load_lora(self, pipe, lora: str, fuse: bool = False) -> None:
+        """Load LoRA weights into the pipeline's tuned component (``pipe.load_lora_weights``), fused if asked."""
+        pipe.load_lora_weights(lora)
+        if fuse:
+            pipe.fuse_lora()
+
     def load_pipeline(self, pretrained: str, *, denoiser: str | None = None, lora: str | None = None,
                       **kwargs):
         """The diffusers pipeline of ``pretrained``, with a tuned denoiser folder or LoRA weights if given."""
         import diffusers
 
         if denoiser:
-            kwargs[self.denoiser_name] = self.load_denoiser(denoiser, torch_dtype=kwargs.get("torch_dtype"))
+            kwargs[self.tuned_component(denoiser)] = self.load_denoiser(denoiser,
+                                                                        torch_dtype=kwargs.get("torch_dtype"))
         pipe = getattr(diffusers, self.pipeline_class).from_pretrained(pretrained, **kwargs)
         if lora:
-            pipe.load_lora_weights(lora)
+            self.load_lora(pipe, lora)
         return pipe
 
 

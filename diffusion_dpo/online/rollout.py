@@ -121,7 +121,8 @@ def guided_predict(family, denoiser, schedule, cond: Conditioning, *,
 def decode(vae, latents: Tensor) -> Tensor:
     """Images [N, 3, H, W] in [0, 1] (fp32) from denoiser latents [N, C, h, w]: the inverse of
     ``models.sample_latents``' scaling and shift (``models.unscale_latents``), then the VAE decoder (a video
-    VAE's on one frame, ``vae_layout.decode_pixels``)."""
+    VAE's on one frame, ``vae_layout.decode_pixels``); videos [N, 3, F, H, W] from a video family's latents
+    [N, C, F', h, w]."""
     from diffusion_dpo.models import unscale_latents
     from diffusion_dpo.vae_layout import decode_pixels
 
@@ -135,19 +136,20 @@ def image_seed_generators(seeds: list[int]) -> list[torch.Generator]:
 
 @dataclass
 class Rollout:
-    """trajectory: latents [N, T + 1, ...] and log-probs [N, T]; images [N, 3, H, W] in [0, 1]."""
+    """trajectory: latents [N, T + 1, ...] and log-probs [N, T]; images [N, 3, H, W] in [0, 1] (videos:
+    [N, 3, F, H, W])."""
 
     trajectory: Trajectory
     images: Tensor
 
 
 def rollout(predict: Callable[[Tensor, Tensor], Tensor], schedule, vae, seeds: list[int],
-            latent_shape: tuple[int, int, int], device) -> Rollout:
+            latent_shape: tuple[int, ...], device) -> Rollout:
     """Sample N = len(seeds) images: image i's starting noise and every step's noise come from one CPU
     generator seeded with ``seeds[i]`` (its images depend only on its seed and the weights). ``predict``:
     :func:`guided_predict` of the current policy. Runs without gradients; call it under the run's autocast."""
-    if len(latent_shape) != 3:
-        raise InputError(f"latent_shape must be (C, h, w), got {latent_shape}")
+    if len(latent_shape) not in (3, 4):
+        raise InputError(f"latent_shape must be (C, h, w) or a video's (C, F, h, w), got {latent_shape}")
     generators = image_seed_generators(seeds)
     start = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
     n = len(seeds)

@@ -70,7 +70,7 @@ class Built:
     noise: Any  # the family's noise process (online_dpo's denoising errors)
     schedule: Any  # DDIMSchedule or FlowSDESchedule
     size: tuple[int, int]  # image (H, W) in px
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]  # (C, h, w), or a video family's (C, F', h, w)
 
 
 def resolve_pretrained(cfg: GrpoConfig, engine: Engine) -> str:
@@ -98,7 +98,8 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
     fp32: the shards are cast to the compute dtype block by block), a frozen copy kept as parallel.frozen says,
     and every forward (rollout, update, reference) gathers one block at a time on every process together."""
     m, device, dtype = cfg.model, engine.device, engine.compute_dtype
-    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
+    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                                   expert=m.expert)
     models.freeze_to(comps, device, dtype)
     denoiser = comps.denoiser
     is_lora = m.lora_rank > 0
@@ -115,8 +116,8 @@ def setup_models(cfg: GrpoConfig, pretrained: str, engine: Engine) -> Built:
     denoiser.train()
     denoiser = engine.shard(denoiser, comps.family.shard_blocks(denoiser))  # before the optimizer is built
     side = cfg.sampling.resolution or comps.family.default_resolution(comps.vae.config)
-    latent_shape = comps.family.latent_shape(comps.vae.config, side)
-    latent_hw = latent_shape[1:]
+    latent_shape = comps.family.latent_shape(comps.vae.config, side, cfg.sampling.num_frames)
+    latent_hw = latent_shape[-2:]
     s = cfg.sampling
     schedule = sampling_schedule(comps, num_inference_steps=s.num_inference_steps, eta=s.eta,
                                  noise_level=s.noise_level, latent_hw=latent_hw, sde=s.sde)
@@ -205,18 +206,35 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, method: OnlineMethod,
     images = roll.images.cpu()
     per_image = [p for p in prompts for _ in range(g)]
     keys = [i // g for i in range(len(per_image))]
+    frames, per_frame = video_frames(images, per_image)
     if cfg.online.reward_normalization == "per_reward":  # each part normalised on its own, then weighted
-        parts = {k: v.float().to(engine.device) for k, v in scorer.score_parts(images, per_image).items()}
+        parts = {k: frame_mean(v, len(per_image)).float().to(engine.device)
+                 for k, v in scorer.score_parts(frames, per_frame).items()}
         weights = {name: weight for name, weight, _ in scorer.parts}
         rewards = sum(weights[k] * parts[k] for k in parts)
         values = weighted_advantages({k: advantages_of(cfg, engine, v, keys)[0] for k, v in parts.items()},
                                      weights)
         zero_spread = tied_groups(list(parts.values()), g)
     else:
-        rewards = scorer.score(images, per_image).float().to(engine.device)
+        rewards = frame_mean(scorer.score(frames, per_frame), len(per_image)).float().to(engine.device)
         values, zero_spread = advantages_of(cfg, engine, rewards, keys)
     clip = cfg.online.advantage_clip
-    return Samples(prompts, cond, roll.trajectory, schedule, rewards, values.clamp(-clip, clip), zero_spread, images)
+    return Samples(prompts, cond, roll.trajectory, schedule, rewards, values.clamp(-clip, clip), zero_spread, frames)
+
+
+def video_frames(images: Tensor, prompts: list[str]) -> tuple[Tensor, list[str]]:
+    """Images [N, 3, H, W] and their prompts as they are; videos [N, 3, F, H, W] as their N F frames
+    [N F, 3, H, W] (video 0's frames first), each with its video's prompt, for the image scorers."""
+    if images.ndim == 4:
+        return images, prompts
+    f = images.shape[2]
+    return images.transpose(1, 2).flatten(0, 1), [p for p in prompts for _ in range(f)]
+
+
+def frame_mean(scores: Tensor, n: int) -> Tensor:
+    """Per-video rewards [n]: the mean of each video's frame scores ([n F], from :func:`video_frames`); image
+    scores [n] as they are."""
+    return scores.view(n, -1).mean(dim=1)
 
 
 def advantages_of(cfg: GrpoConfig, engine: Engine, rewards: Tensor, keys: list[int]) -> tuple[Tensor, int]:

@@ -38,6 +38,9 @@ class StochasticSamplingSection:
     resolution: Optional[int] = option(None, "image side in px (null: the denoiser's sample_size x the VAE's "
                                        "downsampling, the native size: 1024 for SD3.5-M; Flow-GRPO's SD3.5 "
                                        "runs use 512)", lambda v: v is None or v >= 8, "null or at least 8")
+    num_frames: int = option(1, "video families (Wan): frames per sampled video, t k + 1 for the VAE's temporal "
+                             "factor t (Wan: 1, 5, 9, ..., 81); every frame is scored and a video's reward is "
+                             "its frames' mean. Image families: 1", at_least_one, "at least 1")
     sde: Literal["flow_grpo", "cps"] = option(
         "flow_grpo", "flow families: the stochastic step, flow_grpo (the Flow-GRPO SDE, std sigma_t sqrt(|dt|)) or "
         "cps (coefficients-preserving: re-noises the predicted x0 to exactly the next sigma, std sigma_next "

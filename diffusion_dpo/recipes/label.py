@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional
 import pyarrow as pa
 
 from diffusion_dpo import config
-from diffusion_dpo.config import at_least_one, non_negative, option, parse_args, to_dict
+from diffusion_dpo.config import ConfigError, at_least_one, non_negative, option, parse_args, to_dict
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, read_text
@@ -417,6 +417,10 @@ def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None, *, desc
     from accelerate.utils import parse_flag_from_env
 
     config.validate(cfg)
+    if cfg.sampling.num_frames != 1:
+        raise ConfigError(f"config key 'sampling.num_frames': label writes image pairs, which train takes (a "
+                          f"video family trains on images as one-frame videos); expected 1, got "
+                          f"{cfg.sampling.num_frames}")
     # cpu=True lets processes started by torchrun on a machine without a GPU form a gloo group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     if cfg.relabel.source:

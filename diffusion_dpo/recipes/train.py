@@ -146,7 +146,8 @@ def setup_models(cfg: TrainConfig, pretrained: str, engine: Engine) -> Models:
     fp32: the shards are cast to the compute dtype block by block) and the reference kept as parallel.frozen
     says."""
     m, device, dtype = cfg.model, engine.device, engine.compute_dtype
-    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae)
+    comps = models.load_components(pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                                   expert=m.expert)
     noise = comps.family.noise_process(comps.noise_scheduler, cfg.noise)
     models.freeze_to(comps, device, dtype)
     unet = comps.denoiser
