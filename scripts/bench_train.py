@@ -8,8 +8,9 @@ Two modes:
     python scripts/bench_train.py --config assets/configs/tiny.yaml --steps 30 --compare-precompute
 
   A synthetic Diffusion-DPO step (full fine-tune, frozen copy as reference) on a real-sized denoiser with
-  random weights: SD1.5's UNet at 512 px, or the SD3.5-medium / FLUX.1-dev transformers at 1024 px (their
-  published configs, flow matching), bf16 autocast with fp32 master weights, on a GPU; reports pairs/s,
+  random weights: SD1.5's UNet at 512 px, or the SD3.5-medium / FLUX.1-dev / Qwen-Image / FLUX.2 [klein] 4B /
+  Z-Image transformers at 1024 px and Wan 2.1 T2V 1.3B's at 81 frames of 480 x 832 (their published configs,
+  flow matching), bf16 autocast with fp32 master weights, on a GPU; reports pairs/s,
   peak GiB and model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode, against the GPU's dense
   bf16 peak). --flops-only counts the FLOPs per pair on meta tensors, without a GPU:
 
@@ -153,6 +154,28 @@ DENOISERS = {
         "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": True, "in_channels": 64,
         "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
         "patch_size": 1, "pooled_projection_dim": 768}),
+    # black-forest-labs/FLUX.2-klein-base-4B (and the distilled FLUX.2-klein-4B: one transformer config):
+    #   the klein-4b config of diffusers' scripts/convert_flux2_to_diffusers.py (5 double and 20 single
+    #   blocks, 24 heads x 128, text 3 x 2560 Qwen3-4B states, no guidance embedding).
+    "flux2-klein-4b": ("Flux2Transformer2DModel", {
+        "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256,
+        "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6,
+        "guidance_embeds": False}),
+    # Tongyi-MAI/Z-Image-Turbo, transformer/config.json as quoted verbatim (with its hub URL) by public ports,
+    #   e.g. github.com/FiditeNemini/z-image-turbo-mlx; Z-Image (the base) is the undistilled model of the same
+    #   architecture (30 layers, 2 noise and 2 context refiners, dim 3840, 30 heads, text 2560 Qwen3 states).
+    "z-image": ("ZImageTransformer2DModel", {
+        "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
+        "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+        "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": (32, 48, 48),
+        "axes_lens": (1536, 512, 512)}),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: the Wan-T2V-1.3B config of diffusers' scripts/convert_wan_to_diffusers.py
+    #   (30 blocks, 12 heads x 128, FFN 8960, UMT5 text 4096).
+    "wan21-t2v-1.3b": ("WanTransformer3DModel", {
+        "patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+        "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "added_kv_proj_dim": None}),
 }
 # Per model: family, latent channels, text conditioning shapes per caption (the real encoders' widths and
 # the pipelines' default sequence lengths: SD3 77 CLIP + 256 T5 tokens, FLUX 512 T5 tokens).
@@ -160,12 +183,61 @@ SYNTHETIC = {
     "sd15": ("sd", 4, {"hidden": (77, 768)}),
     "sd35-medium": ("sd3", 16, {"hidden": (333, 4096), "pooled": (2048,)}),
     "flux-dev": ("flux", 16, {"hidden": (512, 4096), "pooled": (768,)}),
+    # Qwen-Image and Z-Image read only each caption's own tokens (256 assumed, as docs/BENCHMARKS.md's memory
+    # plan); FLUX.2 [klein] and Wan read all 512 padded tokens, as their pipelines pass them.
+    "qwen-image": ("qwen_image", 16, {"hidden": (256, 3584)}),
+    "flux2-klein-4b": ("flux2_klein", 128, {"hidden": (512, 7680)}),
+    "z-image": ("z_image", 16, {"hidden": (256, 2560)}),
+    "wan21-t2v-1.3b": ("sd3", 16, {"hidden": (512, 4096)}),  # sd3: rectified flow, target eps - x0
 }
+VIDEO = {"wan21-t2v-1.3b": (81, 832)}  # WanPipeline's defaults: 81 frames at 480 x 832 (--resolution: height)
+
+
+def latent_shape(model_name: str, resolution: int) -> tuple[int, ...]:
+    """The denoiser's latent [C, (T,) h, w] of one image: the VAE's /8 (FLUX.2: and the 2x2 patchify into 4 x
+    32 channels; Wan: and its causal 4x time compression, 1 + (frames - 1) / 4 latent frames)."""
+    channels = SYNTHETIC[model_name][1]
+    side = resolution // (16 if model_name == "flux2-klein-4b" else 8)
+    if model_name in VIDEO:
+        frames, width = VIDEO[model_name]
+        return channels, 1 + (frames - 1) // 4, side, width // 8
+    return channels, side, side
+
+
+def _unmasked_forward(model_name: str, family):
+    """The denoiser call of Qwen-Image, Z-Image and Wan with every text token a caption's (so no
+    data-dependent cut, which meta tensors cannot do); the other families' own forward."""
+    import torch
+
+    from diffusion_dpo.families.flux import pack_latents, unpack_latents
+
+    def qwen(denoiser, noisy, timestep, text, image):
+        n, _, h, w = noisy.shape
+        out = denoiser(hidden_states=pack_latents(noisy), timestep=timestep / 1000,
+                       encoder_hidden_states=text["hidden"], encoder_hidden_states_mask=None,
+                       img_shapes=[[(1, h // 2, w // 2)]] * n, return_dict=False)[0]
+        return unpack_latents(out, h, w)
+
+    def z_image(denoiser, noisy, timestep, text, image):
+        out = denoiser(list(noisy.unsqueeze(2).unbind(0)), (1000 - timestep) / 1000,
+                       list(text["hidden"].unbind(0)), return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def wan(denoiser, noisy, timestep, text, image):
+        return denoiser(hidden_states=noisy, timestep=timestep, encoder_hidden_states=text["hidden"],
+                        return_dict=False)[0]
+
+    return {"qwen-image": qwen, "z-image": z_image, "wan21-t2v-1.3b": wan}.get(model_name, family.forward)
 
 
 def build_denoiser(args):
     import diffusers
 
+    if args.model == "qwen-image":  # the shipped architecture folder: Qwen/Qwen-Image's transformer/config.json
+        from diffusion_dpo import ASSETS
+
+        config = json.loads((ASSETS / "architectures" / "qwen-image" / "transformer" / "config.json").read_text())
+        return diffusers.QwenImageTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
     class_name, kwargs = DENOISERS[args.model]
     kwargs = dict(kwargs)
     if args.unet_channels and args.model == "sd15":  # a smaller UNet of the same layout, for a CPU try
@@ -189,18 +261,18 @@ def _dpo_step(model_name, denoiser, reference, batch: int, resolution: int, seed
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if family.flow else DDPMScheduler()
     sampling = "logit_normal" if family.flow else "uniform"
     process = family.noise_process(scheduler, NoiseConfig(timestep_sampling=sampling))
-    side = resolution // 8
+    shape = latent_shape(model_name, resolution)
     g = torch.Generator().manual_seed(seed)
-    noise = draw_pair_noise(pair_seeds(0, seed, 0, batch), (channels, side, side), process.draw_time, device)
-    text = {k: torch.randn(batch, *shape, generator=g).to(device) for k, shape in text_shapes.items()}
-    x = PairInputs(torch.randn(batch, channels, side, side, generator=g).to(device),
-                   torch.randn(batch, channels, side, side, generator=g).to(device), noise.noise, noise.timesteps,
-                   text)
+    noise = draw_pair_noise(pair_seeds(0, seed, 0, batch), shape, process.draw_time, device)
+    text = {k: torch.randn(batch, *size, generator=g).to(device) for k, size in text_shapes.items()}
+    x = PairInputs(torch.randn(batch, *shape, generator=g).to(device),
+                   torch.randn(batch, *shape, generator=g).to(device), noise.noise, noise.timesteps, text)
+    forward = _unmasked_forward(model_name, family)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
         with torch.no_grad(), reference() as ref:
-            ref_w, ref_l = pair_errors(ref, x, process, family.forward)
-        model_w, model_l = pair_errors(denoiser, x, process, family.forward)
+            ref_w, ref_l = pair_errors(ref, x, process, forward)
+        model_w, model_l = pair_errors(denoiser, x, process, forward)
         loss = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta_dpo=5000)[0].mean()
     loss.backward()
     return loss.detach()
@@ -297,10 +369,11 @@ def main() -> None:
     parser.add_argument("--compare-precompute", action="store_true", help="run both with and without it")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--model", choices=sorted(DENOISERS), help="synthetic steps on a real-sized denoiser")
+    parser.add_argument("--model", choices=sorted([*DENOISERS, "qwen-image"]),
+                        help="synthetic steps on a real-sized denoiser")
     parser.add_argument("--sd15-unet", action="store_true", help="the same as --model sd15")
     parser.add_argument("--resolution", type=int, default=0, help="--model: image side in pixels (0: 512 for "
-                        "sd15, 1024 for sd35-medium and flux-dev)")
+                        "sd15, 480 for wan21-t2v-1.3b (its height: 81 frames of 480 x 832), 1024 for the others)")
     parser.add_argument("--batch-size", type=int, default=1, help="--model: pairs per step")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="--model: recompute activations")
     parser.add_argument("--lora-rank", type=int, default=0, help="--model: train a rank-r LoRA (the reference "
@@ -314,7 +387,7 @@ def main() -> None:
         print(json.dumps(run_config_child(json.loads(args.child))))
     elif args.model or args.sd15_unet:
         args.model = args.model or "sd15"
-        args.resolution = args.resolution or (512 if args.model == "sd15" else 1024)
+        args.resolution = args.resolution or {"sd15": 512, "wan21-t2v-1.3b": 480}.get(args.model, 1024)
         synthetic_mode(args)
     else:
         if not args.config:

@@ -11,6 +11,7 @@ import pytest
 from diffusion_dpo import ASSETS
 from diffusion_dpo.config import load_config, parse_args
 from diffusion_dpo.recipes.evaluate import EvaluateConfig
+from diffusion_dpo.recipes.grpo_config import GrpoConfig
 from diffusion_dpo.recipes.label import LabelConfig
 from diffusion_dpo.recipes.llm_dpo import DPOConfig
 from diffusion_dpo.recipes.llm_ppo_config import PPOConfig
@@ -20,9 +21,10 @@ from diffusion_dpo.recipes.train import TrainConfig
 
 CONFIGS = ASSETS / "configs"
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = {"train": TrainConfig, "label": LabelConfig, "evaluate": EvaluateConfig, "llm dpo": DPOConfig,
-           "llm ppo": PPOConfig, "llm reward": RewardConfig, "llm sft": SFTConfig}
-REAL_TRAIN = ("sd15_train", "sdxl_train", "sd35_medium_lora", "flux_dev_lora")
+CLASSES = {"train": TrainConfig, "label": LabelConfig, "evaluate": EvaluateConfig, "grpo": GrpoConfig,
+           "llm dpo": DPOConfig, "llm ppo": PPOConfig, "llm reward": RewardConfig, "llm sft": SFTConfig}
+REAL_TRAIN = ("sd15_train", "sdxl_train", "sd35_medium_lora", "flux_dev_lora", "qwen_image_lora", "flux2_klein_lora",
+              "z_image_lora")
 NUMBER = r"(\d[\d,]*)"
 
 
