@@ -208,14 +208,30 @@ class PairBatch:
 @torch.no_grad()
 def encode_pair_batch(components: Components, batch: dict[str, Any]) -> PairBatch:
     """Encode a data batch (``PreferencePairs.batches``: pixel_values [B, 2, 3, H, W] in [-1, 1], winner
-    first; captions; original_sizes and crop_top_lefts [B, 2, 2]; is_tie; row_indices) with the frozen VAE
+    first, or videos [B, 2, 3, F, H, W] for a family that trains on them; captions; original_sizes and crop_top_lefts [B, 2, 2]; is_tie; row_indices) with the frozen VAE
     and text encoder(s), and the family's per-image conditioning at target size (H, W)."""
     pixels = batch["pixel_values"]
     n = pixels.shape[0]
+    if pixels.ndim == 6:  # videos [B, 2, 3, F, H, W]
+        check_video_pairs(components, pixels.shape[3], batch["row_indices"])
     moments = encode_latent_moments(components.vae, pixels.flatten(0, 1)).unflatten(0, (n, 2))
     text = encode_prompts(components, batch["captions"])
     image = components.family.image_conditioning(batch, tuple(pixels.shape[-2:]))
     return PairBatch(moments, text, image, batch["is_tie"], batch["row_indices"])
+
+
+def check_video_pairs(components: Components, frames: int, rows: Tensor) -> None:
+    """Video pairs need a family that trains on videos and t k + 1 frames for its VAE's temporal factor t;
+    otherwise an InputError naming the data rows."""
+    family, config = components.family, components.vae.config
+    where = f"data rows {rows.tolist()}"
+    if not family.trains_videos:
+        raise InputError(f"{where} hold {frames}-frame videos, but the {family.name} family trains on images; "
+                         "give images, or a video family's pipeline (wan)")
+    t = vae_layout.temporal_factor(config)
+    if (frames - 1) % t:
+        raise InputError(f"{where} hold {frames}-frame videos; the VAE takes {t} k + 1 frames (1, {t + 1}, "
+                         f"{2 * t + 1}, ...)")
 
 
 def pair_inputs(vae_config, batch: PairBatch, noise) -> PairInputs:

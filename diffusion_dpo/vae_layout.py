@@ -5,8 +5,9 @@ VAEs (AutoencoderKLQwenImage, AutoencoderKLWan; their configs name ``temperal_do
 latents per channel with ``latents_mean`` / ``latents_std``.
 
     encode_moments(vae, pixels)        # [N, 2C, h, w] posterior parameters, whatever the layout
+                                       # (videos [N, 3, F, H, W]: [N, 2C, F', h, w])
     decode_pixels(vae, z)              # [N, 3, H, W] in [-1, 1] from VAE latents [N, C, h, w]
-    latent_channels(config), spatial_factor(config)
+    latent_channels(config), spatial_factor(config), temporal_factor(config)
 """
 
 from __future__ import annotations
@@ -33,10 +34,22 @@ def spatial_factor(vae_config) -> int:
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
+def temporal_factor(vae_config) -> int:
+    """How many frames one latent frame spans after the first (a video of t k + 1 frames has k + 1 latent
+    frames): the config's ``scale_factor_temporal``, else 2 per entry of ``temperal_downsample`` that is
+    true; 1 for an image VAE."""
+    if not is_video(vae_config):
+        return 1
+    return int(vae_config.get("scale_factor_temporal") or 2 ** sum(map(bool, vae_config["temperal_downsample"])))
+
+
 def encode_moments(vae, pixel_values: Tensor) -> Tensor:
     """The VAE posterior's parameters (mean and log-variance stacked on channels) [N, 2C, h, w] of images
-    [N, 3, H, W] in [-1, 1], in the VAE's dtype; a video VAE encodes each image as a one-frame video."""
+    [N, 3, H, W] in [-1, 1], in the VAE's dtype; a video VAE encodes each image as a one-frame video, and
+    videos [N, 3, F, H, W] whole, to [N, 2C, F', h, w]."""
     pixels = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    if pixels.ndim == 5:
+        return vae.encode(pixels).latent_dist.parameters
     if is_video(vae.config):
         return vae.encode(pixels.unsqueeze(2)).latent_dist.parameters.squeeze(2)
     return vae.encode(pixels).latent_dist.parameters

@@ -206,7 +206,7 @@ def test_grpo_on_videos(tiny, tmp_path):
         "model.lora_rank=4", "checkpoint_every=0", "tensorboard=false", f"output_dir={out}"]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "reward_mean" in r]
-    assert len(rows) == 2 and all(0 < r["reward_mean"] < 1 for r in rows)
+    assert len(rows) == 2 and all(0 < r["reward_mean"] < 1 and 0 < r["frame_consistency"] <= 1 for r in rows)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -249,7 +249,8 @@ def test_training_the_low_noise_expert_loads_back_into_transformer_2(tiny, rank)
 def test_evaluate_scores_videos_by_their_frames_and_saves_them(tiny, tmp_path):
     """evaluate at sampling.num_frames=5: each video saved as a lossless 5-frame WebP beside a PNG strip of
     its first, middle and last frames; its score is the mean of its frames' scores; a rerun reads the videos
-    back and reports the same. label refuses videos (its pairs train on images)."""
+    back and reports the same; each video's frame consistency is reported beside its score. label's relabel
+    mode refuses num_frames (it generates nothing)."""
     from PIL import Image
 
     from diffusion_dpo.recipes import evaluate, label
@@ -266,6 +267,7 @@ def test_evaluate_scores_videos_by_their_frames_and_saves_them(tiny, tmp_path):
             "sampling.width=32", "sampling.num_frames=5", "n_boot=100", "grid_cell=32"]
     first = evaluate.run(load_config(evaluate.EvaluateConfig, [], [*args, f"output_dir={tmp_path / 'eval'}"]))
     rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["scorer"] == "brightness"]
     assert len(rows) == 4
     row = rows[0]
     png = tmp_path / "eval" / row["image"]
@@ -278,11 +280,16 @@ def test_evaluate_scores_videos_by_their_frames_and_saves_them(tiny, tmp_path):
         assert sheet.size == (96, 32)
     again = evaluate.run(load_config(evaluate.EvaluateConfig, [], [*args, f"output_dir={tmp_path / 'eval'}"]))
     assert again.rows == first.rows and first.scorers["brightness"].win_rate != 0.5
-    assert [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()] == rows
-    with pytest.raises(ConfigError, match="num_frames"):
+    assert [r for r in map(json.loads, (tmp_path / "eval" / "scores.jsonl").read_text().splitlines())
+            if r["scorer"] == "brightness"] == rows
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    with pytest.raises(ConfigError, match="relabel mode"):
         label.run(load_config(label.LabelConfig, [], [
-            f"model.pretrained={tiny['wan']}", f"prompts={prompts}", "scorer.name=brightness",
+            f"relabel.source={tmp_path / 'eval'}", "scorer.name=brightness",
             "sampling.num_frames=5", f"output_dir={tmp_path / 'pairs'}"]))
+    consistency = [r for r in rows if r["scorer"] == "frame_consistency"]
+    assert len(consistency) == 4 and all(0 < r["score"] <= 1 for r in consistency)
+    assert "frame_consistency" in first.scorers
 
 
 def test_ti2v_layout_per_token_timesteps_sample_the_same(tiny, tmp_path):

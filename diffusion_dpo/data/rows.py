@@ -13,8 +13,9 @@ import torch
 
 from diffusion_dpo.config import option
 from diffusion_dpo.data.columns import ColumnMap
-from diffusion_dpo.data.images import BadImage, ImageFetcher, open_image, to_rgb, transform_image
+from diffusion_dpo.data.images import BadImage, ImageFetcher
 from diffusion_dpo.data.sources import IMAGE_COLUMNS
+from diffusion_dpo.data.videos import clip_pixels, describe_clip, open_clip
 from diffusion_dpo.errors import InputError
 
 
@@ -142,7 +143,7 @@ def content_id(row: dict[str, Any]) -> int:
 class Pair:
     """One transformed pair, winner first."""
 
-    pixel_values: torch.Tensor  # [2, 3, R, R] in [-1, 1]
+    pixel_values: torch.Tensor  # [2, 3, R, R] in [-1, 1]; videos: [2, 3, F, R, R]
     caption: str
     original_sizes: list[tuple[int, int]]  # (height, width) of winner, loser
     crop_top_lefts: list[tuple[int, int]]
@@ -163,32 +164,42 @@ def load_pair(row: dict[str, Any], verdict: str, row_id: int, epoch: int, seed: 
     a tie keeps its stored order. Winner and loser share the flip and the relative crop position (as the
     diffusers Diffusion-DPO example, which crops and flips the pair stacked on channels), so the pair
     differs only in what the raters judged. A bad image gives a BadPair instead of raising."""
-    u_flip, u_top, u_left, u_caption = pair_draws(seed, epoch, row_id)
+    draws = pair_draws(seed, epoch, row_id)
     order = ("jpg_1", "jpg_0") if verdict == "second" else ("jpg_0", "jpg_1")
     fetcher = ImageFetcher(cfg.image_cache_dir, cfg.fetch_retries, cfg.fetch_timeout, cfg.fetch_backoff)
     pixels, sizes, crops, converted = [], [], [], 0
+    flip = cfg.random_flip and draws[0] < 0.5
     for column in order:
         at = f"row {where} column {column}"
         try:
-            image = open_image(row[column], at, fetcher=fetcher)
-            converted += image.mode != "RGB"
-            image = to_rgb(image, at, cfg.convert_non_rgb)
+            # a clip: one frame for an image, every frame of a video (data.videos)
+            tensor, size, crop, changed = clip_pixels(open_clip(row[column], at, fetcher=fetcher), at, cfg,
+                                                      draws, flip)
         except BadImage as e:
             return BadPair(e.reason, str(e))
-        flip = cfg.random_flip and u_flip < 0.5
-        tensor, size, crop = transform_image(image, cfg.resolution, cfg.center_crop, u_top, u_left, flip)
+        converted += changed
         pixels.append(tensor)
         sizes.append(size)
         crops.append(crop)
-    caption = "" if u_caption < cfg.caption_dropout else row["caption"]
+    if pixels[0].shape != pixels[1].shape:
+        raise InputError(f"row {where}: column {order[0]} holds {describe_clip(pixels[0])} and column "
+                         f"{order[1]} {describe_clip(pixels[1])}; a pair's two sides must have the same "
+                         "frame count")
+    caption = "" if draws[3] < cfg.caption_dropout else row["caption"]
     pair_pixels = torch.from_numpy(np.stack([p.numpy() for p in pixels]))
     return Pair(pair_pixels, caption, sizes, crops, verdict == "tie", row_id, converted)
 
 
 def collate(pairs: list[Pair]) -> dict[str, Any]:
-    """A training batch of B pairs: ``pixel_values`` float32 [B, 2, 3, R, R] (index 0 winner, 1 loser),
+    """A training batch of B pairs: ``pixel_values`` float32 [B, 2, 3, R, R] (index 0 winner, 1 loser;
+    videos [B, 2, 3, F, R, R]),
     ``captions`` list[str], ``original_sizes`` and ``crop_top_lefts`` long [B, 2, 2] ((height, width) and
     (top, left)), ``is_tie`` bool [B], ``row_indices`` long [B]."""
+    shapes = {tuple(p.pixel_values.shape) for p in pairs}
+    if len(shapes) > 1:
+        kinds = ", ".join(f"row {p.row_id}: {describe_clip(p.pixel_values[0])}" for p in pairs)
+        raise InputError(f"one batch mixes clips of different frame counts ({kinds}); every pair of a run "
+                         "must have the same number of frames")
     return {
         "pixel_values": torch.from_numpy(np.stack([p.pixel_values.numpy() for p in pairs])),
         "captions": [p.caption for p in pairs],

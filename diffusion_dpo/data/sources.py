@@ -13,7 +13,9 @@ A source is one of
       {"caption": "a red dog", "image_0": "img/0a.png", "image_1": "img/0b.png", "label_0": 1, "label_1": 0}
 
   ``"label": 0`` (image_0 preferred), ``1`` (image_1 preferred) or ``0.5`` (tie) may replace the two
-  label fields. The rows become the Pick-a-Pic columns, with ``jpg_0``/``jpg_1`` holding the files' bytes.
+  label fields. The rows become the Pick-a-Pic columns, with ``jpg_0``/``jpg_1`` holding the files' bytes
+  (a video's side may name an animated WebP/GIF or MP4 file, or a folder of frame images: see
+  :mod:`~diffusion_dpo.data.videos`).
 
 Rows carry ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image bytes) and ``label_0``/``label_1``
 (1/0, 0/1 or 0.5/0.5 for a tie).
@@ -210,7 +212,7 @@ def _jsonl_row(obj: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         if not isinstance(name, str):
             raise InputError(f"{where}: image_{i} must be a path string, got {name!r}")
         file = (base / name).resolve()
-        if not file.is_file():
+        if not file.is_file() and not file.is_dir():  # a folder: a video's frame images (data.videos)
             raise InputError(f"{where}: image_{i} file {name} does not exist (looked for {file})")
         row[f"jpg_{i}"] = str(file)
     return row | {"label_0": label_0, "label_1": label_1}
@@ -228,15 +230,27 @@ def _read_image_files(batch: dict[str, list]) -> dict[str, list]:
     out = dict(batch)
     for column in IMAGE_COLUMNS:
         if column in out:
-            out[column] = [Path(p).read_bytes() for p in out[column]]
+            out[column] = [_file_value(p) for p in out[column]]
     return out
+
+
+def _file_value(path: str) -> bytes | str:
+    """A JSONL row's image file as its bytes; a folder (a video's frames) as its path, read by data.videos."""
+    return path if Path(path).is_dir() else Path(path).read_bytes()
+
+
+def _streamed_file(path: str, where: str) -> bytes:
+    if Path(path).is_dir():
+        raise InputError(f"{where}: {path} is a folder of frames, which a streamed JSONL source cannot carry; "
+                         "set data.streaming=false, or store the video as an animated WebP file")
+    return Path(path).read_bytes()
 
 
 def _jsonl_shards(shards: list[list[dict[str, Any]]]):
     """Generator for a streaming JSONL source: rows of the given shards, image paths read as bytes."""
     for shard in shards:
         for row in shard:
-            yield {k: (Path(v).read_bytes() if k in IMAGE_COLUMNS else v) for k, v in row.items()}
+            yield {k: (_streamed_file(v, f"column {k}") if k in IMAGE_COLUMNS else v) for k, v in row.items()}
 
 
 def _load_jsonl(path: Path, streaming: bool):

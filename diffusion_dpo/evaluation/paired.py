@@ -20,7 +20,15 @@ from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.prompts import Prompt, load_prompts, overlap_warning, styles_of, take_per_style
 from diffusion_dpo.evaluation.reports import MODELS
 from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerComparison, ScoreRow
-from diffusion_dpo.evaluation.video import frame_mean_scores, frames_of, per_sample, read_video, save_video
+from diffusion_dpo.evaluation.video import (
+    CONSISTENCY,
+    frame_consistency,
+    frame_mean_scores,
+    frames_of,
+    per_sample,
+    read_video,
+    save_video,
+)
 from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
 from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
@@ -288,7 +296,8 @@ def run(cfg: EvaluateConfig, *, desc: str = "evaluate") -> EvaluateResult:
     state.wait_for_everyone()
     if not state.is_main_process:
         return EvaluateResult(output_dir=str(out))
-    rows = _merged_rows(out, items, row_names(scorers), state.num_processes)
+    names = row_names(scorers) + ([CONSISTENCY] if cfg.sampling.num_frames > 1 else [])
+    rows = _merged_rows(out, items, names, state.num_processes)
     return _report(cfg, rows, scorers, implicit, prompts, items, tuned_name)
 
 
@@ -306,14 +315,17 @@ def _score_share(pipes: dict, scorers: dict, mine: list[Item], cfg: EvaluateConf
             texts = [item.prompt.text for item in chunk]
             for model in MODELS:
                 images = _images_for(pipes[model], chunk, out, model, cfg, bar)
-                for name, scorer in scorers.items():
-                    for row_name, values in _scores(name, scorer, images, texts).items():
-                        for item, value in zip(chunk, values):
-                            f.write(json.dumps(ScoreRow(
-                                style=item.prompt.style, index=item.prompt.index, prompt=item.prompt.text,
-                                seed=item.seed, model=model, scorer=row_name, score=value,
-                                image=str(item.path(out, model).relative_to(out)),
-                            )) + "\n")
+                scores = {k: v for name, scorer in scorers.items() for k, v in _scores(name, scorer, images,
+                                                                                        texts).items()}
+                if cfg.sampling.num_frames > 1:  # scorer-free, beside the frame-mean scores
+                    scores[CONSISTENCY] = frame_consistency(images).tolist()
+                for row_name, values in scores.items():
+                    for item, value in zip(chunk, values):
+                        f.write(json.dumps(ScoreRow(
+                            style=item.prompt.style, index=item.prompt.index, prompt=item.prompt.text,
+                            seed=item.seed, model=model, scorer=row_name, score=value,
+                            image=str(item.path(out, model).relative_to(out)),
+                        )) + "\n")
     bar.close()
 
 

@@ -6,6 +6,7 @@ its first, middle and last frames side by side, at the path an image would have.
     save_video(frames, path)      # path.png (the three-frame strip) and path.webp (the video)
     frames = read_video(path)     # the frames of path.webp
     scores = frame_mean_scores(lambda images, texts: scorer.score(images, texts), videos, texts)
+    frame_consistency(videos)     # [N]: how alike adjacent frames are, reported beside the frame-mean score
 """
 
 from __future__ import annotations
@@ -52,6 +53,31 @@ def read_video(path: Path) -> list:
 
     with Image.open(path.with_suffix(".webp")) as video:
         return [frame.convert("RGB") for frame in ImageSequence.Iterator(video)]
+
+
+CONSISTENCY = "frame_consistency"  # its name in evaluate's rows and report and in grpo's metrics
+
+
+def frame_consistency(videos) -> torch.Tensor:
+    """How alike adjacent frames are, per video, in [0, 1], from pixels alone (no scorer): with pixels in
+    [0, 1], c = mean over t = 1 .. F-1 of (1 - mean |x_t - x_{t-1}|), the inner mean over channels and
+    pixels. A still video scores 1; a video flipping between black and white every frame scores 0; a
+    one-frame video scores 1. ``videos``: a tensor [N, 3, F, H, W] in [0, 1], or a list of N videos, each a
+    list of PIL frames (8-bit, read as value / 255). Returns [N] fp32.
+
+    Example: two 1x1 grey frames 0.2 then 0.6 differ by 0.4, so c = 0.6; three frames 0, 0.5, 0.5 give
+    ((1 - 0.5) + (1 - 0)) / 2 = 0.75."""
+    import numpy as np
+
+    if not torch.is_tensor(videos):
+        videos = torch.stack([torch.from_numpy(np.stack([np.asarray(f.convert("RGB"), dtype=np.float32)
+                                                         for f in video])).permute(3, 0, 1, 2) / 255.0
+                              for video in videos])
+    videos = videos.float()
+    if videos.shape[2] < 2:
+        return torch.ones(videos.shape[0])
+    change = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(1, 3, 4))  # [N, F - 1]
+    return (1 - change).mean(dim=1)
 
 
 def frames_of(samples: list, texts: list[str]) -> tuple[list, list[str], int]:

@@ -57,6 +57,8 @@ class Family(ABC):
     unguided_scale = 1.0
     # The image side in px the pipeline generates without height/width when it fixes one rather than
     # deriving it from its denoiser's sample_size (None: derived).
+    # whether preference pairs may be videos ([3, F, H, W] pixels encoded to [C, F', h, w] latents; Wan)
+    trains_videos = False
     native_resolution: int | None = None
 
     @classmethod

@@ -12,7 +12,8 @@ passes them, so there is no mask to carry.
 Latents: AutoencoderKLWan encodes a video [3, F, H, W] as [C, (F - 1) / t + 1, H / s, W / s] (t, s: its
 config's scale_factor_temporal and scale_factor_spatial; F = 4k + 1 for Wan's t = 4), normalised per channel
 by latents_mean / latents_std (``models.sample_latents``). Preference data are images, which the VAE encodes
-as one-frame videos; training reads their latents [C, h, w] as [C, 1, h, w]. Online sampling draws
+as one-frame videos (training reads their latents [C, h, w] as [C, 1, h, w]), or videos of t k + 1 frames
+(``data.videos``), encoded whole to [C, F', h, w]. Online sampling draws
 ``num_frames``-frame videos [C, F', h, w]. The transformer takes the timestep 1000 sigma and predicts the
 velocity (noise minus data). Guidance is classifier-free, u + w (c - u), against the empty negative prompt
 (the pipeline's default), with no unconditional pass at w <= 1.
@@ -93,6 +94,7 @@ class WanFamily(Family):
     max_sequence_length = 512  # WanPipeline.__call__'s default
     online_guidance_scale = 5.0  # WanPipeline's default guidance_scale
     unguided_scale = 1.0  # the pipeline guides only at guidance_scale > 1; at 1 u + w (c - u) = c
+    trains_videos = True  # video pairs: pixels [3, F, H, W] -> latents [C, F', h, w] (data.videos)
     # label / evaluate's side when none is given: WanPipeline's default height (its default width is 832,
     # which it generates at when neither is given)
     native_resolution = 480

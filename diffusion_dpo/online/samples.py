@@ -36,4 +36,5 @@ class Samples:
     rewards: Tensor  # [N] fp32
     advantages: Tensor  # [N] fp32, clipped
     zero_spread_groups: int
-    images: Tensor  # [N, 3, H, W] in [0, 1], on the CPU
+    images: Tensor  # [N, 3, H, W] in [0, 1], on the CPU (videos: their N F frames)
+    frame_consistency: Tensor | None = None  # videos: [N], evaluation.video.frame_consistency

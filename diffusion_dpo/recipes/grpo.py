@@ -44,6 +44,7 @@ from diffusion_dpo import models
 from diffusion_dpo.config import parse_args
 from diffusion_dpo.engine import Engine, ExampleFeed, releases_output_dir, sharding
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.video import CONSISTENCY, frame_consistency
 from diffusion_dpo.labeling.scoring import shown
 from diffusion_dpo.online.advantages import group_advantages, tied_groups, weighted_advantages
 from diffusion_dpo.online.methods import METHODS, OnlineMethod
@@ -219,7 +220,9 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, method: OnlineMethod,
         rewards = frame_mean(scorer.score(frames, per_frame), len(per_image)).float().to(engine.device)
         values, zero_spread = advantages_of(cfg, engine, rewards, keys)
     clip = cfg.online.advantage_clip
-    return Samples(prompts, cond, roll.trajectory, schedule, rewards, values.clamp(-clip, clip), zero_spread, frames)
+    consistency = frame_consistency(images) if images.ndim == 5 else None  # videos: beside the frame mean
+    return Samples(prompts, cond, roll.trajectory, schedule, rewards, values.clamp(-clip, clip), zero_spread, frames,
+                   consistency)
 
 
 def video_frames(images: Tensor, prompts: list[str]) -> tuple[Tensor, list[str]]:
@@ -278,7 +281,9 @@ def sample_metrics(engine: Engine, samples: Samples) -> dict[str, float]:
     if engine.world > 1:
         spread = engine.accelerator.reduce(spread, reduction="sum")
     stats = process_mean(engine, batch_means(image_statistics(samples.images)))
-    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+    video = {} if samples.frame_consistency is None else process_mean(  # beside the frame-mean reward
+        engine, {CONSISTENCY: float(samples.frame_consistency.mean())})
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)), **video,
             "zero_spread_groups": float(spread.item()), **{f"image/{k}": v for k, v in stats.items()}}
 
 

@@ -2,7 +2,9 @@
 
 Generate mode (default): for each prompt, K candidates from a checkpoint, each with its own recorded seed;
 every candidate scored by a registry scorer; pairs formed (best_worst, all or random) and those under
-``min_margin`` dropped. Relabel mode (``relabel.source`` set): the two images of each existing pair scored
+``min_margin`` dropped. A video family (Wan) at ``sampling.num_frames`` > 1 generates videos, each scored by
+its frames' mean and stored as lossless animated WebP bytes in the image columns (``train`` reads them back as
+video pairs; ``precompute`` caches their latents as it does images'). Relabel mode (``relabel.source`` set): the two images of each existing pair scored
 and the labels replaced by the scorer's preference, the original labels kept beside them.
 
 Output: ``output_dir/train-NNNNN.parquet`` shards (readable as ``data.source=output_dir``), written
@@ -31,8 +33,10 @@ import pyarrow as pa
 
 from diffusion_dpo import config
 from diffusion_dpo.config import ConfigError, at_least_one, non_negative, option, parse_args, to_dict
+from diffusion_dpo.data.videos import pack_frames
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
+from diffusion_dpo.evaluation.video import frame_mean_scores, is_video
 from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, read_text
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
 from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_generate, summarise_relabel
@@ -203,8 +207,9 @@ def generate_shard(pipe, scorer, cfg: LabelConfig, texts: list[str], styles: lis
     s = cfg.sampling
     images = generate(pipe, flat_prompts, flat_seeds, num_inference_steps=s.num_inference_steps,
                       guidance_scale=s.guidance_scale, height=s.height, width=s.width,
-                      batch_size=cfg.batch_size, progress=progress)
-    scores = [float(x) for x in scorer.score(images, flat_prompts).tolist()]
+                      batch_size=cfg.batch_size, progress=progress, num_frames=s.num_frames)
+    # a video's score is its frames' mean (evaluation.video); an image's the scorer's own
+    scores = [float(x) for x in frame_mean_scores(scorer.score, images, flat_prompts).tolist()]
 
     rows: list[dict[str, Any]] = []
     stats = {"prompts": len(prompt_indices), "images": len(images), "pairs": 0, "dropped": 0,
@@ -222,9 +227,10 @@ def generate_shard(pipe, scorer, cfg: LabelConfig, texts: list[str], styles: lis
             # can learn anything from the column position; label_0/label_1 say which image won.
             c0, c1, label_0, label_1 = columns(pair, winner_first=rng.random() < 0.5)
             for c in (c0, c1):
-                if c not in encoded:
-                    encoded[c] = encode(cand_images[c], cfg.image_format)
-            width, height = cand_images[c0].size
+                if c not in encoded:  # a video: its frames as lossless animated WebP bytes (data.videos)
+                    encoded[c] = (pack_frames(cand_images[c]) if is_video(cand_images[c])
+                                  else encode(cand_images[c], cfg.image_format))
+            width, height = (cand_images[c0][0] if is_video(cand_images[c0]) else cand_images[c0]).size
             rows.append({
                 "caption": texts[p], "jpg_0": encoded[c0], "jpg_1": encoded[c1],
                 "label_0": label_0, "label_1": label_1,
@@ -243,7 +249,7 @@ def generate_shard(pipe, scorer, cfg: LabelConfig, texts: list[str], styles: lis
 def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.sampling import load_pipeline, precision_dtype
+    from diffusion_dpo.sampling import load_pipeline, pipeline_family, precision_dtype
 
     texts, styles = load_prompt_list(cfg)
     dtype = precision_dtype(cfg.mixed_precision, state.device)
@@ -255,7 +261,9 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
         "scorer": scorer_identity(cfg.scorer), "candidates_per_prompt": cfg.candidates_per_prompt,
         "pairing": cfg.pairing, "min_margin": cfg.min_margin, "seed": cfg.seed,
         "sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
-                     "height": s.height, "width": s.width, "scheduler": s.scheduler, "dtype": str(dtype)},
+                     "height": s.height, "width": s.width, "scheduler": s.scheduler, "dtype": str(dtype),
+                     # images: the fingerprint of the runs from before sampling.num_frames
+                     **({"num_frames": s.num_frames} if s.num_frames > 1 else {})},
         "image_format": cfg.image_format, "prompts_per_shard": cfg.prompts_per_shard,
     }
     shards = ShardSet(cfg.output_dir, identity)
@@ -270,6 +278,8 @@ def _run_generate(cfg: LabelConfig, state, on_shard, desc: str) -> LabelResult:
         scorer = load_scorer(cfg.scorer, state.device)
         pipe = load_pipeline(cfg.model.pretrained, denoiser=cfg.model.denoiser, lora=cfg.model.lora,
                              device=state.device, dtype=dtype, scheduler=s.scheduler)
+        if s.num_frames > 1:  # a video family, and t k + 1 frames for its VAE, before anything is written
+            pipeline_family(pipe).latent_shape(pipe.vae.config, 8, s.num_frames)
     _prepare_output(cfg, shards, state, num_shards)
 
     start = time.perf_counter()
@@ -417,10 +427,9 @@ def run(cfg: LabelConfig, on_shard: Callable[[int], None] | None = None, *, desc
     from accelerate.utils import parse_flag_from_env
 
     config.validate(cfg)
-    if cfg.sampling.num_frames != 1:
-        raise ConfigError(f"config key 'sampling.num_frames': label writes image pairs, which train takes (a "
-                          f"video family trains on images as one-frame videos); expected 1, got "
-                          f"{cfg.sampling.num_frames}")
+    if cfg.sampling.num_frames != 1 and cfg.relabel.source:
+        raise ConfigError(f"config key 'sampling.num_frames': relabel mode scores the pairs it reads and "
+                          f"generates nothing; expected 1, got {cfg.sampling.num_frames}")
     # cpu=True lets processes started by torchrun on a machine without a GPU form a gloo group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     if cfg.relabel.source:
