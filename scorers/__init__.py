@@ -26,6 +26,8 @@ REGISTRY: dict[str, str] = {
     "brightness": "scorers.brightness:Brightness",
     "combo": "scorers.combo:Combo",
     "shapes": "scorers.shapes:ShapesScorer",
+    # the moving-shapes world's clips: look (as shapes, per frame) and motion (scorers.shapes.motion)
+    "shapes_video": "scorers.shapes.motion:ShapesVideoScorer",
     "imagereward": "scorers.imagereward:ImageReward",
     "ocr": "scorers.ocr:OCRScore",
     "vlm_judge": "scorers.vlm_judge:VLMJudge",

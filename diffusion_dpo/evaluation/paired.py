@@ -23,11 +23,11 @@ from diffusion_dpo.evaluation.schema import ImplicitRewardAccuracy, ScorerCompar
 from diffusion_dpo.evaluation.video import (
     CONSISTENCY,
     frame_consistency,
-    frame_mean_scores,
     frames_of,
     per_sample,
     read_video,
     save_video,
+    video_scores,
 )
 from diffusion_dpo.fileio import atomic_write, atomic_write_text, check_folder, make_folder
 from diffusion_dpo.labeling.scoring import shown
@@ -333,7 +333,7 @@ def _scores(name: str, scorer, images: list, texts: list[str]) -> dict[str, list
     """Row name -> one score per image: the scorer's own, and ``name/task`` for each task of a scorer that
     checks several (``shapes_geneval``: counting, colors, ...)."""
     if not getattr(scorer, "tasks", None):
-        return {name: frame_mean_scores(scorer.score, images, texts).float().tolist()}
+        return {name: video_scores(scorer, images, texts).float().tolist()}
     frames, frame_texts, n = frames_of(images, texts)  # a video's task score: its frames' mean
     tasks = {t: per_sample(v, n) for t, v in scorer.score_tasks(frames, frame_texts).items()}
     overall = [float(all(v)) for v in zip(*(tasks[t].tolist() for t in scorer.tasks))]

@@ -95,6 +95,14 @@ def per_sample(values: torch.Tensor, frames: int) -> torch.Tensor:
     return values if frames == 0 else values.float().view(-1, frames).mean(dim=1)
 
 
+def video_scores(scorer, samples: list, texts: list[str]) -> torch.Tensor:
+    """Each sample's score: a scorer that judges whole clips (``scores_videos``, e.g. ``shapes_video``: the
+    motion across frames) scores videos whole; otherwise :func:`frame_mean_scores` of its image scores."""
+    if samples and is_video(samples[0]) and getattr(scorer, "scores_videos", False):
+        return scorer.score_videos(samples, texts)
+    return frame_mean_scores(scorer.score, samples, texts)
+
+
 def frame_mean_scores(score: Callable[[list, list[str]], torch.Tensor], samples: list,
                       texts: list[str]) -> torch.Tensor:
     """``score`` of images as it is; of videos, every frame scored with its video's text and each video's

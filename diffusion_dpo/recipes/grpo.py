@@ -216,6 +216,9 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, method: OnlineMethod,
         values = weighted_advantages({k: advantages_of(cfg, engine, v, keys)[0] for k, v in parts.items()},
                                      weights)
         zero_spread = tied_groups(list(parts.values()), g)
+    elif images.ndim == 5 and getattr(scorer, "scores_videos", False):  # judged whole (motion: shapes_video)
+        rewards = scorer.score_videos(images, per_image).float().to(engine.device)
+        values, zero_spread = advantages_of(cfg, engine, rewards, keys)
     else:
         rewards = frame_mean(scorer.score(frames, per_frame), len(per_image)).float().to(engine.device)
         values, zero_spread = advantages_of(cfg, engine, rewards, keys)

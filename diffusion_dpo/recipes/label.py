@@ -36,7 +36,7 @@ from diffusion_dpo.config import ConfigError, at_least_one, non_negative, option
 from diffusion_dpo.data.videos import pack_frames
 from diffusion_dpo.engine.run_folder import claim_output_dir, releases_output_dir
 from diffusion_dpo.errors import InputError
-from diffusion_dpo.evaluation.video import frame_mean_scores, is_video
+from diffusion_dpo.evaluation.video import is_video, video_scores
 from diffusion_dpo.fileio import atomic_write_text, check_folder, make_folder, read_text
 from diffusion_dpo.labeling.pairing import candidate_seed, columns, make_pairs, prompt_rng
 from diffusion_dpo.labeling.records import GENERATE_SCHEMA, encode, summarise_generate, summarise_relabel
@@ -209,7 +209,7 @@ def generate_shard(pipe, scorer, cfg: LabelConfig, texts: list[str], styles: lis
                       guidance_scale=s.guidance_scale, height=s.height, width=s.width,
                       batch_size=cfg.batch_size, progress=progress, num_frames=s.num_frames)
     # a video's score is its frames' mean (evaluation.video); an image's the scorer's own
-    scores = [float(x) for x in frame_mean_scores(scorer.score, images, flat_prompts).tolist()]
+    scores = [float(x) for x in video_scores(scorer, images, flat_prompts).tolist()]
 
     rows: list[dict[str, Any]] = []
     stats = {"prompts": len(prompt_indices), "images": len(images), "pairs": 0, "dropped": 0,
