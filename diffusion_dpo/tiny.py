@@ -103,8 +103,9 @@ def write_qwen_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = 
     spell each of ``words`` and the chat roles left to right (so they take few tokens; any other text falls
     back to bytes) in a fixed order, so the vocabulary, and a seeded text encoder, is the same in every
     process."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
+    from tokenizers import pre_tokenizers
+
+    from diffusion_dpo.tiny_qwen_image import save_qwen_tokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(alphabet)}
@@ -117,15 +118,7 @@ def write_qwen_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = 
                     merges.append((token, char))
                     vocab[token + char] = len(vocab)
                 token += char
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, model_max_length=max_length, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token=None, bos_token=None)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(path))
-    return Path(path)
+    return save_qwen_tokenizer(vocab, merges, path, max_length, QWEN_CHAT_TEMPLATE)
 
 
 def build_tiny_pipeline(

@@ -44,8 +44,7 @@ def write_tokenizer(path: str | Path, words, max_length: int = 64) -> Path:
     each word's merges are added until the BPE learned so far spells it whole, and a later merge never
     splits an earlier word. Any other text falls back to bytes. The order is fixed, so the vocabulary, and a
     seeded text encoder, is the same in every process."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
+    from tokenizers import models, pre_tokenizers
 
     vocab = {token: i for i, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     merges: list[tuple[str, str]] = []
@@ -55,12 +54,24 @@ def write_tokenizer(path: str | Path, words, max_length: int = 64) -> Path:
                     spelled)]) > 1:
                 merges.append((parts[0], parts[1]))
                 vocab.setdefault(parts[0] + parts[1], len(vocab))
+    return save_qwen_tokenizer(vocab, merges, path, max_length)
+
+
+def save_qwen_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], path: str | Path, max_length: int,
+                        chat_template: str | None = None) -> Path:
+    """A Qwen2 tokenizer over the byte-level BPE ``vocab`` / ``merges`` with Qwen's special tokens (and
+    ``chat_template`` if given), saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, model_max_length=max_length, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None, bos_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(path))
     return Path(path)
 
