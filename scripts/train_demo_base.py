@@ -16,6 +16,10 @@ The base is trained on all prompts, like a real checkpoint trained on everything
 prompts are held out from preference tuning, not from pretraining. The training is short on purpose:
 the model gets most scenes right but not all (wrong colour or shape some of the time), which leaves
 preference tuning room to improve. Seeded: same seed, machine and thread count, same weights.
+
+``--family flow``: an SD3-layout transformer on the SD base's VAE (assets/demo/flow_base). ``--family video``
+(assets/demo/video_base): the moving-shapes world's 5-frame clips (scorers/shapes/motion.py), a Wan-layout
+video VAE, UMT5 and WanTransformer3DModel (``train_video``), scored by ``shapes_video``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffusion_dpo.sampling import generate
 from diffusion_dpo.tiny import write_clip_tokenizer
+from scorers import load_scorer
 from scorers.shapes.world import WORLD_WORDS, all_scenes, render, split_prompts
 
 RESOLUTION = 32
@@ -103,8 +109,9 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, device, gen) -> float:
-    """Reconstruction (MSE) plus a small KL term; returns the last reconstruction MSE (pixels in [-1, 1])."""
+def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, device, gen, sample=True) -> float:
+    """Reconstruction (MSE) plus a small KL term; returns the last reconstruction MSE (pixels in [-1, 1]).
+    ``sample=False`` decodes the posterior means (an autoencoder; the Wan VAE learns much faster so)."""
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="vae", unit="step")
@@ -113,7 +120,7 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, devi
             group["lr"] = lr * cosine_lr(step, steps, steps // 20)
         x = pixels[torch.randint(len(pixels), (batch,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=None)).sample
+        recon = vae.decode(posterior.sample(generator=None) if sample else posterior.mode()).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -298,19 +305,131 @@ def train_flow(args, prompts, pixels, device, gen):
                             "width": FLOW_WIDTH, "transformer_loss_ema": loss, "latent_scale": scale}
 
 
+# ------------------------------------------------------------------------------------------ the video base
+# frames (4 k + 1 for the VAE's temporal 4: latents [C, 2, 8, 8]), latent channels, UMT5 width, blocks, width;
+# the VAE's first stage: steps on single frames (16 a batch), where it learns space much faster than on clips
+VIDEO_FRAMES, VIDEO_LATENT, VIDEO_TEXT, VIDEO_LAYERS, VIDEO_WIDTH, VIDEO_FRAME_STEPS = 5, 8, 64, 4, 96, 800
+
+
+def make_clips(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """``n`` rendered moving-shape clips of the whole world: prompts and pixels [n, 3, 5, 32, 32] in [-1, 1]."""
+    from scorers.shapes.motion import all_motion_scenes, render_clip
+
+    rng = random.Random(seed)
+    scenes = all_motion_scenes()
+    prompts, clips = [], []
+    for _ in range(n):
+        scene = rng.choice(scenes)
+        prompts.append(scene.prompt)
+        clips.append(np.stack([np.asarray(f) for f in render_clip(scene, rng, VIDEO_FRAMES, RESOLUTION)]))
+    x = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    return prompts, x
+
+
+def build_video_components(seed: int):
+    """A random Wan-layout pipeline for the moving-shapes world: UMT5 on the world's words (one T5 piece each), an
+    AutoencoderKLWan halving space and time twice (5 frames of 32 px -> [8, 2, 8, 8]), a WanTransformer3DModel over
+    (1, 2, 2) patches and flow-matching Euler at shift 1 (Wan's 3 or 5 are for 480p and up; these are 32 px)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import WanTransformer3DModel as Wan
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from diffusion_dpo.tiny import write_t5_tokenizer
+    from scorers.shapes.motion import MOTION_WORDS
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(tmp, (*WORLD_WORDS, *MOTION_WORDS),
+                                                                           MAX_TOKENS)))
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=VIDEO_TEXT, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=16, z_dim=VIDEO_LATENT, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[True, True], scale_factor_temporal=4, scale_factor_spatial=4)
+    transformer = Wan(
+        patch_size=(1, 2, 2), num_attention_heads=VIDEO_WIDTH // 24, attention_head_dim=24,
+        in_channels=VIDEO_LATENT, out_channels=VIDEO_LATENT, text_dim=VIDEO_TEXT, freq_dim=64,
+        ffn_dim=2 * VIDEO_WIDTH, num_layers=VIDEO_LAYERS, rope_max_seq_len=32)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+
+
+def wan_flow_loss(pipe, device, gen):
+    """The Wan family's rectified-flow loss (as flow_loss) on normalised latents; text as WanPipeline encodes
+    it (UMT5 states, zero past each caption's tokens), with gradients into the encoder."""
+    from diffusion_dpo.families.wan import WanFamily
+    from diffusion_dpo.noise import FlowNoise, NoiseConfig
+
+    family = WanFamily()
+    noise = FlowNoise(NoiseConfig(timestep_sampling="logit_normal"), shift=1.0)
+
+    def batch_loss(z0, texts):
+        tokens = pipe.tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                                return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device)
+        hidden = pipe.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state * mask[..., None]
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        sigma = torch.cat([noise.draw_time(gen) for _ in range(len(z0))]).to(device)
+        pred = family.forward(pipe.transformer, noise.noisy(z0, eps, sigma), noise.model_timestep(sigma),
+                              {"hidden": hidden}, {})
+        return F.mse_loss(pred, noise.target(z0, eps, sigma))
+
+    return batch_loss
+
+
+def train_video(args, prompts, pixels, device, gen):
+    """The video base: the Wan VAE on the clips, its latents_mean / latents_std set per channel from them,
+    then transformer + UMT5 together: (pipeline, summary fields)."""
+    pipe = build_video_components(args.seed)
+    frames = pixels.transpose(1, 2).flatten(0, 1).unsqueeze(2)  # [5 n, 3, 1, 32, 32]
+    train_vae(pipe.vae, frames, VIDEO_FRAME_STEPS, 16, args.vae_lr, device, gen, sample=False)
+    vae_mse = train_vae(pipe.vae, pixels, args.vae_steps, args.vae_batch, args.vae_lr, device, gen, sample=False)
+    means, _ = encode_all(pipe.vae, pixels, device, batch=64)  # the VAE trained on the means: so the denoiser
+    mu, sd = means.mean(dim=(0, 2, 3, 4)), means.transpose(0, 1).flatten(1).std(dim=1)
+    pipe.vae.register_to_config(latents_mean=mu.tolist(), latents_std=sd.tolist())
+    means = (means - mu.view(-1, 1, 1, 1)) / sd.view(-1, 1, 1, 1)
+    emas, loss = train_denoiser(
+        [pipe.transformer, pipe.text_encoder], wan_flow_loss(pipe, device, gen), prompts, means,
+        torch.zeros_like(means), scale=1.0,
+        steps=args.unet_steps, batch=args.batch, lr=args.lr, drop_prompt=args.drop_prompt, ema_decay=args.ema,
+        device=device, gen=gen, desc="transformer")
+    pipe.transformer, pipe.text_encoder = emas
+    return pipe.to("cpu"), {"frames": VIDEO_FRAMES, "vae_frame_steps": VIDEO_FRAME_STEPS, "vae_steps": args.vae_steps,
+                            "vae_mse": vae_mse,
+                            "transformer_steps": args.unet_steps, "layers": VIDEO_LAYERS, "width": VIDEO_WIDTH,
+                            "transformer_loss_ema": loss}
+
+
+def evaluate_video(pipe, device, out: Path) -> dict:
+    """Held-out-split moving-shapes prompts, 2 seeds each, 20 steps at guidance 4: shapes_video's mean."""
+    from scorers.shapes.motion import as_video_tensor, motion_parts, parse_motion_prompt, split_motion_prompts
+
+    _, held_out = split_motion_prompts()
+    eval_prompts = [p for p in held_out for _ in range(2)]
+    videos = generate(pipe.to(device), eval_prompts, list(range(len(eval_prompts))), num_inference_steps=20,
+                      guidance_scale=4.0, batch_size=64, num_frames=VIDEO_FRAMES, height=RESOLUTION, width=RESOLUTION)
+    parts = motion_parts(as_video_tensor(videos), [parse_motion_prompt(p) for p in eval_prompts])  # shapes_video's
+    save_grid([frame for video in videos[:8] for frame in video], out / "samples.png", cols=VIDEO_FRAMES)
+    return {"prompts": len(held_out), "seeds": 2, "steps": 20, "guidance_scale": 4.0, "frames": VIDEO_FRAMES,
+            "shapes_video_mean": parts["score"].mean().item(), "shapes_video_std": parts["score"].std().item(),
+            "look_mean": parts["look"].mean().item(), "motion_mean": parts["motion"].mean().item()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=["sd", "flow"], default="sd",
-                        help="sd: the SD-layout UNet base; flow: the SD3-layout flow-matching base")
+    parser.add_argument("--family", choices=["sd", "flow", "video"], default="sd",
+                        help="sd: the SD-layout UNet base; flow: the SD3-layout flow-matching base; video: "
+                             "the Wan-layout base of the moving-shapes world")
     parser.add_argument("--out", default=None, help="pipeline folder to write (default assets/demo/base, or "
                         "assets/demo/flow_base for --family flow)")
     parser.add_argument("--vae", default="assets/demo/base/vae", help="flow: the trained VAE to reuse")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=10000, help="rendered training scenes")
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--images", type=int, default=None,
+                        help="rendered training scenes (default 10000; video: 4000 clips)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="default 800 (video: 300 on clips)")
     parser.add_argument("--unet-steps", type=int, default=None,
-                        help="denoiser steps (default 2000 for sd, 1500 for flow)")
-    parser.add_argument("--vae-batch", type=int, default=32)
+                        help="denoiser steps (default 2000 for sd, 1500 for flow, 1200 for video)")
+    parser.add_argument("--vae-batch", type=int, default=None, help="default 32 (video: 8 clips)")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=64, help="denoiser batch")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of denoiser and text encoder")
@@ -321,45 +440,49 @@ def main(argv: list[str] | None = None) -> int:
                              "shared with other jobs, 1 can be many times faster than 2")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
-    flow = args.family == "flow"
-    args.out = args.out or ("assets/demo/flow_base" if flow else "assets/demo/base")
-    args.unet_steps = args.unet_steps or (1500 if flow else 2000)
-
-    from diffusion_dpo.sampling import generate
-    from scorers import load_scorer
-
+    flow, video = args.family == "flow", args.family == "video"
+    args.out = args.out or {"sd": "assets/demo/base", "flow": "assets/demo/flow_base",
+                            "video": "assets/demo/video_base"}[args.family]
+    args.unet_steps = args.unet_steps or {"sd": 2000, "flow": 1500, "video": 1200}[args.family]
+    if video:  # clips are 5 frames each: fewer, and smaller VAE batches
+        args.images, args.vae_steps, args.vae_batch = args.images or 4000, args.vae_steps or 300, args.vae_batch or 8
+    args.images, args.vae_steps, args.vae_batch = args.images or 10000, args.vae_steps or 800, args.vae_batch or 32
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.time()
     gen = torch.Generator().manual_seed(args.seed)
-    prompts, pixels = make_dataset(args.images, args.seed)
-    pipe, fields = (train_flow if flow else train_sd)(args, prompts, pixels, device, gen)
+    prompts, pixels = (make_clips if video else make_dataset)(args.images, args.seed)
+    train = train_video if video else train_flow if flow else train_sd
+    pipe, fields = train(args, prompts, pixels, device, gen)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(str(out))
     train_time = time.time() - start
-
-    # How good is it? Held-out-split prompts, 4 seeds each, the demo's sampler settings.
     pipe.set_progress_bar_config(disable=True)
+    evaluation = evaluate_video(pipe, device, out) if video else evaluate_images(pipe, device, out)
+    summary = {
+        "family": args.family, "seed": args.seed, "images": args.images, **fields, "batch": args.batch,
+        "lr": args.lr, "train_seconds": round(train_time, 1), "threads": torch.get_num_threads(),
+        "device": str(device), "eval": evaluation,
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def evaluate_images(pipe, device, out: Path) -> dict:
+    """How good is it? Held-out-split prompts, 4 seeds each, the demo's sampler settings."""
     _, held_out = split_prompts()
     eval_prompts = [p for p in held_out for _ in range(4)]
     images = generate(pipe.to(device), eval_prompts, list(range(len(eval_prompts))), num_inference_steps=20,
                       guidance_scale=4.0, batch_size=64)
     scores = load_scorer("shapes").score(images, eval_prompts)
     save_grid(images[:64:1], out / "samples.png")
-    summary = {
-        "family": args.family, "seed": args.seed, "images": args.images, **fields, "batch": args.batch,
-        "lr": args.lr, "train_seconds": round(train_time, 1), "threads": torch.get_num_threads(),
-        "device": str(device),
-        "eval": {"prompts": len(held_out), "seeds": 4, "steps": 20, "guidance_scale": 4.0,
-                 "shapes_mean": scores.mean().item(), "shapes_std": scores.std().item(),
-                 "share_above_0.9": (scores > 0.9).float().mean().item()},
-    }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return 0
+    return {"prompts": len(held_out), "seeds": 4, "steps": 20, "guidance_scale": 4.0,
+            "shapes_mean": scores.mean().item(), "shapes_std": scores.std().item(),
+            "share_above_0.9": (scores > 0.9).float().mean().item()}
 
 
 def save_grid(images, path: Path, cols: int = 8) -> None:

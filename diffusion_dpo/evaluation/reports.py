@@ -298,17 +298,20 @@ def geneval_sentence(table: dict) -> str:
 
 
 def markdown_report(report: DemoReport) -> str:
+    from diffusion_dpo.recipes.demo_config import FAMILY_WORLD
+
     cfg, rounds = report.config, report.rounds
     first = rounds[0].dpo
+    scorer = FAMILY_WORLD[cfg.get("family", "sd")]["scorer"]
     lines = [
         "# Diffusion-DPO demo: the shapes world",
         "",
         f"Base `{report.base}`; {report.train_prompts} training prompts x "
-        f"{cfg['candidates_per_prompt']} candidates, best vs worst by the `shapes` scorer; evaluation on "
+        f"{cfg['candidates_per_prompt']} candidates, best vs worst by the `{scorer}` scorer; evaluation on "
         f"{report.held_out_prompts} held-out "
         f"prompts x {cfg['eval_seeds']} seeds, tuned vs base with the same seeds. Seed {cfg['seed']}.",
         "",
-        "| model | mean shapes score [95% CI] | win rate over base [95% CI] |",
+        f"| model | mean {scorer} score [95% CI] | win rate over base [95% CI] |",
         "|---|---|---|",
         f"| base | {first.base_mean:.3f} [{first.base_mean_ci[0]:.3f}, {first.base_mean_ci[1]:.3f}] | - |",
     ]

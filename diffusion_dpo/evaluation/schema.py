@@ -131,6 +131,8 @@ class RoundReport:
     images_generated: int = 0  # candidates labelled this round (training prompts x candidates per prompt)
     # the shapes world as an offline GenEval on the same images (evaluation.benchmarks' table)
     geneval: Optional[dict[str, Any]] = None
+    # videos: evaluate's frame_consistency (how alike adjacent frames are), {"base": mean, "tuned": mean}
+    frame_consistency: Optional[dict[str, float]] = None
 
 
 @dataclass
@@ -158,8 +160,10 @@ class DemoReport:
     tuned_mean: float = field(init=False)
     dpo_win_rate: float = field(init=False)
     dpo_win_rate_ci: list[float] = field(init=False)
+    frame_consistency: Optional[dict[str, float]] = field(init=False)  # videos: round 1's (RoundReport)
 
     def __post_init__(self) -> None:
+        self.frame_consistency = self.rounds[0].frame_consistency
         first = self.rounds[0].dpo
         self.win_rate, self.win_rate_ci = first.win_rate, first.win_rate_ci
         self.base_mean, self.tuned_mean = first.base_mean, first.tuned_mean

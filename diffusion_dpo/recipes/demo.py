@@ -2,7 +2,9 @@
 
 The shapes world (scorers/shapes/world.py) has two tiny base models that ship with the package
 (assets/demo/base/, SD layout, ``family=sd``, the default; assets/demo/flow_base/, SD3 layout with
-rectified flow, ``family=flow``) and a scorer that needs no weights (scorers/shapes/scorer.py). The demo
+rectified flow, ``family=flow``) and a scorer that needs no weights (scorers/shapes/scorer.py); its moving
+version (scorers/shapes/motion.py: 5-frame clips of a shape moving left, right, up or down) has a tiny
+Wan-layout video base (assets/demo/video_base/, ``family=video``) and the clip scorer ``shapes_video``. The demo
 runs, with the same recipes a user runs on Stable Diffusion:
 
 1. label: K candidates per training prompt from the current policy, scored by ``shapes``; the best and the
@@ -19,6 +21,7 @@ and training from it (its reference is that policy too); every round is evaluate
 
     diffusion-dpo demo                                   # ~5 minutes on a 2-core laptop CPU
     diffusion-dpo demo family=flow                       # the same on the SD3-layout flow-matching base
+    diffusion-dpo demo family=video threads=1            # video pairs on the Wan-layout video base
     diffusion-dpo demo seed=1 rounds=2 output_dir=runs/demo-r2
 
 An output_dir that holds a demo is refused (its pairs and images would pass for new ones); overwrite=true
@@ -39,17 +42,21 @@ from diffusion_dpo.config import at_least_one, fill_nulls, non_negative, option,
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.evaluation.paired import reuse_base_images
 from diffusion_dpo.evaluation.schema import DemoReport, RoundReport, TunedVsBase
-from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
+from diffusion_dpo.pipeline_config import PipelineSection
 from diffusion_dpo.recipes.demo_common import (
     Console,
     check_base,
+    consistency,
     evaluate_config,
     policy_pipeline,
+    sampling_section,
     timed,
+    world,
     write_prompts,
 )
 from diffusion_dpo.recipes.demo_config import (
     FAMILY_TRAIN_DEFAULTS,
+    FAMILY_WORLD,
     DemoTrainConfig,
     SamplingConfig,
     WorldConfig,
@@ -67,9 +74,10 @@ class DemoConfig(RunOptions):
         auto_or_null, "null or auto")
     overwrite: bool = option(False, "replace the demo already in output_dir (its config.yaml, prompts, rounds "
                              "and reports; other files stay)")
-    family: Literal["sd", "flow"] = option("sd", "which shipped demo base (and its tuning defaults): sd, the "
-                                           "SD-layout UNet (assets/demo/base), or flow, the SD3-layout "
-                                           "flow-matching transformer (assets/demo/flow_base)")
+    family: Literal["sd", "flow", "video"] = option(
+        "sd", "which shipped demo base (and its tuning defaults): sd, the SD-layout UNet (assets/demo/base); "
+        "flow, the SD3-layout flow-matching transformer (assets/demo/flow_base); or video, the Wan-layout "
+        "video base of the moving-shapes world (assets/demo/video_base: 5-frame clips, the shapes_video scorer)")
     base: str | None = option(None, "the base pipeline folder (null: the shipped base of ``family``); its model "
                               "family must be the one ``family`` names")
     seed: int = option(0, "seed of labelling candidates, training noise and evaluation images")
@@ -101,10 +109,8 @@ def label_config(cfg: DemoConfig, policy: str, prompts_file: Path, out: Path, ro
     s = cfg.sampling
     return label.LabelConfig(
         model=PipelineSection(pretrained=policy), prompts=str(prompts_file),
-        scorer=label.ScorerConfig(name="shapes"), candidates_per_prompt=cfg.candidates_per_prompt,
-        pairing="best_worst",
-        sampling=SamplingSection(num_inference_steps=s.num_inference_steps,
-                                      guidance_scale=s.guidance_scale),
+        scorer=label.ScorerConfig(name=world(cfg)["scorer"]), candidates_per_prompt=cfg.candidates_per_prompt,
+        pairing="best_worst", sampling=sampling_section(cfg),
         batch_size=s.batch_size, seed=1000 * cfg.seed + round_, output_dir=str(out),
         prompts_per_shard=10_000,  # one shard: the whole round is one unit of work
         resume=resume, mixed_precision=cfg.mixed_precision,
@@ -121,7 +127,9 @@ def train_config(cfg: DemoConfig, method: str, policy: str, pairs: Path, out: Pa
     return train.TrainConfig(
         method=method,
         model=train.ModelConfig(pretrained=policy, lora_rank=t.model.lora_rank),
-        data=DataConfig(source=str(pairs), resolution=_resolution(policy), random_flip=True,
+        # no flips of clips: a mirrored "moving left" clip moves right
+        data=DataConfig(source=str(pairs), resolution=world(cfg)["side"] or _resolution(policy),
+                        random_flip=not world(cfg)["motion"],
                         caption_dropout=t.data.caption_dropout),
         loss=PreferenceLossSection(beta=t.loss.beta),
         optim=OptimSection(
@@ -223,7 +231,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     rdir = ctx.out / f"round-{r}"
     source = "the base" if r == 1 else f"round {r - 1}'s policy"
     tag = console.stage(f"label: {cfg.candidates_per_prompt} candidates for each of {ctx.n_train} training "
-                        f"prompts from {source}, best vs worst by the shapes scorer")
+                        f"prompts from {source}, best vs worst by the {world(cfg)['scorer']} scorer")
     labelled = timed(seconds, f"label_{r}", label.run,
                       label_config(cfg, policy, ctx.train_file, rdir / "pairs", r, resume), desc=tag)
     console.say(f"{labelled.pairs_written} pairs; mean winner score {labelled.mean_winner_score:.3f}, mean loser "
@@ -250,7 +258,8 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
     evaluation = timed(seconds, f"evaluate_{r}", evaluate.run,
                         evaluate_config(cfg, ctx.base, new_policy, ctx.held_out_file, rdir / "eval", resume),
                         desc=f"{tag} DPO")
-    dpo = TunedVsBase.of(evaluation.scorers["shapes"], evaluation.output_dir)
+    scorer = world(cfg)["scorer"]
+    dpo = TunedVsBase.of(evaluation.scorers[scorer], evaluation.output_dir)
     evaluations, sft = [evaluation], None
     if sft_run is not None:
         sft_policy = policy_pipeline(policy, Path(sft_run.final), sft_run.format, rdir / "sft_policy")
@@ -258,7 +267,7 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
         sft_eval = timed(seconds, "evaluate_sft", evaluate.run,
                           evaluate_config(cfg, ctx.base, sft_policy, ctx.held_out_file, rdir / "sft_eval", resume),
                           desc=f"{tag} SFT")
-        sft = TunedVsBase.of(sft_eval.scorers["shapes"], sft_eval.output_dir)
+        sft = TunedVsBase.of(sft_eval.scorers[scorer], sft_eval.output_dir)
         evaluations.insert(0, sft_eval)
     console.say(f"Diffusion-DPO round {r} beats the base on {_pct(dpo.win_rate)} of held-out images"
                 + (f"; SFT {_pct(sft.win_rate)}." if sft else "."))
@@ -266,7 +275,8 @@ def _round(ctx: _Context, r: int, policy: str) -> tuple[RoundReport, list, Optio
                                mean_winner_score=labelled.mean_winner_score,
                                mean_loser_score=labelled.mean_loser_score, train_metrics=m, dpo=dpo,
                                images_generated=cfg.candidates_per_prompt * ctx.n_train,
-                               geneval=evaluation.benchmarks.get("shapes_geneval"))
+                               geneval=evaluation.benchmarks.get("shapes_geneval"),
+                               frame_consistency=consistency(evaluation))
     return round_report, evaluations, sft
 
 
@@ -276,7 +286,8 @@ def _write_report(report: DemoReport, evaluations: list, grid_prompts: int, out:
 
     if grid_prompts:
         columns = ["base"] + (["SFT"] if report.sft else []) + [f"DPO round {r.round}" for r in report.rounds]
-        rows = grid_rows([(Path(e.output_dir), e.rows) for e in evaluations], grid_prompts, scorer="shapes")
+        scorer = FAMILY_WORLD[report.config["family"]]["scorer"]
+        rows = grid_rows([(Path(e.output_dir), e.rows) for e in evaluations], grid_prompts, scorer=scorer)
         report.grid = str(comparison_grid(rows, columns, out / "grid.png"))
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
     (out / "report.md").write_text(markdown_report(report))

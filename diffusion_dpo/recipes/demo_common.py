@@ -10,28 +10,53 @@ import time
 from pathlib import Path
 
 from diffusion_dpo import ASSETS
+from diffusion_dpo.config import ConfigError
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.evaluation.paired import EvaluateConfig, TunedConfig
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
+from diffusion_dpo.recipes.demo_config import FAMILY_WORLD
 
-BASES = {"sd": ASSETS / "demo" / "base", "flow": ASSETS / "demo" / "flow_base"}
+BASES = {"sd": ASSETS / "demo" / "base", "flow": ASSETS / "demo" / "flow_base",
+         "video": ASSETS / "demo" / "video_base"}
 DEFAULT_BASE = BASES["sd"]
 
-# The demo's scorer, and the shapes world as an offline GenEval (count, colour, shape, size, position,
-# background checked on the world's exact geometry), reported beside it.
-EVAL_SCORERS = "shapes,shapes_geneval"
+
+def world(cfg) -> dict:
+    """The family's scorer, evaluation scorers, prompts and sample shape (demo_config.FAMILY_WORLD). The still
+    world's evaluation adds the shapes world as an offline GenEval (count, colour, shape, size, position,
+    background checked on the world's exact geometry) beside the demo's scorer."""
+    return FAMILY_WORLD[cfg.family]
+
+
+def num_frames(cfg) -> int:
+    """Frames per sample: ``sampling.num_frames``, or the family's when null."""
+    return cfg.sampling.num_frames or world(cfg)["num_frames"]
+
+
+def sampling_section(cfg) -> SamplingSection:
+    """label's and evaluate's sampler: the demo's steps and guidance, the family's frames and side."""
+    s, side = cfg.sampling, world(cfg)["side"]
+    return SamplingSection(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                           height=side, width=side, num_frames=num_frames(cfg))
 
 
 def evaluate_config(cfg, base: str, tuned: str, prompts_file: Path, out: Path, resume: str | None):
     s = cfg.sampling
     return EvaluateConfig(
         model=PipelineSection(pretrained=base), tuned=TunedConfig(pretrained=tuned),
-        prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed, scorers=EVAL_SCORERS,
-        sampling=SamplingSection(num_inference_steps=s.num_inference_steps,
-                                         guidance_scale=s.guidance_scale),
+        prompts=str(prompts_file), seeds=cfg.eval_seeds, seed=1000 * cfg.seed,
+        scorers=world(cfg)["eval_scorers"], sampling=sampling_section(cfg),
         batch_size=s.batch_size, n_boot=cfg.n_boot, grid_prompts=0, output_dir=str(out), resume=resume,
         mixed_precision=cfg.mixed_precision,
     )
+
+
+def consistency(evaluation) -> dict | None:
+    """{"base": mean, "tuned": mean} of evaluate's frame_consistency (videos), or None (images)."""
+    from diffusion_dpo.evaluation.video import CONSISTENCY
+
+    c = evaluation.scorers.get(CONSISTENCY)
+    return None if c is None else {"base": c.base_mean, "tuned": c.tuned_mean}
 
 
 def check_base(cfg) -> str:
@@ -43,18 +68,27 @@ def check_base(cfg) -> str:
         raise InputError(f"config key 'base': {base} is not a diffusers pipeline folder (no "
                          f"model_index.json); build one with scripts/train_demo_base.py --family {cfg.family}")
     family = detect(base)
-    if family.flow != (cfg.family == "flow"):
+    kind = "video" if getattr(family, "trains_videos", False) else "flow" if family.flow else "sd"
+    if kind != cfg.family:
+        expected = {"sd": "an SD1.x/2.x or SDXL", "flow": "an SD3 or FLUX", "video": "a Wan"}[cfg.family]
         raise InputError(f"config keys 'family' / 'base': family={cfg.family} but {base} is a {family.name} "
-                         f"pipeline ({'flow matching' if family.flow else 'DDPM'}); expected "
-                         f"{'an SD3 or FLUX' if cfg.family == 'flow' else 'an SD1.x/2.x or SDXL'} pipeline")
+                         f"pipeline ({'flow matching' if family.flow else 'DDPM'}); expected {expected} pipeline")
+    frames = num_frames(cfg)
+    if (frames - 1) % 4 if world(cfg)["motion"] else frames != 1:
+        raise ConfigError(f"config key 'sampling.num_frames': family={cfg.family} takes "
+                          + ("4 k + 1 frames (5, 9, ...: the Wan VAE's)" if world(cfg)["motion"] else "1 (images)")
+                          + f"; got {frames}")
     return base
 
 
 def write_prompts(cfg, folder: Path) -> tuple[Path, Path]:
-    """The world's train and held-out prompts as text files (one per line) in ``folder``."""
+    """The world's train and held-out prompts as text files (one per line) in ``folder`` (family video: the
+    moving-shapes world's)."""
+    from scorers.shapes.motion import split_motion_prompts
     from scorers.shapes.world import split_prompts
 
-    train, held_out = split_prompts(cfg.world.held_out_fraction, cfg.world.split_seed)
+    split = split_motion_prompts if world(cfg)["motion"] else split_prompts
+    train, held_out = split(cfg.world.held_out_fraction, cfg.world.split_seed)
     train, held_out = train[:cfg.world.train_prompts], held_out[:cfg.world.held_out_prompts]
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.txt", folder / "held_out.txt"

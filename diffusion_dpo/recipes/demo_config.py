@@ -17,6 +17,18 @@ FAMILY_TRAIN_DEFAULTS = {
                sft_optim=dict(learning_rate=3e-4, max_steps=200)),
     "flow": dict(model=dict(lora_rank=32), loss=dict(beta=500.0), optim=dict(learning_rate=5e-5, max_steps=200),
                  sft_optim=dict(learning_rate=3e-4, max_steps=200)),
+    # The video base (Wan layout, rectified flow) starts from the flow base's settings.
+    "video": dict(model=dict(lora_rank=32), loss=dict(beta=500.0), optim=dict(learning_rate=5e-5, max_steps=200),
+                  sft_optim=dict(learning_rate=3e-4, max_steps=200)),
+}
+
+# What differs per family besides the tuning: the scorer, the prompts (the still world's 252, the moving
+# world's 504), frames per sample and the side in px label, evaluate and grpo generate at (null: the
+# pipeline's own default, the images' 32 px).
+FAMILY_WORLD = {
+    "sd": dict(scorer="shapes", eval_scorers="shapes,shapes_geneval", motion=False, num_frames=1, side=None),
+    "flow": dict(scorer="shapes", eval_scorers="shapes,shapes_geneval", motion=False, num_frames=1, side=None),
+    "video": dict(scorer="shapes_video", eval_scorers="shapes_video", motion=True, num_frames=5, side=32),
 }
 
 
@@ -30,15 +42,16 @@ def _null_or_positive_number(v) -> bool:
 
 @dataclass
 class WorldConfig:
-    held_out_fraction: float = option(0.25, "share of the world's 252 prompts held out from labelling and "
-                                      "training, for evaluation", lambda v: 0.002 < v < 0.998,
+    held_out_fraction: float = option(0.25, "share of the world's 252 prompts (family video: the moving "
+                                      "world's 504) held out from labelling and training, for evaluation", lambda v: 0.002 < v < 0.998,
                                       "a fraction in (0.002, 0.998): at least one of the 252 prompts each side")
     split_seed: int = option(0, "seed of the train/held-out prompt split (0: the split the base was "
                              "evaluated on)")
-    train_prompts: int | None = option(None, "use only the first N training prompts (null: all 189)",
+    train_prompts: int | None = option(None, "use only the first N training prompts (null: all 189; "
+                                       "video: 378)",
                                        _null_or_positive, "null or at least 1")
     held_out_prompts: int | None = option(None, "evaluate on only the first N held-out prompts (null: all "
-                                          "63)", _null_or_positive, "null or at least 1")
+                                          "63; video: 126)", _null_or_positive, "null or at least 1")
 
 
 @dataclass
@@ -47,6 +60,9 @@ class SamplingConfig:
                                       "image (labelling and evaluation)", at_least_one, "at least 1")
     guidance_scale: float = option(4.0, "classifier-free guidance scale")
     batch_size: int = option(64, "images per generation batch", at_least_one, "at least 1")
+    num_frames: int | None = option(None, "frames per sample (null: the family's: 1 sd and flow, 5 video: "
+                                    "clips of 4 k + 1 frames for the Wan VAE)", _null_or_positive,
+                                    "null or at least 1")
 
 
 # The demo's train.* keys carry the names of the train command's keys they set (train.optim.learning_rate
@@ -54,7 +70,7 @@ class SamplingConfig:
 @dataclass
 class DemoModelSection:
     lora_rank: int | None = option(None, "0: full fine-tune of the denoiser; r > 0: a rank-r LoRA adapter on the "
-                                   "attention projections (null: the family's: 8 sd, 32 flow)",
+                                   "attention projections (null: the family's: 8 sd, 32 flow and video)",
                                    lambda v: v is None or v >= 0, "null, 0 or a positive rank")
 
 
@@ -67,13 +83,13 @@ class DemoDataSection:
 @dataclass
 class DemoLossSection:
     beta: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for sd; "
-                                "500 for flow)", _null_or_positive_number, "null or a positive number")
+                                "500 for flow and video)", _null_or_positive_number, "null or a positive number")
 
 
 @dataclass
 class DemoOptimSection:
     learning_rate: float | None = option(None, "DPO learning rate, not scaled by the batch (null: the family's, "
-                                         "3e-4 sd, 5e-5 flow); a full fine-tune (lora_rank=0) wants about 1e-5",
+                                         "3e-4 sd, 5e-5 flow and video); a full fine-tune (lora_rank=0) wants about 1e-5",
                                          _null_or_positive_number, "null or a positive number")
     max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, 200)",
                                    _null_or_positive, "null or at least 1")

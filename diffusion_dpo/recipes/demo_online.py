@@ -27,6 +27,7 @@ from diffusion_dpo.config import at_least_one, fill_nulls, option, save_config, 
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.evaluation.reports import geneval_sentence
 from diffusion_dpo.evaluation.schema import TunedVsBase
+from diffusion_dpo.recipes import demo_common
 from diffusion_dpo.run_options import OptimSection
 
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
@@ -114,6 +115,11 @@ FAMILY_ONLINE_DEFAULTS = {
     # online.nft_kl_coef default); not tuned on the demo yet (docs/grpo.md).
     ("nft", "sd"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=5000.0),
     ("nft", "flow"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
+    # The video base (Wan layout, rectified flow) starts from the flow base's settings.
+    ("grpo", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
+    ("online_dpo", "video"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
+                                  beta_dpo=500.0),
+    ("nft", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
 }
 
 
@@ -129,11 +135,13 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
     from diffusion_dpo.recipes import grpo_config as g
 
     o, s = cfg.online, cfg.sampling
+    world = demo_common.world(cfg)
     return g.GrpoConfig(
         method=cfg.method, model=ModelConfig(pretrained=base, lora_rank=o.model.lora_rank),
-        prompts=g.PromptsSection(source=str(train_file)), scorer=ScorerConfig(name="shapes"),
+        prompts=g.PromptsSection(source=str(train_file)), scorer=ScorerConfig(name=world["scorer"]),
         sampling=g.StochasticSamplingSection(num_inference_steps=o.sampling.num_inference_steps,
-                                             guidance_scale=s.guidance_scale, noise_level=o.sampling.noise_level),
+                                             guidance_scale=s.guidance_scale, noise_level=o.sampling.noise_level,
+                                             resolution=world["side"], num_frames=demo_common.num_frames(cfg)),
         online=g.OnlineSection(prompts_per_step=o.prompts_per_step, group_size=o.group_size,
                                train_steps=o.train_steps, kl_coef=o.kl_coef, clip_range=o.clip_range,
                                beta_dpo=o.beta_dpo, ref_refresh_every=o.ref_refresh_every,
@@ -152,7 +160,7 @@ def run_online(cfg) -> dict[str, Any]:
     import torch
 
     from diffusion_dpo.evaluation import paired
-    from diffusion_dpo.recipes import demo_common, grpo
+    from diffusion_dpo.recipes import grpo
 
     validate(cfg)
     cfg = resolve_online_defaults(cfg)
@@ -170,11 +178,11 @@ def run_online(cfg) -> dict[str, Any]:
     console = demo_common.Console(total=2)
     name = {"grpo": "GRPO", "online_dpo": "online DPO", "nft": "DiffusionNFT"}[cfg.method]
     if cfg.method == "nft":
-        sampler = "the trailing old policy (" + ("the flow ODE" if cfg.family == "flow" else "DDIM, eta 0") + ")"
+        sampler = "the trailing old policy (" + ("the flow ODE" if cfg.family != "sd" else "DDIM, eta 0") + ")"
     else:
-        sampler = "the current policy (" + ("the flow SDE" if cfg.family == "flow" else "DDIM, eta 1") + ")"
+        sampler = "the current policy (" + ("the flow SDE" if cfg.family != "sd" else "DDIM, eta 1") + ")"
     console.stage(f"tune ({name}): {o.optim.max_steps} steps of {o.prompts_per_step} training prompts x "
-                  f"{o.group_size} images from {sampler}, scored by shapes; a rank-{o.model.lora_rank} LoRA")
+                  f"{o.group_size} images from {sampler}, scored by {demo_common.world(cfg)['scorer']}; a rank-{o.model.lora_rank} LoRA")
     start, cpu_start = time.perf_counter(), time.process_time()
     tuned = demo_common.timed(seconds, "tune", grpo.run, grpo_config(cfg, base, train_file, out / "tune", resume))
     m = tuned.last_metrics
@@ -187,17 +195,19 @@ def run_online(cfg) -> dict[str, Any]:
                              demo_common.evaluate_config(cfg, base, policy, held_out_file, out / "eval", resume), desc=tag)
     seconds["total"] = round(time.perf_counter() - start, 1)
     cpu_seconds = round(time.process_time() - cpu_start, 1)
-    result = TunedVsBase.of(evaluation.scorers["shapes"], evaluation.output_dir)
+    scorer = demo_common.world(cfg)["scorer"]
+    result = TunedVsBase.of(evaluation.scorers[scorer], evaluation.output_dir)
     report = {"method": cfg.method, "family": cfg.family, "win_rate": result.win_rate, "win_rate_ci": result.win_rate_ci,
               "base_mean": result.base_mean, "tuned_mean": result.tuned_mean,
               "images_generated": tuned.images_generated, "base": base, "output_dir": str(out),
               "train_prompts": n_train, "held_out_prompts": n_held_out, "tuned": dataclasses.asdict(result),
               "train_metrics": m, "seconds": seconds, "cpu_seconds": cpu_seconds, "config": to_dict(cfg), "grid": None,
-              "geneval": evaluation.benchmarks.get("shapes_geneval")}
+              "geneval": evaluation.benchmarks.get("shapes_geneval"),
+              "frame_consistency": demo_common.consistency(evaluation)}
     if cfg.grid_prompts:
         from diffusion_dpo.evaluation.reports import comparison_grid, grid_rows
 
-        rows = grid_rows([(Path(evaluation.output_dir), evaluation.rows)], cfg.grid_prompts, scorer="shapes")
+        rows = grid_rows([(Path(evaluation.output_dir), evaluation.rows)], cfg.grid_prompts, scorer=scorer)
         report["grid"] = str(comparison_grid(rows, ["base", name], out / "grid.png"))
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report, name))
@@ -220,7 +230,8 @@ def markdown(report: dict[str, Any], name: str) -> str:
         f"# {name} demo: the shapes world",
         "",
         f"Base `{report['base']}` (family {report['family']}); {report['train_prompts']} training prompts, {report['images_generated']} images "
-        f"generated by the policy while tuning online against the `shapes` scorer; evaluation on "
+        f"generated by the policy while tuning online against the `{demo_common.FAMILY_WORLD[report['family']]['scorer']}` "
+        f"scorer; evaluation on "
         f"{report['held_out_prompts']} held-out prompts x {cfg['eval_seeds']} seeds, tuned vs base with the same "
         f"seeds. Seed {cfg['seed']}.",
         "",
