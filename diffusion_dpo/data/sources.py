@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 
 from diffusion_dpo.data.columns import ColumnMap, is_default, map_columns
 from diffusion_dpo.data.images import keep_images_encoded
+from diffusion_dpo.data.videos import FRAME_SUFFIXES, frame_folder_problem
 from diffusion_dpo.errors import InputError
 from diffusion_dpo.fileio import read_text
 
@@ -214,6 +215,9 @@ def _jsonl_row(obj: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         file = (base / name).resolve()
         if not file.is_file() and not file.is_dir():  # a folder: a video's frame images (data.videos)
             raise InputError(f"{where}: image_{i} file {name} does not exist (looked for {file})")
+        if file.is_dir() and (problem := frame_folder_problem(file)):
+            raise InputError(f"{where}: image_{i} {name} is a folder but not a video's frames: {problem} (a frame "
+                             f"folder holds only image files, {', '.join(FRAME_SUFFIXES)}, in frame order by name)")
         row[f"jpg_{i}"] = str(file)
     return row | {"label_0": label_0, "label_1": label_1}
 

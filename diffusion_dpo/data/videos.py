@@ -41,6 +41,19 @@ def _location(value: Any) -> Optional[str]:
     return None
 
 
+def frame_folder_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` is not a video's frames (None when it is): a frame folder holds image files
+    (FRAME_SUFFIXES) and nothing else but hidden files, so a folder named by mistake (a dataset's own
+    folder, say) is refused where it is named rather than read as a clip of whatever images it holds."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    others = sorted(p.name for p in entries if not (p.is_file() and p.suffix.lower() in FRAME_SUFFIXES))
+    if others:
+        return f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which are not frame images"
+    if not entries:
+        return "it is empty"
+    return None
+
+
 def _folder_frames(folder: Path, where: str) -> list:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
     if not files:
