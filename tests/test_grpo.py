@@ -249,7 +249,7 @@ def test_demo_online_defaults_follow_method_and_family():
     assert (flow.model.lora_rank, flow.optim.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
     assert resolved("method=online_dpo", "family=flow").beta_dpo == 500.0
     assert resolved("method=grpo", "family=flow", "online.kl_coef=0.01").kl_coef == 0.01
-    assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow")}
+    assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow", "video")}
 
 
 @pytest.mark.parametrize("method, family, extra", [("grpo", "sd", []), ("online_dpo", "sd", []), ("grpo", "flow", []),
