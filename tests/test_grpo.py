@@ -252,6 +252,25 @@ def test_demo_online_defaults_follow_method_and_family():
     assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow", "video")}
 
 
+def test_demo_online_keys_reach_the_grpo_run(tmp_path):
+    """The demo's online.* keys set the grpo keys they are named after: the window's mode and start, the
+    always-trained first steps, nft's group noise; online.kl_coef is grpo's kl_coef or nft's nft_kl_coef;
+    online.ema_decay is ema.decay with final/ written from the EMA (the weights the demo evaluates)."""
+    from diffusion_dpo.recipes import demo
+    from diffusion_dpo.recipes.demo_online import grpo_config, resolve_online_defaults
+
+    def run_config(*overrides):
+        cfg = resolve_online_defaults(load_config(demo.DemoConfig, [], list(overrides)))
+        return grpo_config(cfg, "base", tmp_path / "train.txt", tmp_path / "tune", None)
+
+    g = run_config("method=grpo", "online.sde_window_size=2", "online.sde_window=fixed", "online.sde_window_start=1",
+                   "online.first_steps=1", "online.kl_coef=0.5", "online.ema_decay=0.9")
+    assert (g.online.sde_window, g.online.sde_window_start, g.online.first_steps) == ("fixed", 1, 1)
+    assert g.online.kl_coef == 0.5 and (g.ema.decay, g.ema.final) == (0.9, True)
+    n = run_config("method=nft", "family=flow", "online.kl_coef=0.25", "online.nft_group_noise=true")
+    assert n.online.nft_kl_coef == 0.25 and n.online.nft_group_noise and n.ema.decay == 0 and not n.ema.final
+
+
 @pytest.mark.parametrize("method, family, extra", [("grpo", "sd", []), ("online_dpo", "sd", []), ("grpo", "flow", []),
                                                   ("grpo", "sd", ["online.sde_window_size=1"])])
 def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family, extra):
@@ -416,3 +435,55 @@ def test_per_reward_normalisation_trains_on_a_combo_and_needs_one(world, tmp_pat
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     with pytest.raises(InputError, match="reward_normalization"):
         grpo.run(config(world, tmp_path / "one", "online.reward_normalization=per_reward"))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_start_noise_gives_a_group_one_start(world, tmp_path, shared):
+    """online.shared_start_noise: the G images of a prompt start from the same latents and still differ at
+    the end (the sampler's noise is each image's own); groups differ from each other. Without it every image
+    starts from its own noise. With nft (deterministic sampler) the key is refused."""
+    seen = []
+    original = methods.grpo_rows
+
+    def spy(cfg, samples, step, rank):
+        seen.append(samples.trajectory.latents)
+        return original(cfg, samples, step, rank)
+
+    methods.grpo_rows = spy
+    try:
+        grpo.run(config(world, tmp_path / "run", f"online.shared_start_noise={str(shared).lower()}",
+                        "optim.max_steps=1", family="sd3"))
+    finally:
+        methods.grpo_rows = original
+    latents = seen[0]  # [P * G, T + 1, ...], prompt p's images at rows p*G .. p*G + G - 1
+    start, final = latents[:, 0], latents[:, -1]
+    assert torch.equal(start[0], start[1]) == shared and torch.equal(start[4], start[7]) == shared
+    assert not torch.equal(start[0], start[4])
+    assert not torch.equal(final[0], final[1])
+    with pytest.raises(Exception, match="shared_start_noise"):
+        config(world, tmp_path / "nft", "method=nft", "online.shared_start_noise=true")
+
+
+def test_nft_group_noise_noises_a_group_alike(world, tmp_path):
+    """online.nft_group_noise: every image of a group is noised at the same steps with the same forward
+    noise (image-major rows, K per image); without it the images of a group get their own."""
+    from diffusion_dpo.online.samples import Samples
+
+    def rows_of(*overrides):
+        cfg = config(world, tmp_path / "unused", "method=nft", "online.train_steps=2", *overrides)
+        captured = {}
+        nft = methods.NFT.__new__(methods.NFT)
+        nft.cfg = cfg
+        nft.loss = lambda model, samples, rows, index: captured.update(rows)
+        samples = Samples.__new__(Samples)
+        samples.rewards = torch.zeros(8)  # 2 prompts x G = 4
+        n, step_fn = nft.update(None, samples, step=0, rank=0)
+        step_fn(torch.arange(n))
+        return {k: v.view(8, 2) for k, v in captured.items()}
+
+    shared, own = rows_of("online.nft_group_noise=true"), rows_of()
+    for key in ("step_index", "noise_seed"):
+        assert all(torch.equal(shared[key][i], shared[key][0]) for i in range(4))
+        assert all(torch.equal(shared[key][i], shared[key][4]) for i in range(4, 8))
+    assert not torch.equal(shared["noise_seed"][0], shared["noise_seed"][4])
+    assert len(set(own["noise_seed"].flatten().tolist())) == 16

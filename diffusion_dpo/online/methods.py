@@ -220,11 +220,15 @@ class NFT(OnlineMethod):
 
     def update(self, model, samples, step, rank):
         cfg = self.cfg
-        n = len(samples.rewards)
+        n, k = len(samples.rewards), cfg.num_train_steps()
+        # one draw (steps and noise) per image, or per group shared by its G images (rows p*G .. p*G + G - 1)
+        share = cfg.online.group_size if cfg.online.nft_group_noise else 1
         seed = stream_seeds(cfg.optim.seed, step, rank, CHOICE, 1)[0]
-        steps = choose_steps(n, cfg.eligible_steps(), cfg.num_train_steps(), seed, first=cfg.online.first_steps)
-        rows = {"image": torch.arange(n).repeat_interleave(steps.shape[1]), "step_index": steps.flatten()}
-        rows["noise_seed"] = torch.tensor(stream_seeds(cfg.optim.seed, step, rank, FORWARD_NOISE, len(rows["image"])))
+        steps = choose_steps(n // share, cfg.eligible_steps(), k, seed, first=cfg.online.first_steps)
+        noise_seeds = torch.tensor(stream_seeds(cfg.optim.seed, step, rank, FORWARD_NOISE, n // share * k))
+        rows = {"image": torch.arange(n).repeat_interleave(k),
+                "step_index": steps.repeat_interleave(share, dim=0).flatten(),
+                "noise_seed": noise_seeds.view(-1, k).repeat_interleave(share, dim=0).flatten()}
         return len(rows["image"]), lambda index: self.loss(model, samples, rows, index)
 
     def loss(self, model, samples: Samples, rows: dict[str, Tensor], index: Tensor) -> StepOutput:
@@ -238,7 +242,7 @@ class NFT(OnlineMethod):
         cond = samples.cond.rows(image)
         with torch.no_grad(), self.old.swapped_in() as old_policy:
             old_out = guided_predict(family, old_policy, schedule, cond)(xt, step_index)
-        out = guided_predict(family, model, schedule, cond)(xt, step_index)
+        out = guided_predict(family, model, schedule, cond, detach_uncond=o.detach_uncond)(xt, step_index)
         r = optimality(samples.advantages[image.to(samples.advantages.device)], o.advantage_clip)
         losses, metrics = nft_loss(out, old_out, x0, lambda u: schedule.predicted_x0(xt, u, step_index), r,
                                    beta=o.nft_beta, adv_clip_max=o.advantage_clip)

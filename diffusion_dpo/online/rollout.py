@@ -144,14 +144,19 @@ class Rollout:
 
 
 def rollout(predict: Callable[[Tensor, Tensor], Tensor], schedule, vae, seeds: list[int],
-            latent_shape: tuple[int, ...], device) -> Rollout:
+            latent_shape: tuple[int, ...], device, start_seeds: list[int] | None = None) -> Rollout:
     """Sample N = len(seeds) images: image i's starting noise and every step's noise come from one CPU
-    generator seeded with ``seeds[i]`` (its images depend only on its seed and the weights). ``predict``:
-    :func:`guided_predict` of the current policy. Runs without gradients; call it under the run's autocast."""
+    generator seeded with ``seeds[i]`` (its images depend only on its seed and the weights); with
+    ``start_seeds`` (N seeds, equal ones giving equal noise) the starting noise comes from a generator of
+    ``start_seeds[i]`` instead and ``seeds[i]`` gives only the steps' noise. ``predict``: :func:`guided_predict`
+    of the current policy. Runs without gradients; call it under the run's autocast."""
     if len(latent_shape) not in (3, 4):
         raise InputError(f"latent_shape must be (C, h, w) or a video's (C, F, h, w), got {latent_shape}")
+    if start_seeds is not None and len(start_seeds) != len(seeds):
+        raise InputError(f"{len(start_seeds)} start seeds for {len(seeds)} images; expected one per image")
     generators = image_seed_generators(seeds)
-    start = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+    starts = generators if start_seeds is None else image_seed_generators(start_seeds)
+    start = torch.stack([torch.randn(latent_shape, generator=g) for g in starts]).to(device)
     n = len(seeds)
     trajectory = sample_trajectory(lambda x, i: predict(x, torch.full((n,), i, dtype=torch.long)), schedule,
                                    start, generators)

@@ -14,8 +14,8 @@ from diffusion_dpo.online.trajectory import Trajectory
 Tensor = torch.Tensor
 
 # Independent random streams of one (seed, step, process): images' noise, pair noise, the step choice and
-# order, and the forward-process noise of NFT's rows.
-IMAGES, PAIRS, CHOICE, FORWARD_NOISE = 0, 1, 2, 3
+# order, the forward-process noise of NFT's rows, and the starting noise a group shares.
+IMAGES, PAIRS, CHOICE, FORWARD_NOISE, GROUP_START = 0, 1, 2, 3, 4
 
 
 def stream_seeds(seed: int, step: int, rank: int, stream: int, n: int) -> list[int]:

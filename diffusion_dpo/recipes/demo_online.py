@@ -21,14 +21,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from diffusion_dpo.config import at_least_one, fill_nulls, option, save_config, to_dict, validate
 from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, releases_output_dir
 from diffusion_dpo.evaluation.reports import geneval_sentence
 from diffusion_dpo.evaluation.schema import TunedVsBase
 from diffusion_dpo.recipes import demo_common
-from diffusion_dpo.run_options import OptimSection
+from diffusion_dpo.run_options import EMASection, OptimSection
 
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
 
@@ -77,14 +77,34 @@ class OnlineDemoConfig:
     group_size: int = option(8, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
     train_steps: int = option(3, "grpo: transitions trained per image, of the sampling.num_inference_steps",
                               at_least_one, "at least 1")
-    kl_coef: Optional[float] = option(None, "grpo: weight of the KL to the base per transition (null: the "
-                                      "family's)", lambda v: v is None or v >= 0, "null or 0 or more")
+    kl_coef: Optional[float] = option(None, "grpo: weight of the KL to the base per transition; nft: its "
+                                      "online.nft_kl_coef, the weight of the mean squared velocity difference to "
+                                      "the base (null: the method's and family's)", lambda v: v is None or v >= 0,
+                                      "null or 0 or more")
+    ema_decay: float = option(0.0, "EMA of the trained weights per update, the EMA being the tuned model that is "
+                              "evaluated (grpo's ema.decay with ema.final; 0: the trained weights)",
+                              lambda v: 0 <= v < 1, "a number in [0, 1)")
     clip_range: float = option(1e-4, "grpo: PPO clip range of the importance ratio (DDPO's 1e-4)",
                                lambda v: v > 0, "a positive number")
     sde_window_size: int = option(0, "grpo: noise on a window of this many consecutive steps at a random place "
                                   "each step, the deterministic sampler elsewhere, and only the window trained "
                                   "(Flow-GRPO-Fast); at least online.train_steps (0: every step stochastic)",
                                   lambda v: v >= 0, "0 or more")
+    sde_window: Literal["random", "sliding", "fixed"] = option(
+        "random", "grpo: where the window lies each step (random, sliding from online.sde_window_start one step "
+        "per sampling step, or fixed at online.sde_window_start)")
+    sde_window_start: int = option(0, "grpo: first step of a fixed window", lambda v: v >= 0, "0 or more")
+    shared_start_noise: Optional[bool] = option(None, "grpo / online_dpo: a prompt's G images start from the same "
+                                                "noise and differ only by the sampler's (null: the method's and "
+                                                "family's)", lambda v: v is None or isinstance(v, bool),
+                                                "null, true or false")
+    detach_uncond: bool = option(False, "grpo / nft: no gradient through the unconditional branch of guidance "
+                                 "(flow_grpo's choice)")
+    first_steps: int = option(0, "grpo / nft: of the online.train_steps, always train the first (noisiest) this "
+                              "many", lambda v: v >= 0, "0 or more")
+    nft_group_noise: Optional[bool] = option(None, "nft: the same forward noise and steps for a group's images "
+                                             "(null: the family's)", lambda v: v is None or isinstance(v, bool),
+                                             "null, true or false")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: int = option(3, "grpo: optimizer steps per pass (online_dpo: 1)", at_least_one,
                                     "at least 1")
@@ -113,13 +133,16 @@ FAMILY_ONLINE_DEFAULTS = {
                                  beta_dpo=500.0),
     # DiffusionNFT's published settings where they carry (LoRA rank 32 at lr 3e-4; its KL 1e-4 is grpo's
     # online.nft_kl_coef default); not tuned on the demo yet (docs/grpo.md).
-    ("nft", "sd"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=5000.0),
-    ("nft", "flow"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
+    ("nft", "sd"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=1e-4, beta_dpo=5000.0,
+                          nft_group_noise=False),
+    ("nft", "flow"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=1e-4, beta_dpo=500.0,
+                          nft_group_noise=False),
     # The video base (Wan layout, rectified flow) starts from the flow base's settings.
     ("grpo", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
     ("online_dpo", "video"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
                                   beta_dpo=500.0),
-    ("nft", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0),
+    ("nft", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=1e-4, beta_dpo=500.0,
+                           nft_group_noise=False),
 }
 
 
@@ -146,10 +169,15 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
                                train_steps=o.train_steps, kl_coef=o.kl_coef, clip_range=o.clip_range,
                                beta_dpo=o.beta_dpo, ref_refresh_every=o.ref_refresh_every,
                                inner_epochs=o.inner_epochs, sde_window_size=o.sde_window_size,
+                               sde_window=o.sde_window, sde_window_start=o.sde_window_start,
+                               first_steps=o.first_steps, nft_group_noise=bool(o.nft_group_noise),
+                               nft_kl_coef=o.kl_coef, shared_start_noise=bool(o.shared_start_noise),
+                               detach_uncond=o.detach_uncond,
                                updates_per_epoch=1 if cfg.method == "online_dpo" else o.updates_per_epoch),
         optim=OptimSection(learning_rate=o.optim.learning_rate, scheduler="constant", warmup_steps=0,
                            batch_size=o.prompts_per_step if cfg.method == "online_dpo" else o.optim.batch_size,
                            max_steps=o.optim.max_steps, seed=cfg.seed),
+        ema=EMASection(decay=o.ema_decay, final=o.ema_decay > 0),
         output_dir=str(out), checkpoint_every=0, tensorboard=False, resume=resume,
         mixed_precision=cfg.mixed_precision)
 

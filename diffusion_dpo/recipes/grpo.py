@@ -50,7 +50,7 @@ from diffusion_dpo.online.advantages import group_advantages, tied_groups, weigh
 from diffusion_dpo.online.methods import METHODS, OnlineMethod
 from diffusion_dpo.online.monitors import batch_means, image_statistics
 from diffusion_dpo.online.rollout import Conditioning, guided_predict, rollout, sampling_schedule
-from diffusion_dpo.online.samples import CHOICE, IMAGES, Samples, stream_seeds
+from diffusion_dpo.online.samples import CHOICE, GROUP_START, IMAGES, Samples, stream_seeds
 from diffusion_dpo.online.windows import window_mask, window_start
 from diffusion_dpo.pipeline_config import PipelineSection, SamplingSection
 from diffusion_dpo.recipes.grpo_config import GrpoConfig
@@ -200,10 +200,13 @@ def collect(cfg: GrpoConfig, engine: Engine, built: Built, method: OnlineMethod,
     cond = Conditioning.of(built.comps, prompts, guidance_scale=guidance_scale(cfg, built), size=built.size,
                            repeat=g)
     seeds = stream_seeds(cfg.optim.seed, step, engine.rank, IMAGES, len(prompts) * g)
+    # a group sharing its starting noise differs only by the sampler's noise, the noise whose steps are trained
+    starts = ([s for s in stream_seeds(cfg.optim.seed, step, engine.rank, GROUP_START, len(prompts)) for _ in range(g)]
+              if cfg.online.shared_start_noise else None)
     schedule = step_schedule(cfg, built.schedule, step, stochastic=method.stochastic_sampling)
     with torch.no_grad(), engine.accelerator.autocast(), method.sampling_weights() as policy:
         predict = guided_predict(built.comps.family, policy, schedule, cond)
-        roll = rollout(predict, schedule, built.comps.vae, seeds, built.latent_shape, engine.device)
+        roll = rollout(predict, schedule, built.comps.vae, seeds, built.latent_shape, engine.device, starts)
     images = roll.images.cpu()
     per_image = [p for p in prompts for _ in range(g)]
     keys = [i // g for i in range(len(per_image))]

@@ -70,6 +70,10 @@ class OnlineSection:
     sde_window_stride: int = option(1, "sliding window: steps it moves each shift", at_least_one, "at least 1")
     sde_window_shift_every: int = option(1, "sliding window: sampling steps between shifts", at_least_one,
                                          "at least 1")
+    shared_start_noise: bool = option(
+        False, "grpo / online_dpo: the G images of a prompt start from the same noise, so they differ only by the "
+        "sampler's noise, the noise of the steps that are trained (DanceGRPO's shared initialisation noise); "
+        "false: each image its own starting noise (DDPO, Flow-GRPO)")
     first_steps: int = option(0, "of the K, always train the first (noisiest) this many", non_negative,
                               "0 or more")
     inner_epochs: int = option(1, "optimizer steps on each step's samples (PPO epochs)", at_least_one,
@@ -107,7 +111,7 @@ class OnlineSection:
         False, "grpo: leave images whose advantage is exactly 0 (a group with equal rewards) out of the update's "
         "mean, as flow_grpo's script does (false: they stay in it and add only their KL)")
     detach_uncond: bool = option(
-        False, "grpo: no gradient through the unconditional branch of classifier-free guidance in the update "
+        False, "grpo and nft: no gradient through the unconditional branch of classifier-free guidance in the update "
         "(flow_grpo detaches it; DDPO does not). The rollout runs without gradients either way")
     ref_refresh_every: int = option(0, "online_dpo: copy the policy into the reference every N steps (0: "
                                     "never; the reference stays the starting policy)", non_negative,
@@ -116,6 +120,10 @@ class OnlineSection:
                              "1.0; 0.1 for OCR)", lambda v: v > 0, "a positive number")
     nft_kl_coef: float = option(1e-4, "nft: weight of the mean squared velocity difference to the reference "
                                 "(DiffusionNFT: 1e-4; 0 skips the reference forward)", non_negative, "0 or more")
+    nft_group_noise: bool = option(
+        False, "nft: noise the G images of a prompt's group with the same noise at the same steps (a control "
+        "variate: the group's advantages sum to 0, so the part of the gradient that comes from the noise draw "
+        "cancels, as Diffusion-DPO's shared noise per pair does); false: every image its own (DiffusionNFT)")
     nft_old_decay_rate: float = option(0.001, "nft: the old (sampling) policy keeps d = min(rate x (steps - "
                                        "after), max) of itself at each step (DiffusionNFT: 0.001)", non_negative,
                                        "0 or more")
@@ -211,6 +219,10 @@ class GrpoConfig(TrainingRunOptions):
             raise ConfigError("config key 'online.sde_window_size': nft samples with the deterministic sampler "
                               f"and trains on the forward process; a noise window has no meaning there, got "
                               f"{o.sde_window_size}")
+        if self.method == "nft" and o.shared_start_noise:
+            raise ConfigError("config key 'online.shared_start_noise': nft samples with the deterministic sampler, "
+                              "so a group starting from the same noise would be G copies of one image with "
+                              "nothing to compare; expected false with method=nft")
         if self.reference_kind() == "adapter" and self.model.lora_rank == 0 and self.needs_reference():
             raise ConfigError("config key 'online.reference': a full fine-tune (model.lora_rank = 0) has no "
                               "adapter to switch off; expected online.reference=copy (a frozen full copy of the "
