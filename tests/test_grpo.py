@@ -276,7 +276,9 @@ def test_demo_online_keys_reach_the_grpo_run(tmp_path):
 def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family, extra):
     """``diffusion-dpo demo method=... family=...`` on a slice of the shapes world: report.json's top-level
     keys, the grid, and the sentences on stdout; family=flow tunes the shipped flow base with the SDE;
-    online.sde_window_size reaches the grpo run."""
+    online.sde_window_size reaches the grpo run (given, or the method's and family's default)."""
+    from diffusion_dpo.recipes.demo_online import FAMILY_ONLINE_DEFAULTS
+
     out = tmp_path / method
     args = ["demo", f"method={method}", f"family={family}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
             "sampling.num_inference_steps=2", "online.optim.max_steps=2", "online.prompts_per_step=2", "online.group_size=2",
@@ -290,7 +292,9 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     tune = json.loads((out / "tune" / "summary.json").read_text())
     assert tune["format"] == "lora" and tune["pretrained"] == report["base"]
     tuned = yaml.safe_load((out / "tune" / "config.yaml").read_text())
-    assert tuned["online"]["clip_range"] == 0.001 and tuned["online"]["sde_window_size"] == len(extra)
+    window = 1 if extra else FAMILY_ONLINE_DEFAULTS[method, family]["sde_window_size"]  # the given key, or the default
+    assert tuned["online"]["clip_range"] == 0.001 and tuned["online"]["sde_window_size"] == window
+    assert tuned["online"]["shared_start_noise"] == FAMILY_ONLINE_DEFAULTS[method, family]["shared_start_noise"]
     assert 0 < report["cpu_seconds"] and report["seconds"]["total"] > 0
     assert tuned["model"]["lora_rank"] == (32 if (method, family) == ("grpo", "flow") else 8)  # the family's
     assert yaml.safe_load((out / "config.yaml").read_text())["online"]["model"]["lora_rank"] is not None  # resolved
