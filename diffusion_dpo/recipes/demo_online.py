@@ -49,18 +49,21 @@ class OnlineDemoModelSection:
 
 @dataclass
 class OnlineDemoSamplingSection:
-    num_inference_steps: int = option(10, "T: stochastic steps of each image sampled while tuning (sd: DDIM "
-                                      "with eta 1; flow: the SDE); evaluation uses the demo's "
-                                      "sampling.num_inference_steps", at_least_one, "at least 1")
+    num_inference_steps: Optional[int] = option(None, "T: steps of each image sampled while tuning (sd: DDIM with "
+                                                "eta 1; flow: the SDE; each only in the window when there is one); "
+                                                "evaluation uses the demo's sampling.num_inference_steps (null: "
+                                                "the method's and family's, 10; 20 for GRPO on the flow base)",
+                                                _null_or_positive, "null or at least 1")
     noise_level: float = option(0.7, "family flow: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7)",
                                 lambda v: v > 0, "a positive number")
 
 
 @dataclass
 class OnlineDemoOptimSection:
-    max_steps: int = option(48, "sampling steps (each: prompts_per_step prompts x group_size images, then the "
-                            "updates); 48 x 4 x 8 = 1536 images, as many as the offline demo labels (1512)",
-                            at_least_one, "at least 1")
+    max_steps: Optional[int] = option(None, "sampling steps (each: prompts_per_step prompts x group_size images, "
+                                      "then the updates; null: the method's and family's): 48 x 4 x 8 or 24 x 8 "
+                                      "x 8 = 1536 images, as many as the offline demo labels (1512)",
+                                      _null_or_positive, "null or at least 1")
     learning_rate: Optional[float] = option(None, "learning rate of the LoRA adapter (null: the method's and "
                                             "family's, see FAMILY_ONLINE_DEFAULTS)", _null_or_positive,
                                             "null or a positive number")
@@ -73,7 +76,9 @@ class OnlineDemoConfig:
     model: OnlineDemoModelSection = option(OnlineDemoModelSection, "the grpo command's model.* keys the demo sets")
     sampling: OnlineDemoSamplingSection = option(OnlineDemoSamplingSection, "the stochastic sampler while tuning")
     optim: OnlineDemoOptimSection = option(OnlineDemoOptimSection, "the grpo command's optim.* keys the demo sets")
-    prompts_per_step: int = option(4, "training prompts per step", at_least_one, "at least 1")
+    prompts_per_step: Optional[int] = option(None, "training prompts per step (null: the method's and family's, "
+                                             "4; 8 for GRPO on the flow base)", _null_or_positive,
+                                             "null or at least 1")
     group_size: int = option(8, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
     train_steps: Optional[int] = option(None, "grpo: transitions trained per image, of the "
                                         "sampling.num_inference_steps (null: the method's and family's)",
@@ -122,41 +127,44 @@ class OnlineDemoConfig:
         "noise_level": "sampling.noise_level"}
 
 
-# How each image is sampled and trained: noise on every step, 3 random steps trained per image, in 3 updates
-# (DDPO, Flow-GRPO); or noise on a random window of 2 steps only, the rest deterministic, the window trained in 2
-# updates, and a prompt's group starting from one noise, so the group's rewards differ only by the window's
-# noise, the noise of the steps being trained (credit where the randomness was: Flow-GRPO-Fast's window,
-# DanceGRPO's shared initialisation noise).
-EVERY_STEP = dict(sde_window_size=0, train_steps=3, updates_per_epoch=3, shared_start_noise=False,
-                  nft_group_noise=False)
-WINDOW = dict(sde_window_size=2, train_steps=2, updates_per_epoch=2, shared_start_noise=True, nft_group_noise=False)
+def sampled(num_inference_steps: int = 10, *, window: int = 0, prompts_per_step: int = 4) -> dict:
+    """How a method samples and trains, 1536 images in all: every step stochastic (window 0), 3 random steps
+    trained per image in 3 updates (DDPO, Flow-GRPO); or noise on a random window of ``window`` steps only, the
+    rest deterministic, the window trained in as many updates, and a prompt's group starting from one noise, so
+    the group's rewards differ only by the window's noise, the noise of the steps being trained (credit where
+    the randomness was: Flow-GRPO-Fast's window, DanceGRPO's shared initialisation noise)."""
+    return dict(sampling=dict(num_inference_steps=num_inference_steps), prompts_per_step=prompts_per_step,
+                optim=dict(max_steps=1536 // (prompts_per_step * 8)), sde_window_size=window,
+                train_steps=window or 3, updates_per_epoch=window or 3, shared_start_noise=window > 0,
+                nft_group_noise=False)
+
 
 # Each (method, family)'s online.* keys left null, chosen on seeds 100 and up and reported on 0-4 (docs/demo.md,
 # "Tuning protocol"; the runs in docs/BENCHMARKS.md). GRPO on the SD base every step stochastic won on some
 # seeds and not others (55.6% on seed 101, 56.7% on seed 7): the advantage of an image came from the noise of
 # all ten steps and its start while three steps were trained. With the window and the shared start it gave
-# 74.6% and 73.0% on seeds 101 and 102.
+# 74.6% and 73.0% on seeds 101 and 102. On the flow base the same, with 20 steps (the window among the ODE steps
+# the evaluation samples with) and 8 prompts per step, gave 60.7% on seeds 100 and 101 (every step stochastic:
+# 53.6% on seed 101); a larger learning rate loses to the base there (19.8-51.2%).
+def defaults(lora_rank: int, learning_rate: float, kl_coef: float, beta_dpo: float, **how) -> dict:
+    """One (method, family)'s row: the adapter, its learning rate, the KL, online DPO's beta and ``sampled(**how)``."""
+    row = sampled(**how)
+    row["optim"]["learning_rate"] = learning_rate
+    return dict(model=dict(lora_rank=lora_rank), kl_coef=kl_coef, beta_dpo=beta_dpo, **row)
+
+
 FAMILY_ONLINE_DEFAULTS = {
-    ("grpo", "sd"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04, beta_dpo=5000.0,
-                         **WINDOW),
-    ("grpo", "flow"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0,
-                           **EVERY_STEP),
-    ("online_dpo", "sd"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
-                               beta_dpo=5000.0, **EVERY_STEP),
-    ("online_dpo", "flow"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
-                                 beta_dpo=500.0, **EVERY_STEP),
+    ("grpo", "sd"): defaults(8, 1e-3, 0.04, 5000.0, window=2),
+    ("grpo", "flow"): defaults(32, 3e-4, 0.0, 500.0, num_inference_steps=20, window=2, prompts_per_step=8),
+    ("online_dpo", "sd"): defaults(8, 1e-3, 0.04, 5000.0),
+    ("online_dpo", "flow"): defaults(8, 1e-3, 0.04, 500.0),
     # DiffusionNFT's published settings where they carry (LoRA rank 32 at lr 3e-4, its KL 1e-4).
-    ("nft", "sd"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=1e-4, beta_dpo=5000.0,
-                        **EVERY_STEP),
-    ("nft", "flow"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=1e-4, beta_dpo=500.0,
-                          **EVERY_STEP),
+    ("nft", "sd"): defaults(32, 3e-4, 1e-4, 5000.0),
+    ("nft", "flow"): defaults(32, 3e-4, 1e-4, 500.0),
     # The video base (Wan layout, rectified flow) starts from the flow base's settings.
-    ("grpo", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=0.0, beta_dpo=500.0,
-                            **EVERY_STEP),
-    ("online_dpo", "video"): dict(model=dict(lora_rank=8), optim=dict(learning_rate=1e-3), kl_coef=0.04,
-                                  beta_dpo=500.0, **EVERY_STEP),
-    ("nft", "video"): dict(model=dict(lora_rank=32), optim=dict(learning_rate=3e-4), kl_coef=1e-4, beta_dpo=500.0,
-                           **EVERY_STEP),
+    ("grpo", "video"): defaults(32, 3e-4, 0.0, 500.0),
+    ("online_dpo", "video"): defaults(8, 1e-3, 0.04, 500.0),
+    ("nft", "video"): defaults(32, 3e-4, 1e-4, 500.0),
 }
 
 
