@@ -8,8 +8,9 @@ and the held-out win rate over the base with its 95% interval, seed by seed, plu
     python scripts/sample_efficiency.py --runs runs/efficiency --seeds 0 1 2 --jobs 2
     python scripts/sample_efficiency.py --runs runs/efficiency --table-only      # the table from finished cells
 
-Methods: offline_dpo (label once, then DPO; the SFT baseline off), online_dpo, grpo, grpo_window (GRPO with
-noise and training on a random window of WINDOW steps, Flow-GRPO-Fast style) and nft (DiffusionNFT).
+Methods: offline_dpo (label once, then DPO; the SFT baseline off), online_dpo, grpo (the demo's defaults for
+the base: a window and a group's shared start), grpo_every_step (the earlier default: every step stochastic, 3
+trained), grpo_window (the window of WINDOW steps alone, Flow-GRPO-Fast style) and nft (DiffusionNFT).
 Each run gets ``threads=1`` so ``--jobs`` runs share the cores without oversubscribing them.
 """
 
@@ -25,12 +26,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 WINDOW = 2
+# The online keys of the earlier GRPO default (before the window and the shared start; 10 steps, 4 prompts x 48)
+EVERY_STEP = ["online.sde_window_size=0", "online.train_steps=3", "online.updates_per_epoch=3",
+              "online.shared_start_noise=false", "online.sampling.num_inference_steps=10", "online.prompts_per_step=4",
+              "online.optim.max_steps=48"]
 METHODS = {
     "offline_dpo": ["method=offline_dpo", "sft=false"],
     "online_dpo": ["method=online_dpo"],
-    "grpo": ["method=grpo"],
-    # the window's transitions in as many updates of 32 as GRPO's default (4 x 8 x 3 in 3)
-    "grpo_window": ["method=grpo", f"online.sde_window_size={WINDOW}", f"online.train_steps={WINDOW}",
+    "grpo": ["method=grpo"],  # the demo's defaults for the base
+    "grpo_every_step": ["method=grpo", *EVERY_STEP],
+    # the window alone: its transitions in as many updates of 32 as GRPO's every-step default (4 x 8 x 3 in 3)
+    "grpo_window": ["method=grpo", *EVERY_STEP[3:], f"online.sde_window_size={WINDOW}", f"online.train_steps={WINDOW}",
                     f"online.updates_per_epoch={WINDOW}"],
     "nft": ["method=nft"],
 }
