@@ -247,6 +247,12 @@ def test_demo_online_defaults_follow_method_and_family():
     sd, flow = resolved("method=grpo"), resolved("method=grpo", "family=flow")
     assert (sd.model.lora_rank, sd.optim.learning_rate, sd.kl_coef) == (8, 1e-3, 0.04)
     assert (flow.model.lora_rank, flow.optim.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
+    for o, steps, prompts in ((sd, 10, 4), (flow, 20, 8)):  # GRPO: a window of 2 and a group's shared start
+        assert (o.sde_window_size, o.train_steps, o.updates_per_epoch, o.shared_start_noise) == (2, 2, 2, True)
+        assert (o.sampling.num_inference_steps, o.prompts_per_step) == (steps, prompts)
+        assert o.prompts_per_step * o.group_size * o.optim.max_steps == 1536
+    nft = resolved("method=nft")
+    assert (nft.sde_window_size, nft.train_steps, nft.shared_start_noise, nft.optim.max_steps) == (0, 3, False, 48)
     assert resolved("method=online_dpo", "family=flow").beta_dpo == 500.0
     assert resolved("method=grpo", "family=flow", "online.kl_coef=0.01").kl_coef == 0.01
     assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow", "video")}

@@ -139,13 +139,6 @@ def sampled(num_inference_steps: int = 10, *, window: int = 0, prompts_per_step:
                 nft_group_noise=False)
 
 
-# Each (method, family)'s online.* keys left null, chosen on seeds 100 and up and reported on 0-4 (docs/demo.md,
-# "Tuning protocol"; the runs in docs/BENCHMARKS.md). GRPO on the SD base every step stochastic won on some
-# seeds and not others (55.6% on seed 101, 56.7% on seed 7): the advantage of an image came from the noise of
-# all ten steps and its start while three steps were trained. With the window and the shared start it gave
-# 74.6% and 73.0% on seeds 101 and 102. On the flow base the same, with 20 steps (the window among the ODE steps
-# the evaluation samples with) and 8 prompts per step, gave 60.7% on seeds 100 and 101 (every step stochastic:
-# 53.6% on seed 101); a larger learning rate loses to the base there (19.8-51.2%).
 def defaults(lora_rank: int, learning_rate: float, kl_coef: float, beta_dpo: float, **how) -> dict:
     """One (method, family)'s row: the adapter, its learning rate, the KL, online DPO's beta and ``sampled(**how)``."""
     row = sampled(**how)
@@ -153,6 +146,13 @@ def defaults(lora_rank: int, learning_rate: float, kl_coef: float, beta_dpo: flo
     return dict(model=dict(lora_rank=lora_rank), kl_coef=kl_coef, beta_dpo=beta_dpo, **row)
 
 
+# Each (method, family)'s online.* keys left null, chosen on seeds 100 and up and reported on 0-4 (the protocol
+# in docs/demo.md; the runs in docs/BENCHMARKS.md). GRPO on the SD base every step stochastic won on some
+# seeds and not others (55.6% on seed 101, 56.7% on seed 7): the advantage of an image came from the noise of
+# all ten steps and its start while three steps were trained. With the window and the shared start it gave
+# 74.6% and 73.0% on seeds 101 and 102. On the flow base the same, with 20 steps (the window among the ODE steps
+# the evaluation samples with) and 8 prompts per step, gave 60.7% on seeds 100 and 101 (every step stochastic:
+# 53.6% on seed 101); a larger learning rate loses to the base there (19.8-51.2%).
 FAMILY_ONLINE_DEFAULTS = {
     ("grpo", "sd"): defaults(8, 1e-3, 0.04, 5000.0, window=2),
     ("grpo", "flow"): defaults(32, 3e-4, 0.0, 500.0, num_inference_steps=20, window=2, prompts_per_step=8),
