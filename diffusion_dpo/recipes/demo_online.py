@@ -30,6 +30,7 @@ from diffusion_dpo.evaluation.schema import TunedVsBase
 from diffusion_dpo.recipes import demo_common
 from diffusion_dpo.run_options import EMASection, OptimSection
 
+GROUP_SIZE = 8  # online.group_size's default; the rows' budgets count on it
 RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy", "policy.tmp", "eval")
 
 
@@ -79,7 +80,7 @@ class OnlineDemoConfig:
     prompts_per_step: Optional[int] = option(None, "training prompts per step (null: the method's and family's, "
                                              "4; 8 for GRPO on the flow base)", _null_or_positive,
                                              "null or at least 1")
-    group_size: int = option(8, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
+    group_size: int = option(GROUP_SIZE, "images per prompt per step (G)", lambda v: v >= 2, "at least 2")
     train_steps: Optional[int] = option(None, "grpo: transitions trained per image, of the "
                                         "sampling.num_inference_steps (null: the method's and family's)",
                                         _null_or_positive, "null or at least 1")
@@ -109,9 +110,7 @@ class OnlineDemoConfig:
                                  "(flow_grpo's choice)")
     first_steps: int = option(0, "grpo / nft: of the online.train_steps, always train the first (noisiest) this "
                               "many", lambda v: v >= 0, "0 or more")
-    nft_group_noise: Optional[bool] = option(None, "nft: the same forward noise and steps for a group's images "
-                                             "(null: the family's)", lambda v: v is None or isinstance(v, bool),
-                                             "null, true or false")
+    nft_group_noise: bool = option(False, "nft: the same forward noise and steps for a group's images")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: Optional[int] = option(None, "grpo: optimizer steps per pass (online_dpo: 1; null: the "
                                               "method's and family's)", _null_or_positive, "null or at least 1")
@@ -134,9 +133,8 @@ def sampled(num_inference_steps: int = 10, *, window: int = 0, prompts_per_step:
     the group's rewards differ only by the window's noise, the noise of the steps being trained (credit where
     the randomness was: Flow-GRPO-Fast's window, DanceGRPO's shared initialisation noise)."""
     return dict(sampling=dict(num_inference_steps=num_inference_steps), prompts_per_step=prompts_per_step,
-                optim=dict(max_steps=1536 // (prompts_per_step * 8)), sde_window_size=window,
-                train_steps=window or 3, updates_per_epoch=window or 3, shared_start_noise=window > 0,
-                nft_group_noise=False)
+                optim=dict(max_steps=1536 // (prompts_per_step * GROUP_SIZE)), sde_window_size=window,
+                train_steps=window or 3, updates_per_epoch=window or 3, shared_start_noise=window > 0)
 
 
 def defaults(lora_rank: int, learning_rate: float, kl_coef: float, beta_dpo: float, **how) -> dict:
