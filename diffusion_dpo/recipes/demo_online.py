@@ -111,6 +111,11 @@ class OnlineDemoConfig:
     first_steps: int = option(0, "grpo / nft: of the online.train_steps, always train the first (noisiest) this "
                               "many", lambda v: v >= 0, "0 or more")
     nft_group_noise: bool = option(False, "nft: the same forward noise and steps for a group's images")
+    nft_beta: float = option(1.0, "nft: strength of the implicit positive/negative policies (DiffusionNFT: 1.0)",
+                             lambda v: v > 0, "a positive number")
+    advantage_scope: Literal["group", "batch", "group_batch_std"] = option(
+        "group", "grpo / nft: a reward's advantage within its prompt's group (group), the whole step (batch), or "
+        "its group's mean over the step's std (group_batch_std: a near-tied group keeps small advantages)")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: Optional[int] = option(None, "grpo: optimizer steps per pass (online_dpo: 1; null: the "
                                               "method's and family's)", _null_or_positive, "null or at least 1")
@@ -191,7 +196,8 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
                                inner_epochs=o.inner_epochs, sde_window_size=o.sde_window_size,
                                sde_window=o.sde_window, sde_window_start=o.sde_window_start,
                                first_steps=o.first_steps, nft_group_noise=o.nft_group_noise,
-                               nft_kl_coef=o.kl_coef, shared_start_noise=o.shared_start_noise,
+                               nft_kl_coef=o.kl_coef, nft_beta=o.nft_beta, advantage_scope=o.advantage_scope,
+                               shared_start_noise=o.shared_start_noise,
                                detach_uncond=o.detach_uncond,
                                updates_per_epoch=1 if cfg.method == "online_dpo" else o.updates_per_epoch),
         optim=OptimSection(learning_rate=o.optim.learning_rate, scheduler="constant", warmup_steps=0,
