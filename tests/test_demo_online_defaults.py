@@ -28,7 +28,7 @@ def test_demo_online_defaults_follow_method_and_family():
 
 def test_demo_online_keys_reach_the_grpo_run(tmp_path):
     """The demo's online.* keys set the grpo keys they are named after: the window's mode and start, the
-    always-trained first steps, nft's group noise and beta, the advantage scope; online.kl_coef is grpo's kl_coef
+    always-trained first steps, nft's group noise and beta, the advantage scope, the flow SDE; online.kl_coef is grpo's kl_coef
     or nft's nft_kl_coef; online.ema_decay is ema.decay with final/ written from the EMA (the weights the demo evaluates)."""
     from diffusion_dpo.recipes import demo
     from diffusion_dpo.recipes.demo_online import grpo_config, resolve_online_defaults
@@ -42,6 +42,6 @@ def test_demo_online_keys_reach_the_grpo_run(tmp_path):
     assert (g.online.sde_window, g.online.sde_window_start, g.online.first_steps) == ("fixed", 1, 1)
     assert g.online.kl_coef == 0.5 and (g.ema.decay, g.ema.final) == (0.9, True)
     n = run_config("method=nft", "family=flow", "online.kl_coef=0.25", "online.nft_group_noise=true", "online.nft_beta=0.1",
-                   "online.advantage_scope=group_batch_std")
+                   "online.advantage_scope=group_batch_std", "online.sampling.sde=cps")
     assert (n.online.nft_kl_coef, n.online.nft_group_noise, n.online.nft_beta, n.online.advantage_scope, n.ema.decay,
-            n.ema.final) == (0.25, True, 0.1, "group_batch_std", 0, False)
+            n.ema.final, n.sampling.sde) == (0.25, True, 0.1, "group_batch_std", 0, False, "cps")

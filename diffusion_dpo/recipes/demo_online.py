@@ -57,6 +57,9 @@ class OnlineDemoSamplingSection:
                                                 _null_or_positive, "null or at least 1")
     noise_level: float = option(0.7, "family flow: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7)",
                                 lambda v: v > 0, "a positive number")
+    sde: Literal["flow_grpo", "cps"] = option("flow_grpo", "family flow: the stochastic step, Flow-GRPO's SDE or "
+                                              "coefficients-preserving sampling (cps: no excess noise left in the "
+                                              "images, noise_level its a)")
 
 
 @dataclass
@@ -189,6 +192,7 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
         prompts=g.PromptsSection(source=str(train_file)), scorer=ScorerConfig(name=world["scorer"]),
         sampling=g.StochasticSamplingSection(num_inference_steps=o.sampling.num_inference_steps,
                                              guidance_scale=s.guidance_scale, noise_level=o.sampling.noise_level,
+                                             sde=o.sampling.sde,
                                              resolution=world["side"], num_frames=demo_common.num_frames(cfg)),
         online=g.OnlineSection(prompts_per_step=o.prompts_per_step, group_size=o.group_size,
                                train_steps=o.train_steps, kl_coef=o.kl_coef, clip_range=o.clip_range,
