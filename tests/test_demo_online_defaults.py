@@ -15,8 +15,8 @@ def test_demo_online_defaults_follow_method_and_family():
     sd, flow = resolved("method=grpo"), resolved("method=grpo", "family=flow")
     assert (sd.model.lora_rank, sd.optim.learning_rate, sd.kl_coef) == (8, 1e-3, 0.04)
     assert (flow.model.lora_rank, flow.optim.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
-    for o, steps, prompts in ((sd, 10, 4), (flow, 20, 8)):  # GRPO: a window of 2 and a group's shared start
-        assert (o.sde_window_size, o.train_steps, o.updates_per_epoch, o.shared_start_noise) == (2, 2, 2, True)
+    for o, steps, prompts, window in ((sd, 10, 4, 2), (flow, 20, 8, 4)):  # GRPO: a window and a shared start
+        assert (o.sde_window_size, o.train_steps, o.updates_per_epoch, o.shared_start_noise) == (window,) * 3 + (True,)
         assert (o.sampling.num_inference_steps, o.prompts_per_step) == (steps, prompts)
         assert o.prompts_per_step * o.group_size * o.optim.max_steps == 1536
     nft = resolved("method=nft")

@@ -161,7 +161,7 @@ def defaults(lora_rank: int, learning_rate: float, kl_coef: float, beta_dpo: flo
 # 53.6% on seed 101); a larger learning rate loses to the base there (19.8-51.2%).
 FAMILY_ONLINE_DEFAULTS = {
     ("grpo", "sd"): defaults(8, 1e-3, 0.04, 5000.0, window=2),
-    ("grpo", "flow"): defaults(32, 3e-4, 0.0, 500.0, num_inference_steps=20, window=2, prompts_per_step=8),
+    ("grpo", "flow"): defaults(32, 3e-4, 0.0, 500.0, num_inference_steps=20, window=4, prompts_per_step=8),
     ("online_dpo", "sd"): defaults(8, 1e-3, 0.04, 5000.0),
     ("online_dpo", "flow"): defaults(8, 1e-3, 0.04, 500.0),
     # DiffusionNFT's published settings where they carry (LoRA rank 32 at lr 3e-4, its KL 1e-4).
