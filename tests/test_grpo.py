@@ -247,7 +247,8 @@ def test_demo_online_methods_write_their_report(tmp_path, capsys, method, family
     out = tmp_path / method
     args = ["demo", f"method={method}", f"family={family}", "world.train_prompts=4", "world.held_out_prompts=2", "eval_seeds=1",
             "sampling.num_inference_steps=2", "online.optim.max_steps=2", "online.prompts_per_step=2", "online.group_size=2",
-            "online.sampling.num_inference_steps=2", "online.train_steps=1", "online.updates_per_epoch=1",
+            f"online.sampling.num_inference_steps={4 if family == 'flow' else 2}",  # the flow default's window: 4
+            "online.train_steps=1", "online.updates_per_epoch=1",
             "online.optim.batch_size=4", "online.clip_range=0.001", "n_boot=50", "grid_prompts=2", f"output_dir={out}",
             *extra]
     assert cli.main(args) == 0
