@@ -28,8 +28,9 @@ def test_demo_online_defaults_follow_method_and_family():
 
 def test_demo_online_keys_reach_the_grpo_run(tmp_path):
     """The demo's online.* keys set the grpo keys they are named after: the window's mode and start, the
-    always-trained first steps, nft's group noise and beta, the advantage scope, the flow SDE; online.kl_coef is grpo's kl_coef
-    or nft's nft_kl_coef; online.ema_decay is ema.decay with final/ written from the EMA (the weights the demo evaluates)."""
+    always-trained first steps, nft's group noise and beta, the advantage scope, the flow SDE; online.kl_coef
+    is grpo's kl_coef or nft's nft_kl_coef; online.ema_decay is ema.decay with final/ written from the EMA
+    (the weights the demo evaluates)."""
     from diffusion_dpo.recipes import demo
     from diffusion_dpo.recipes.demo_online import grpo_config, resolve_online_defaults
 
