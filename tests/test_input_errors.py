@@ -191,12 +191,14 @@ def test_the_handler_turns_errors_into_codes_and_keeps_a_bugs_traceback(monkeypa
 
 @pytest.mark.slow
 def test_ctrl_c_during_training_prints_one_line_and_resume_auto_continues(tmp_path):
-    """A real ``python -m diffusion_dpo train`` on the tiny config, sent SIGINT once it has saved a checkpoint."""
+    """A real ``python -m diffusion_dpo train`` on the tiny config, sent SIGINT once it has saved a checkpoint
+    (``steps`` leaves the signal many seconds to arrive before the run could finish on a fast, idle machine)."""
+    steps = 80
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop(cli.TRACEBACK_VARIABLE, None)
     args = [sys.executable, "-m", "diffusion_dpo", "train", "--config", TINY, f"output_dir={out}",
-            "optim.batch_size=2", "optim.max_steps=30", "log_every=1", "checkpoint_every=1", "tensorboard=false"]
+            "optim.batch_size=2", f"optim.max_steps={steps}", "log_every=1", "checkpoint_every=1", "tensorboard=false"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not checkpointing.complete_checkpoints(out):
         time.sleep(0.05)
@@ -211,9 +213,9 @@ def test_ctrl_c_during_training_prints_one_line_and_resume_auto_continues(tmp_pa
     done = subprocess.run(args + ["resume=auto"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["resumed_from"], summary
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 31))
+    assert summary["steps"] == steps and summary["resumed_from"], summary
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
 
 
 def test_an_output_dir_without_write_permission_is_named_before_anything_is_made(tmp_path, capsys, monkeypatch):
