@@ -191,15 +191,17 @@ def test_the_handler_turns_errors_into_codes_and_keeps_a_bugs_traceback(monkeypa
 
 @pytest.mark.slow
 def test_ctrl_c_during_training_prints_one_line_and_resume_auto_continues(tmp_path):
-    """A real ``python -m diffusion_dpo train`` on the tiny config, sent SIGINT once it has saved a checkpoint
-    (``steps`` leaves the signal many seconds to arrive before the run could finish on a fast, idle machine)."""
+    """A real ``python -m diffusion_dpo train`` on the tiny config, sent SIGINT once it has saved a checkpoint.
+    The child starts with SIGINT at its default, as from a shell: an earlier test of the suite can leave the
+    pytest process ignoring it, and a child inherits an ignored SIGINT (Python then never raises Ctrl-C)."""
     steps = 80
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop(cli.TRACEBACK_VARIABLE, None)
     args = [sys.executable, "-m", "diffusion_dpo", "train", "--config", TINY, f"output_dir={out}",
             "optim.batch_size=2", f"optim.max_steps={steps}", "log_every=1", "checkpoint_every=1", "tensorboard=false"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while proc.poll() is None and not checkpointing.complete_checkpoints(out):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
