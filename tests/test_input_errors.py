@@ -194,7 +194,7 @@ def test_ctrl_c_during_training_prints_one_line_and_resume_auto_continues(tmp_pa
     """A real ``python -m diffusion_dpo train`` on the tiny config, sent SIGINT once it has saved a checkpoint.
     The child starts with SIGINT at its default, as from a shell: an earlier test of the suite can leave the
     pytest process ignoring it, and a child inherits an ignored SIGINT (Python then never raises Ctrl-C)."""
-    steps = 80
+    steps = 30
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop(cli.TRACEBACK_VARIABLE, None)
