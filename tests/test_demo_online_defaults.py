@@ -28,7 +28,7 @@ def test_demo_online_defaults_follow_method_and_family():
 
 def test_demo_online_keys_reach_the_grpo_run(tmp_path):
     """The demo's online.* keys set the grpo keys they are named after: the window's mode and start, the
-    always-trained first steps, nft's group noise and beta, the advantage scope, the flow SDE; online.kl_coef
+    always-trained first steps, the trained fraction, nft's group noise and beta, the advantage scope, the flow SDE; online.kl_coef
     is grpo's kl_coef or nft's nft_kl_coef; online.ema_decay is ema.decay with final/ written from the EMA
     (the weights the demo evaluates)."""
     from diffusion_dpo.recipes import demo
@@ -39,8 +39,9 @@ def test_demo_online_keys_reach_the_grpo_run(tmp_path):
         return grpo_config(cfg, "base", tmp_path / "train.txt", tmp_path / "tune", None)
 
     g = run_config("method=grpo", "online.sde_window_size=2", "online.sde_window=fixed", "online.sde_window_start=1",
-                   "online.first_steps=1", "online.kl_coef=0.5", "online.ema_decay=0.9")
+                   "online.first_steps=1", "online.kl_coef=0.5", "online.ema_decay=0.9", "online.trained_fraction=0.5")
     assert (g.online.sde_window, g.online.sde_window_start, g.online.first_steps) == ("fixed", 1, 1)
+    assert g.online.trained_fraction == 0.5 and g.eligible_steps() == 5  # the first half of the 10 steps
     assert g.online.kl_coef == 0.5 and (g.ema.decay, g.ema.final) == (0.9, True)
     n = run_config("method=nft", "family=flow", "online.kl_coef=0.25", "online.nft_group_noise=true", "online.nft_beta=0.1",
                    "online.advantage_scope=group_batch_std", "online.sampling.sde=cps")

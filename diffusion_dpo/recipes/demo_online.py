@@ -111,6 +111,9 @@ class OnlineDemoConfig:
                                                 "null, true or false")
     detach_uncond: bool = option(False, "grpo / nft: no gradient through the unconditional branch of guidance "
                                  "(flow_grpo's choice)")
+    trained_fraction: float = option(1.0, "grpo / nft: the trained transitions (and any window) come from the first "
+                                     "floor(fraction x T) sampler steps, the noisiest (Flow-GRPO-Fast: a window "
+                                     "within the first half)", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     first_steps: int = option(0, "grpo / nft: of the online.train_steps, always train the first (noisiest) this "
                               "many", lambda v: v >= 0, "0 or more")
     nft_group_noise: bool = option(False, "nft: the same forward noise and steps for a group's images")
@@ -201,6 +204,7 @@ def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
                                beta_dpo=o.beta_dpo, ref_refresh_every=o.ref_refresh_every,
                                inner_epochs=o.inner_epochs, sde_window_size=o.sde_window_size,
                                sde_window=o.sde_window, sde_window_start=o.sde_window_start,
+                               trained_fraction=o.trained_fraction,
                                first_steps=o.first_steps, nft_group_noise=o.nft_group_noise,
                                nft_kl_coef=o.kl_coef, nft_beta=o.nft_beta, advantage_scope=o.advantage_scope,
                                shared_start_noise=o.shared_start_noise,
