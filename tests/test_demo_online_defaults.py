@@ -15,12 +15,14 @@ def test_demo_online_defaults_follow_method_and_family():
     sd, flow = resolved("method=grpo"), resolved("method=grpo", "family=flow")
     assert (sd.model.lora_rank, sd.optim.learning_rate, sd.kl_coef) == (8, 1e-3, 0.04)
     assert (flow.model.lora_rank, flow.optim.learning_rate, flow.kl_coef) == (32, 3e-4, 0.0)
-    for o, steps, prompts, window in ((sd, 10, 4, 2), (flow, 20, 8, 4)):  # GRPO: a window and a shared start
+    for o, steps, prompts, window, group, images in ((sd, 10, 4, 2, 8, 1536), (flow, 20, 8, 4, 16, 3072)):
+        # GRPO: a window and a shared start; on the flow base groups of 16 for 24 steps
         assert (o.sde_window_size, o.train_steps, o.updates_per_epoch, o.shared_start_noise) == (window,) * 3 + (True,)
-        assert (o.sampling.num_inference_steps, o.prompts_per_step) == (steps, prompts)
-        assert o.prompts_per_step * o.group_size * o.optim.max_steps == 1536
+        assert (o.sampling.num_inference_steps, o.prompts_per_step, o.group_size) == (steps, prompts, group)
+        assert o.prompts_per_step * o.group_size * o.optim.max_steps == images
     nft = resolved("method=nft")
     assert (nft.sde_window_size, nft.train_steps, nft.shared_start_noise, nft.optim.max_steps) == (0, 3, False, 48)
+    assert nft.group_size == 8 and resolved("method=grpo", "family=flow", "online.group_size=4").group_size == 4
     assert resolved("method=online_dpo", "family=flow").beta_dpo == 500.0
     assert resolved("method=grpo", "family=flow", "online.kl_coef=0.01").kl_coef == 0.01
     assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow", "video")}
