@@ -20,9 +20,11 @@ def test_demo_online_defaults_follow_method_and_family():
         assert (o.sde_window_size, o.train_steps, o.updates_per_epoch, o.shared_start_noise) == (window,) * 3 + (True,)
         assert (o.sampling.num_inference_steps, o.prompts_per_step, o.group_size) == (steps, prompts, group)
         assert o.prompts_per_step * o.group_size * o.optim.max_steps == images
-    nft = resolved("method=nft")
+    nft, nft_flow = resolved("method=nft"), resolved("method=nft", "family=flow")
     assert (nft.sde_window_size, nft.train_steps, nft.shared_start_noise, nft.optim.max_steps) == (0, 3, False, 48)
-    assert nft.group_size == 8 and resolved("method=grpo", "family=flow", "online.group_size=4").group_size == 4
+    assert (nft.group_size, nft.kl_coef, nft_flow.group_size, nft_flow.kl_coef) == (8, 1e-4, 16, 0.3)
+    assert nft_flow.prompts_per_step * nft_flow.group_size * nft_flow.optim.max_steps == 3072
+    assert resolved("method=grpo", "family=flow", "online.group_size=4").group_size == 4
     assert resolved("method=online_dpo", "family=flow").beta_dpo == 500.0
     assert resolved("method=grpo", "family=flow", "online.kl_coef=0.01").kl_coef == 0.01
     assert set(FAMILY_ONLINE_DEFAULTS) == {(m, f) for m in ("grpo", "online_dpo", "nft") for f in ("sd", "flow", "video")}
