@@ -171,7 +171,8 @@ def defaults(lora_rank: int, learning_rate: float, kl_coef: float, beta_dpo: flo
 # 61.5% and 62.7% (a window of 2: 58.7% on 103), costing the well-drawn images less, but lost again on a
 # reported seed (55.2% on seed 2) and a third-round one (56.3% on 106); on seeds 105 and 106 groups of 16 (twice
 # the images, the same updates on twice the transitions) gave 62.3% and 57.1% against the groups of 8's 58.3%
-# and 56.3%, more steps or a larger learning rate less. A larger learning rate loses (19.8-51.2%).
+# and 56.3%; twice the steps, or groups of 16 at lr 6e-4, gave less. Larger learning rates at 1536 images lose
+# to the base (19.8-51.2%).
 FAMILY_ONLINE_DEFAULTS = {
     ("grpo", "sd"): defaults(8, 1e-3, 0.04, 5000.0, window=2),
     ("grpo", "flow"): defaults(32, 3e-4, 0.0, 500.0, num_inference_steps=20, window=4, prompts_per_step=8,
