@@ -97,6 +97,20 @@ def run_command(label: str, command: Callable[[], int | None]) -> int:
         start = "\n" if code == 130 and sys.stderr.isatty() else ""
         print(f"{start}{label}: {message}", file=sys.stderr)
         return code
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the process group a command formed (torchrun, accelerate launch, FSDP on one process) while
+    the interpreter is whole: left to interpreter exit, gloo's worker threads can be torn down still
+    joinable and abort a finished run ("terminate called without an active exception", exit -6)."""
+    if "torch" not in sys.modules:  # --help and errors before any import: nothing was formed
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

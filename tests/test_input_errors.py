@@ -189,6 +189,28 @@ def test_the_handler_turns_errors_into_codes_and_keeps_a_bugs_traceback(monkeypa
     assert code == 2 and "Traceback" in err and err.rstrip().endswith("diffusion-dpo train: bad key")
 
 
+def test_a_command_leaves_no_process_group_behind_whether_it_succeeds_or_fails(monkeypatch, capsys):
+    """Left to interpreter exit, a gloo group's threads can abort a finished run (exit -6): the handler destroys
+    the group a command formed, on success and on a handled error alike."""
+    import torch.distributed as dist
+
+    from diffusion_dpo.engine.sharding import ensure_process_group
+    from diffusion_dpo.errors import InputError
+
+    def forms_a_group(error):
+        def main(argv):
+            ensure_process_group()
+            assert dist.is_initialized()
+            if error:
+                raise error
+        return main
+
+    for error, code in ((None, 0), (InputError("bad key"), 2)):
+        monkeypatch.setattr(train, "main", forms_a_group(error))
+        assert run_cli(capsys, "train")[0] == code
+        assert not dist.is_initialized()
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_training_prints_one_line_and_resume_auto_continues(tmp_path):
     """A real ``python -m diffusion_dpo train`` on the tiny config, sent SIGINT once it has saved a checkpoint.
