@@ -1,9 +1,10 @@
 """Runs killed with SIGKILL at every write of one save, then rerun, end equal to a run never disturbed.
 
-Each killed run is a real subprocess: a wrapper script (below) patches the file-writing calls the recipes
-use (torch.save, safetensors' save_file, parquet's write_table, PIL's Image.save, os.replace, Path.mkdir /
-write_text / unlink, shutil.rmtree...) to count the calls on paths under one marker and send the process
-SIGKILL right before (or after) the N-th of them; N runs over every write point of one save. Nothing in the
+Each killed run is a process of its own, forked from a wrapper process (below) that imported torch and the
+recipes once. The forked run patches the file-writing calls the recipes use (torch.save, safetensors'
+save_file, parquet's write_table, PIL's Image.save, os.replace, Path.mkdir / write_text / unlink,
+shutil.rmtree...) to count the calls on paths under one marker and send itself SIGKILL right before (or
+after) the N-th of them; N runs over every write point of one save. Nothing in the
 package knows about it. The rerun (resume=auto for train, the same command for label and evaluate) runs in
 this process, and its weights, shards or report are compared with an uninterrupted reference run's.
 """
@@ -11,6 +12,7 @@ this process, and its weights, shards or report are compared with an uninterrupt
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -30,16 +32,16 @@ from diffusion_dpo.tiny import build_tiny_pipeline, write_tiny_pairs
 REPO = Path(__file__).resolve().parent.parent
 
 WRAPPER = '''
-import importlib, json, os, pathlib, shutil, signal, sys
+import importlib, json, os, pathlib, shutil, signal, sys, traceback
 import torch
 torch.set_num_threads(1)
 import PIL.Image, pyarrow.parquet, safetensors.torch
+from diffusion_dpo.config import load_config
+for name in ("train", "label", "evaluate"):
+    importlib.import_module("diffusion_dpo.recipes." + name)
 
-spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
-calls = []
 
-
-def hook(owner, name):
+def hook(owner, name, spec, calls):
     real = getattr(owner, name)
 
     def patched(*args, **kwargs):
@@ -62,17 +64,38 @@ def hook(owner, name):
     setattr(owner, name, patched)
 
 
-record = pathlib.Path.write_text
-for owner, names in ((torch, ["save"]), (safetensors.torch, ["save_file"]), (pyarrow.parquet, ["write_table"]),
-                     (PIL.Image.Image, ["save"]), (os, ["replace", "rename"]), (shutil, ["rmtree"]),
-                     (pathlib.Path, ["write_text", "write_bytes", "mkdir", "unlink", "rename"])):
-    for name in names:
-        hook(owner, name)
-recipe = importlib.import_module("diffusion_dpo.recipes." + spec["recipe"])
-from diffusion_dpo.config import load_config
+def run(spec_file):
+    spec = json.loads(pathlib.Path(spec_file).read_text())
+    log = os.open(spec["log_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    calls, record = [], pathlib.Path.write_text
+    for owner, names in ((torch, ["save"]), (safetensors.torch, ["save_file"]), (pyarrow.parquet, ["write_table"]),
+                         (PIL.Image.Image, ["save"]), (os, ["replace", "rename"]), (shutil, ["rmtree"]),
+                         (pathlib.Path, ["write_text", "write_bytes", "mkdir", "unlink", "rename"])):
+        for name in names:
+            hook(owner, name, spec, calls)
+    recipe = importlib.import_module("diffusion_dpo.recipes." + spec["recipe"])
+    recipe.run(load_config(getattr(recipe, spec["config"]), [], spec["overrides"]))
+    record(pathlib.Path(spec["calls_file"]), json.dumps(calls))
 
-recipe.run(load_config(getattr(recipe, spec["config"]), [], spec["overrides"]))
-record(pathlib.Path(spec["calls_file"]), json.dumps(calls))
+
+# One spec file per line of stdin, each run in a child forked from this process (torch and the recipes
+# imported once, not once per run); the child's exit code goes back as one line of stdout.
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            run(line.strip())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 '''
 
 CONFIGS = {"train": "TrainConfig", "label": "LabelConfig", "evaluate": "EvaluateConfig"}
@@ -82,33 +105,43 @@ CONFIGS = {"train": "TrainConfig", "label": "LabelConfig", "evaluate": "Evaluate
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """The tiny pipeline, prompts and pairs every test runs on, and the process that forks each wrapped run."""
     root = tmp_path_factory.mktemp("faults")
     (root / "wrapper.py").write_text(WRAPPER)
     prompts = root / "prompts.txt"
     prompts.write_text("a red dog\na blue cat\na green house\n")
-    return {"root": root, "sd": str(build_tiny_pipeline(root / "sd")), "prompts": str(prompts),
-            "pairs": str(write_tiny_pairs(root / "pairs", n_pairs=16))}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    with open(root / "wrapper.log", "w") as log:
+        wrapper = subprocess.Popen([sys.executable, str(root / "wrapper.py")], cwd=REPO, env=env, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    yield {"root": root, "sd": str(build_tiny_pipeline(root / "sd")), "prompts": str(prompts),
+           "pairs": str(write_tiny_pairs(root / "pairs", n_pairs=16)), "wrapper": wrapper}
+    wrapper.stdin.close()
+    wrapper.wait(timeout=60)
 
 
 def run_wrapped(world, recipe: str, overrides: list[str], marker: str, kill_at: int = 0,
                 mode: str = "before") -> list[str] | None:
-    """Run ``recipe`` in a subprocess; kill it at the ``kill_at``-th write under ``marker`` (0: never):
+    """Run ``recipe`` in a process of its own; kill it at the ``kill_at``-th write under ``marker`` (0: never):
     ``before`` or ``after`` that call, or ``torn``: after it, with the file it wrote cut to half its size
     (a kill in the middle of writing it). Returns the list of writes under ``marker`` of a run that
     finished, None for a killed one."""
-    calls_file = world["root"] / "calls.json"
+    root, wrapper = world["root"], world["wrapper"]
+    calls_file, log_file, spec = root / "calls.json", root / "run.log", root / "spec.json"
     calls_file.unlink(missing_ok=True)
-    spec = world["root"] / "spec.json"
     spec.write_text(json.dumps({"recipe": recipe, "config": CONFIGS[recipe], "overrides": overrides,
                                 "marker": marker, "kill_at": kill_at, "mode": mode,
-                                "calls_file": str(calls_file)}))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(world["root"] / "wrapper.py"), str(spec)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                                "calls_file": str(calls_file), "log_file": str(log_file)}))
+    wrapper.stdin.write(f"{spec}\n")
+    wrapper.stdin.flush()
+    ready, _, _ = select.select([wrapper.stdout], [], [], 600)
+    answer = wrapper.stdout.readline() if ready else ""
+    assert answer, f"the wrapper gave no exit code:\n{(root / 'wrapper.log').read_text()[-3000:]}"
+    code, stderr = int(answer), log_file.read_text()
     if kill_at:
-        assert proc.returncode == -signal.SIGKILL, f"not killed at write {kill_at}:\n{proc.stderr[-3000:]}"
+        assert code == -signal.SIGKILL, f"not killed at write {kill_at}:\n{stderr[-3000:]}"
         return None
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     return json.loads(calls_file.read_text())
 
 
