@@ -51,3 +51,24 @@ def test_demo_online_keys_reach_the_grpo_run(tmp_path):
                    "online.advantage_scope=group_batch_std", "online.sampling.sde=cps")
     assert (n.online.nft_kl_coef, n.online.nft_group_noise, n.online.nft_beta, n.online.advantage_scope, n.ema.decay,
             n.ema.final, n.sampling.sde) == (0.25, True, 0.1, "group_batch_std", 0, False, "cps")
+
+
+def test_the_flow_base_evaluates_sixteen_images_per_held_out_prompt(tmp_path):
+    """eval_seeds left null is the family's, for the offline and the online demo alike: 16 images per
+    held-out prompt on the flow base (its gains are smaller), 4 on sd and video; a given value wins. The
+    evaluation the demo runs takes it."""
+    from pathlib import Path
+
+    from diffusion_dpo.recipes import demo
+    from diffusion_dpo.recipes.demo_common import evaluate_config
+    from diffusion_dpo.recipes.demo_online import resolve_online_defaults
+
+    def seeds(*overrides):
+        cfg = load_config(demo.DemoConfig, [], list(overrides))
+        resolve = resolve_online_defaults if cfg.method != "offline_dpo" else demo.resolve_defaults
+        return evaluate_config(resolve(cfg), "base", "tuned", Path("held_out.txt"), tmp_path, None).seeds
+
+    for method in ("offline_dpo", "grpo", "nft", "online_dpo"):
+        got = [seeds(f"method={method}", f"family={f}") for f in ("sd", "flow", "video")]
+        assert got == [4, 16, 4], method
+    assert seeds("family=flow", "eval_seeds=4") == 4 and seeds("method=grpo", "eval_seeds=2") == 2

@@ -48,6 +48,7 @@ from diffusion_dpo.recipes.demo_common import (
     check_base,
     consistency,
     evaluate_config,
+    family_eval_seeds,
     policy_pipeline,
     sampling_section,
     timed,
@@ -60,6 +61,7 @@ from diffusion_dpo.recipes.demo_config import (
     DemoTrainConfig,
     SamplingConfig,
     WorldConfig,
+    null_or_positive,
 )
 from diffusion_dpo.recipes.demo_online import OnlineDemoConfig
 from diffusion_dpo.run_options import OptimSection, PreferenceLossSection, RunOptions, auto_or_null
@@ -86,7 +88,8 @@ class DemoConfig(RunOptions):
     candidates_per_prompt: int = option(8, "K: candidates generated per training prompt, best vs worst kept",
                                         lambda v: v >= 2, "at least 2")
     sft: bool = option(True, "also train the SFT baseline (winners only) on round 1's pairs and evaluate it")
-    eval_seeds: int = option(4, "images per held-out prompt and model", at_least_one, "at least 1")
+    eval_seeds: Optional[int] = option(None, "images per held-out prompt and model (null: the family's, 16 on "
+                                       "the flow base, 4 on sd and video)", null_or_positive, "null or at least 1")
     world: WorldConfig = option(WorldConfig, "prompts of the shapes world")
     sampling: SamplingConfig = option(SamplingConfig, "sampler settings, the same for every model")
     train: DemoTrainConfig = option(DemoTrainConfig, "Diffusion-DPO and SFT settings")
@@ -152,10 +155,11 @@ def _resolution(pipeline: str) -> int:
 
 
 def resolve_defaults(cfg: DemoConfig) -> DemoConfig:
-    """``cfg`` with the train.* keys left null set to the family's defaults (what config.yaml records)."""
+    """``cfg`` with the train.* keys and eval_seeds left null set to the family's defaults (what config.yaml
+    records)."""
     from dataclasses import replace
 
-    return replace(cfg, train=fill_nulls(cfg.train, FAMILY_TRAIN_DEFAULTS[cfg.family]))
+    return replace(family_eval_seeds(cfg), train=fill_nulls(cfg.train, FAMILY_TRAIN_DEFAULTS[cfg.family]))
 
 
 # ---------------------------------------------------------------------------------------------- pieces

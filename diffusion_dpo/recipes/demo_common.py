@@ -28,6 +28,13 @@ def world(cfg) -> dict:
     return FAMILY_WORLD[cfg.family]
 
 
+def family_eval_seeds(cfg):
+    """``cfg`` with ``eval_seeds`` set to the family's when it is null."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, eval_seeds=cfg.eval_seeds or world(cfg)["eval_seeds"])
+
+
 def num_frames(cfg) -> int:
     """Frames per sample: ``sampling.num_frames``, or the family's when null."""
     return cfg.sampling.num_frames or world(cfg)["num_frames"]

@@ -25,18 +25,24 @@ FAMILY_TRAIN_DEFAULTS = {
 # What differs per family besides the tuning: the scorer, the prompts (the still world's 252, the moving
 # world's 504), frames per sample and the side in px label, evaluate and grpo generate at (null: the
 # pipeline's own default, the images' 32 px).
+# eval_seeds: images per held-out prompt and model when the demo's key is null. The flow base's demos gain
+# less (win rates near 60%, against 65-84% on the SD base), and with 4 images per prompt their intervals span
+# about +-7 points; 16 (1008 images per model) narrow them to about +-4.5 (docs/BENCHMARKS.md).
 FAMILY_WORLD = {
-    "sd": dict(scorer="shapes", eval_scorers="shapes,shapes_geneval", motion=False, num_frames=1, side=None),
-    "flow": dict(scorer="shapes", eval_scorers="shapes,shapes_geneval", motion=False, num_frames=1, side=None),
-    "video": dict(scorer="shapes_video", eval_scorers="shapes_video", motion=True, num_frames=5, side=32),
+    "sd": dict(scorer="shapes", eval_scorers="shapes,shapes_geneval", motion=False, num_frames=1, side=None,
+               eval_seeds=4),
+    "flow": dict(scorer="shapes", eval_scorers="shapes,shapes_geneval", motion=False, num_frames=1, side=None,
+                 eval_seeds=16),
+    "video": dict(scorer="shapes_video", eval_scorers="shapes_video", motion=True, num_frames=5, side=32,
+                  eval_seeds=4),
 }
 
 
-def _null_or_positive(v) -> bool:
+def null_or_positive(v) -> bool:
     return v is None or v >= 1
 
 
-def _null_or_positive_number(v) -> bool:
+def null_or_positive_number(v) -> bool:
     return v is None or v > 0
 
 
@@ -49,9 +55,9 @@ class WorldConfig:
                              "evaluated on)")
     train_prompts: int | None = option(None, "use only the first N training prompts (null: all 189; "
                                        "video: 378)",
-                                       _null_or_positive, "null or at least 1")
+                                       null_or_positive, "null or at least 1")
     held_out_prompts: int | None = option(None, "evaluate on only the first N held-out prompts (null: all "
-                                          "63; video: 126)", _null_or_positive, "null or at least 1")
+                                          "63; video: 126)", null_or_positive, "null or at least 1")
 
 
 @dataclass
@@ -61,7 +67,7 @@ class SamplingConfig:
     guidance_scale: float = option(4.0, "classifier-free guidance scale")
     batch_size: int = option(64, "images per generation batch", at_least_one, "at least 1")
     num_frames: int | None = option(None, "frames per sample (null: the family's: 1 sd and flow, 5 video: "
-                                    "clips of 4 k + 1 frames for the Wan VAE)", _null_or_positive,
+                                    "clips of 4 k + 1 frames for the Wan VAE)", null_or_positive,
                                     "null or at least 1")
 
 
@@ -83,16 +89,16 @@ class DemoDataSection:
 @dataclass
 class DemoLossSection:
     beta: float | None = option(None, "Diffusion-DPO beta (null: the family's: 5000, the paper's scale, for sd; "
-                                "500 for flow and video)", _null_or_positive_number, "null or a positive number")
+                                "500 for flow and video)", null_or_positive_number, "null or a positive number")
 
 
 @dataclass
 class DemoOptimSection:
     learning_rate: float | None = option(None, "DPO learning rate, not scaled by the batch (null: the family's, "
                                          "3e-4 sd, 5e-5 flow and video); a full fine-tune (lora_rank=0) wants about 1e-5",
-                                         _null_or_positive_number, "null or a positive number")
+                                         null_or_positive_number, "null or a positive number")
     max_steps: int | None = option(None, "DPO optimizer steps per round (null: the family's, 200)",
-                                   _null_or_positive, "null or at least 1")
+                                   null_or_positive, "null or at least 1")
     batch_size: int = option(16, "pairs per step (DPO and SFT)", at_least_one, "at least 1")
     warmup_steps: int = option(20, "linear warm-up steps (DPO and SFT)", non_negative, "0 or more")
 
@@ -100,9 +106,9 @@ class DemoOptimSection:
 @dataclass
 class DemoSftOptimSection:
     learning_rate: float | None = option(None, "SFT baseline learning rate (null: the family's, 3e-4)",
-                                         _null_or_positive_number, "null or a positive number")
+                                         null_or_positive_number, "null or a positive number")
     max_steps: int | None = option(None, "SFT baseline optimizer steps (null: the family's, 200)",
-                                   _null_or_positive, "null or at least 1")
+                                   null_or_positive, "null or at least 1")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from diffusion_dpo.engine.run_folder import claim_output_dir, parse_resume, rele
 from diffusion_dpo.evaluation.reports import geneval_sentence
 from diffusion_dpo.evaluation.schema import TunedVsBase
 from diffusion_dpo.recipes import demo_common
+from diffusion_dpo.recipes.demo_config import null_or_positive, null_or_positive_number
 from diffusion_dpo.run_options import EMASection, OptimSection
 
 GROUP_SIZE = 8  # online.group_size's default unless a row below says otherwise
@@ -37,10 +38,6 @@ RUN_FILES = ("prompts", "report.md", "report.json", "grid.png", "tune", "policy"
 # The demo's online.* keys carry the names of the grpo command's keys they set: online.model.lora_rank sets
 # model.lora_rank, online.optim.* optim.*, online.sampling.* sampling.*, and the keys directly under online.*
 # grpo's online.* of the same name.
-def _null_or_positive(v) -> bool:
-    return v is None or v > 0
-
-
 @dataclass
 class OnlineDemoModelSection:
     lora_rank: Optional[int] = option(None, "rank of the LoRA adapter on the denoiser's attention projections "
@@ -54,7 +51,7 @@ class OnlineDemoSamplingSection:
                                                 "eta 1; flow: the SDE; each only in the window when there is one); "
                                                 "evaluation uses the demo's sampling.num_inference_steps (null: "
                                                 "the method's and family's, 10; 20 for GRPO on the flow base)",
-                                                _null_or_positive, "null or at least 1")
+                                                null_or_positive, "null or at least 1")
     noise_level: float = option(0.7, "family flow: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7)",
                                 lambda v: v > 0, "a positive number")
     sde: Literal["flow_grpo", "cps"] = option("flow_grpo", "family flow: the stochastic step, Flow-GRPO's SDE or "
@@ -68,9 +65,9 @@ class OnlineDemoOptimSection:
                                       "then the updates; null: the method's and family's): 48 x 4 x 8 or 24 x 8 "
                                       "x 8 = 1536 images, as many as the offline demo labels (1512); 24 x 8 x "
                                       "16 or 48 x 4 x 16 = 3072 for GRPO and NFT on the flow base",
-                                      _null_or_positive, "null or at least 1")
+                                      null_or_positive, "null or at least 1")
     learning_rate: Optional[float] = option(None, "learning rate of the LoRA adapter (null: the method's and "
-                                            "family's, see FAMILY_ONLINE_DEFAULTS)", _null_or_positive,
+                                            "family's, see FAMILY_ONLINE_DEFAULTS)", null_or_positive_number,
                                             "null or a positive number")
     batch_size: int = option(32, "grpo: micro-batch in transitions (online_dpo trains on a step's pairs, one "
                              "per prompt, in one batch)", at_least_one, "at least 1")
@@ -82,14 +79,14 @@ class OnlineDemoConfig:
     sampling: OnlineDemoSamplingSection = option(OnlineDemoSamplingSection, "the stochastic sampler while tuning")
     optim: OnlineDemoOptimSection = option(OnlineDemoOptimSection, "the grpo command's optim.* keys the demo sets")
     prompts_per_step: Optional[int] = option(None, "training prompts per step (null: the method's and family's, "
-                                             "4; 8 for GRPO on the flow base)", _null_or_positive,
+                                             "4; 8 for GRPO on the flow base)", null_or_positive,
                                              "null or at least 1")
     group_size: Optional[int] = option(None, "images per prompt per step (G; null: the method's and family's, 8; "
                                        "16 for GRPO and NFT on the flow base)", lambda v: v is None or v >= 2,
                                        "null or at least 2")
     train_steps: Optional[int] = option(None, "grpo: transitions trained per image, of the "
                                         "sampling.num_inference_steps (null: the method's and family's)",
-                                        _null_or_positive, "null or at least 1")
+                                        null_or_positive, "null or at least 1")
     kl_coef: Optional[float] = option(None, "grpo: weight of the KL to the base per transition; nft: its "
                                       "online.nft_kl_coef, the weight of the mean squared velocity difference to "
                                       "the base (null: the method's and family's)", lambda v: v is None or v >= 0,
@@ -127,9 +124,9 @@ class OnlineDemoConfig:
         "its group's mean over the step's std (group_batch_std: a near-tied group keeps small advantages)")
     inner_epochs: int = option(1, "passes over each step's samples", at_least_one, "at least 1")
     updates_per_epoch: Optional[int] = option(None, "grpo: optimizer steps per pass (online_dpo: 1; null: the "
-                                              "method's and family's)", _null_or_positive, "null or at least 1")
+                                              "method's and family's)", null_or_positive, "null or at least 1")
     beta_dpo: Optional[float] = option(None, "online_dpo: Diffusion-DPO beta (null: the family's, as the offline "
-                                       "demo's: 5000 sd, 500 flow)", _null_or_positive,
+                                       "demo's: 5000 sd, 500 flow)", null_or_positive_number,
                                        "null or a positive number")
     ref_refresh_every: int = option(0, "online_dpo: refresh the reference to the policy every N steps (0: never)",
                                     lambda v: v >= 0, "0 or more")
@@ -192,8 +189,10 @@ FAMILY_ONLINE_DEFAULTS = {
 
 
 def resolve_online_defaults(cfg):
-    """``cfg`` (a DemoConfig) with the online.* keys left null set to its method's and family's defaults."""
-    return dataclasses.replace(cfg, online=fill_nulls(cfg.online, FAMILY_ONLINE_DEFAULTS[cfg.method, cfg.family]))
+    """``cfg`` (a DemoConfig) with the online.* keys left null set to its method's and family's defaults, and
+    eval_seeds to the family's."""
+    return dataclasses.replace(demo_common.family_eval_seeds(cfg),
+                               online=fill_nulls(cfg.online, FAMILY_ONLINE_DEFAULTS[cfg.method, cfg.family]))
 
 
 def grpo_config(cfg, base: str, train_file: Path, out: Path, resume):
