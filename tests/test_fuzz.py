@@ -89,11 +89,12 @@ def _demo_stages_accept(cfg: Any) -> None:
     from scorers.shapes.world import split_prompts
 
     base, where = demo_common.check_base(cfg), Path("unused")
+    online = cfg.method in demo.ONLINE_METHODS
+    cfg = demo_online.resolve_online_defaults(cfg) if online else demo.resolve_defaults(cfg)
     stages = {"evaluate": demo_common.evaluate_config(cfg, base, base, where, where, None)}
-    if cfg.method in demo.ONLINE_METHODS:
-        stages["grpo"] = demo_online.grpo_config(demo_online.resolve_online_defaults(cfg), base, where, where, None)
+    if online:
+        stages["grpo"] = demo_online.grpo_config(cfg, base, where, where, None)
     else:
-        cfg = demo.resolve_defaults(cfg)
         stages |= {"label": demo.label_config(cfg, base, where, where, 1, None),
                    "train dpo": demo.train_config(cfg, "dpo", base, where, where, 1, None),
                    "train sft": demo.train_config(cfg, "sft", base, where, where, 1, None)}
