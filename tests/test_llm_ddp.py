@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.run_files import TEARDOWN_ABORT
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,7 +75,10 @@ def test_two_processes_keep_identical_weights(tmp_path):
         str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = all((out / f"rank{i}.json").is_file() for i in range(2))
+    # Both ranks wrote their summaries: an abort in torch's teardown after that (run_files.TEARDOWN_ABORT) is
+    # not the run's; any other failure fails here.
+    assert proc.returncode == 0 or finished and TEARDOWN_ABORT in proc.stderr, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["process_index"] for r in ranks] == [0, 1] and {r["num_processes"] for r in ranks} == {2}
     assert ranks[0]["weight_digests"] == ranks[1]["weight_digests"]
