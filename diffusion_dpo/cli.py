@@ -102,9 +102,9 @@ def run_command(label: str, command: Callable[[], int | None]) -> int:
 
 
 def end_process_group() -> None:
-    """Destroy the process group a command formed (torchrun, accelerate launch, FSDP on one process) while
-    the interpreter is whole: left to interpreter exit, gloo's worker threads can be torn down still
-    joinable and abort a finished run ("terminate called without an active exception", exit -6)."""
+    """Destroy a process group the command left formed (label and evaluate under torchrun; the training
+    engine's runs destroy theirs as they end) while the interpreter is whole, rather than leave it to
+    interpreter exit. It does not stop the rare abort in torch's gloo teardown that tests/run_files.py names."""
     if "torch" not in sys.modules:  # --help and errors before any import: nothing was formed
         return
     import torch.distributed as dist

@@ -95,11 +95,9 @@ def test_two_processes_keep_identical_weights(tmp_path):
 
 
 if __name__ == "__main__":
-    from diffusion_dpo.cli import end_process_group
     from diffusion_dpo.config import load_config
     from diffusion_dpo.recipes import llm_dpo as dpo
 
     world, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     summary = dpo.run(load_config(dpo.DPOConfig, [], dpo_overrides(world, out, 8)))
     (out / f"rank{summary['process_index']}.json").write_text(json.dumps(summary))
-    end_process_group()  # as the command line does: gloo's threads must not outlive the interpreter
